@@ -1,0 +1,31 @@
+"""dbdl_magic: train PyTorch models inside the connected database.
+
+The public API is imported lazily so that the kernel package (``dbdl_magic.kernel``), which the
+database server imports, pulls in nothing but torch, numpy and safetensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "connect", "install", "train", "load_model", "list_models", "predict_in_database",
+    "Database",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    if name in ("DbdlError", "InputError", "SpecError", "InstallError", "TrainingError"):
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'dbdl_magic' has no attribute {name!r}")
+
+
+__all__ = sorted(_API | {"__version__"})

@@ -1,0 +1,366 @@
+"""SQLite backend: kernels registered as Python aggregates on every connection.
+
+The training aggregate keeps the live torch model in the aggregate object between buffers, so
+the state is decoded once per iteration and serialised once, in ``finalize``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import TrainingError
+from ..kernel import KERNEL_VERSION
+from ..kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
+from ..kernel.plpython import kernel_info
+from ..kernel.predict import predict_buffer
+from ..kernel.state import state_info
+from ..kernel.train import Trainer, mix_seed
+from .base import Backend, ColumnKind, ProgressSink
+
+PAGE_SIZE = 65536
+
+# run id -> progress sink, set by the backend around an iteration
+_PROGRESS: dict[str, ProgressSink] = {}
+# the last exception raised inside a kernel, per thread (sqlite3 only reports "step raised")
+_ERRORS = threading.local()
+
+
+def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Remember the traceback of a failing kernel so the backend can report it."""
+
+    def wrapped(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            _ERRORS.last = (exc, traceback.format_exc())
+            raise
+
+    return wrapped
+
+
+class _TrainAggregate:
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+
+    @_kernel
+    def step(self, x: bytes, y: bytes, buffer_id: int, model: bytes, config_text: str) -> None:
+        if self.trainer is None:
+            self.trainer = Trainer(json.loads(config_text), model, fresh=True)
+        trainer = self.trainer
+        sink = _PROGRESS.get(trainer.config.get("run", ""))
+        base = trainer.samples
+        progress = (lambda done: sink(base + done)) if sink else None
+        trainer.train_buffer(
+            x, y, int(buffer_id), progress, float(trainer.config.get("progress_every", 0.5))
+        )
+
+    @_kernel
+    def finalize(self) -> bytes | None:
+        return self.trainer.to_bytes() if self.trainer is not None else None
+
+
+class _EvalAggregate:
+    def __init__(self) -> None:
+        self.evaluator: Evaluator | None = None
+        self.acc: np.ndarray | None = None
+
+    @_kernel
+    def step(self, x: bytes, y: bytes, model: bytes, config_text: str) -> None:
+        if self.evaluator is None:
+            self.evaluator = Evaluator(json.loads(config_text), model)
+        self.acc = self.evaluator.score_buffer(x, y, self.acc)
+
+    @_kernel
+    def finalize(self) -> bytes | None:
+        return None if self.acc is None else stats_to_bytes(self.acc)
+
+
+class _PackAggregate:
+    """Concatenate rows of encoded pieces (floats, or float32 bytes) into one float32 buffer."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    @_kernel
+    def step(self, *pieces: Any) -> None:
+        self.rows.append(pieces)
+
+    @_kernel
+    def finalize(self) -> bytes:
+        if not self.rows:
+            return b""
+        if not any(isinstance(p, bytes) for p in self.rows[0]):
+            return np.asarray(self.rows, dtype="<f4").tobytes()
+        out = bytearray()
+        for row in self.rows:
+            for piece in row:
+                out += piece if isinstance(piece, bytes) else np.float32(piece).tobytes()
+        return bytes(out)
+
+
+class _PackTargets:
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.is_int = True
+
+    @_kernel
+    def step(self, value: Any, is_int: int) -> None:
+        self.values.append(value)
+        self.is_int = bool(is_int)
+
+    @_kernel
+    def finalize(self) -> bytes:
+        return np.asarray(self.values, dtype="<i4" if self.is_int else "<f4").tobytes()
+
+
+class _BlobStats:
+    def __init__(self) -> None:
+        self.min_len: int | None = None
+        self.max_len = 0
+        self.n = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+
+    @_kernel
+    def step(self, blob: Any) -> None:
+        if blob is None:
+            return
+        if not isinstance(blob, bytes) or len(blob) % 4:
+            raise ValueError("array blobs must hold little-endian float32 values")
+        values = np.frombuffer(blob, dtype="<f4").astype(np.float64)
+        self.min_len = values.size if self.min_len is None else min(self.min_len, values.size)
+        self.max_len = max(self.max_len, values.size)
+        self.n += values.size
+        self.total += float(values.sum())
+        self.total_sq += float(values @ values)
+
+    @_kernel
+    def finalize(self) -> str:
+        mean = self.total / self.n if self.n else 0.0
+        var = max(self.total_sq / self.n - mean * mean, 0.0) if self.n else 0.0
+        return json.dumps({"min_len": self.min_len, "max_len": self.max_len, "mean": mean,
+                           "std": math.sqrt(var), "dims": None})
+
+
+@_kernel
+def _scale_blob(blob: bytes, mean: float, std: float, width: int) -> bytes:
+    values = np.frombuffer(blob, dtype="<f4")
+    if values.size != width:
+        raise ValueError(f"array blob has {values.size} values, expected {width}")
+    return ((values.astype(np.float64) - mean) / std).astype("<f4").tobytes()
+
+
+_EVALUATORS: dict[tuple[bytes, str], Evaluator] = {}
+
+
+@_kernel
+def _predict_buffer(x: bytes, model: bytes, config_text: str) -> bytes:
+    key = (model, config_text)
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None:
+        _EVALUATORS.clear()
+        evaluator = _EVALUATORS[key] = Evaluator(json.loads(config_text), model)
+    return predict_buffer(evaluator, x).astype("<f4").tobytes()
+
+
+def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
+    """Register every dbdl kernel on one sqlite3 connection."""
+    c = dbapi_connection
+    c.create_aggregate("dbdl_train", 5, _TrainAggregate)
+    c.create_aggregate("dbdl_evaluate", 4, _EvalAggregate)
+    c.create_aggregate("dbdl_pack", -1, _PackAggregate)
+    c.create_aggregate("dbdl_pack_y", 2, _PackTargets)
+    c.create_aggregate("dbdl_blob_stats", 1, _BlobStats)
+    c.create_function("dbdl_metrics", 2, _kernel(metrics_json))
+    c.create_function("dbdl_state_info", 1, _kernel(lambda s: json.dumps(state_info(s))))
+    c.create_function("dbdl_mix", 2, lambda a, b: mix_seed(a, b) >> 1, deterministic=True)
+    c.create_function("dbdl_scale_blob", 4, _scale_blob, deterministic=True)
+    c.create_function("dbdl_predict_buffer", 3, _predict_buffer)
+    c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # effective for new database files
+
+
+class SQLiteBackend(Backend):
+    """Embedded SQLite: the zero-set-up default."""
+
+    name = "sqlite"
+    byteorder = "<"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        if not getattr(engine, "_dbdl_kernels", False):
+            event.listen(engine, "connect", lambda conn, _record: register_kernels(conn))
+            engine._dbdl_kernels = True  # type: ignore[attr-defined]
+            engine.dispose()  # pooled connections made before this have no kernels
+
+    def table(self, name: str) -> str:
+        return self.q(f"dbdl_{name}")
+
+    def install(self) -> None:
+        models, checkpoints, meta = (self.table(t) for t in ("models", "checkpoints", "meta"))
+        with self.engine.begin() as conn:
+            conn.execute(text(f"CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT)"))
+            conn.execute(text(
+                f"CREATE TABLE IF NOT EXISTS {models} (name TEXT NOT NULL, version INTEGER NOT NULL,"
+                " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
+                " options TEXT NOT NULL, query TEXT NOT NULL, history TEXT NOT NULL DEFAULT '[]',"
+                " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (name, version))"
+            ))
+            conn.execute(text(
+                f"CREATE TABLE IF NOT EXISTS {checkpoints} (name TEXT NOT NULL,"
+                " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB NOT NULL,"
+                " metrics TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                " PRIMARY KEY (name, version, iteration),"
+                f" FOREIGN KEY (name, version) REFERENCES {models} (name, version)"
+                " ON DELETE CASCADE)"
+            ))
+            conn.execute(
+                text(f"INSERT OR REPLACE INTO {meta} (key, value) VALUES ('version', :v)"),
+                {"v": KERNEL_VERSION},
+            )
+
+    def check(self) -> dict[str, Any]:
+        self.install()  # embedded: the kernels live in this process, tables are cheap
+        return json.loads(kernel_info())
+
+    # -- packing --------------------------------------------------------------------------------
+    def column_kinds(self, conn: Connection, table: str) -> dict[str, ColumnKind]:
+        raw_name = table.strip('"').replace('""', '"')
+        names = [r[0] for r in conn.execute(
+            text("SELECT name FROM pragma_table_info(:t) ORDER BY cid"), {"t": raw_name})]
+        parts = []
+        for c in names:
+            col = self.q(c)
+            parts.append(
+                f"sum(typeof({col}) IN ('integer', 'real')), sum(typeof({col}) = 'real'),"
+                f" sum(typeof({col}) = 'text'), sum(typeof({col}) = 'blob'),"
+                f" sum(typeof({col}) = 'text' AND json_valid({col})"
+                f" AND substr(trim({col}), 1, 1) IN ('{{', '['))"
+            )
+        row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {table}")).one()
+        kinds: dict[str, ColumnKind] = {}
+        for i, c in enumerate(names):
+            numeric, real, txt, blob, js = (int(v or 0) for v in row[i * 5 : i * 5 + 5])
+            if js and js == txt and not numeric:
+                kinds[c] = ColumnKind("unsupported", "JSON text")
+            elif txt and (numeric or blob):
+                kinds[c] = ColumnKind("unsupported", "mixed text and numbers")
+            elif txt:
+                kinds[c] = ColumnKind("categorical", "TEXT")
+            elif blob and not numeric:
+                kinds[c] = ColumnKind("array", "BLOB (float32)")
+            elif blob:
+                kinds[c] = ColumnKind("unsupported", "mixed blobs and numbers")
+            else:
+                kinds[c] = ColumnKind("numeric", "REAL" if real else "INTEGER", is_float=bool(real))
+        return kinds
+
+    def to_float(self, expr: str) -> str:
+        return f"CAST({expr} AS REAL)"
+
+    def nonfinite(self, expr: str) -> str:
+        return f"(typeof({expr}) = 'real' AND abs({expr}) > 1.7976931348623157e308)"
+
+    def row_hash(self, rn: str, seed_param: str) -> str:
+        return f"dbdl_mix({rn}, :{seed_param})"
+
+    def array_stats(self, conn: Connection, table: str, column: str) -> dict[str, Any]:
+        return json.loads(
+            conn.execute(text(f"SELECT dbdl_blob_stats({self.q(column)}) FROM {table}")).scalar_one()
+        )
+
+    def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
+        return f"dbdl_scale_blob({column}, :{mean_param}, :{std_param}, {int(width)})"
+
+    def create_packed(
+        self, conn: Connection, packed: str, rows_sql: str, pieces: list[tuple[str, bool]],
+        y_sql: str, y_is_int: bool, rows_per_buffer: int, params: dict[str, Any],
+    ) -> None:
+        cols = ", ".join(f"r.p{i}" for i in range(len(pieces)))
+        conn.execute(
+            text(
+                f"CREATE TABLE {packed} AS SELECT r.split AS split, r.ord / :rpb AS buffer_id,"
+                f" count(*) AS n, dbdl_pack({cols}) AS x, dbdl_pack_y(r.y, :y_is_int) AS y"
+                f" FROM ({rows_sql}) AS r GROUP BY r.split, r.ord / :rpb"
+            ),
+            {**params, "rpb": int(rows_per_buffer), "y_is_int": int(y_is_int)},
+        )
+
+    # -- iterations -----------------------------------------------------------------------------
+    def _run(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
+        _ERRORS.last = None
+        try:
+            return conn.execute(text(sql), params)
+        except Exception as exc:
+            last = getattr(_ERRORS, "last", None)
+            if last is not None:
+                inner, tb = last
+                _ERRORS.last = None
+                raise TrainingError(f"the SQLite kernel failed: {inner}", detail=tb) from exc
+            raise
+
+    def train_iteration(
+        self, conn: Connection, packed: str, key: dict[str, Any], config: dict[str, Any],
+        progress: ProgressSink | None,
+    ) -> None:
+        ck = self.table("checkpoints")
+        run = config.get("run", "")
+        if progress is not None:
+            _PROGRESS[run] = progress
+        try:
+            self._run(
+                conn,
+                f"INSERT INTO {ck} (name, version, iteration, state)"
+                " SELECT :name, :version, :iteration + 1, dbdl_train(p.x, p.y, p.buffer_id,"
+                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
+                "  AND c.iteration = :iteration), :config)"
+                f" FROM (SELECT x, y, buffer_id FROM {packed} WHERE split = 0"
+                "  ORDER BY dbdl_mix(buffer_id, :epoch_seed)) AS p",
+                {**key, "config": json.dumps(config), "epoch_seed": config.get("epoch", 0)},
+            )
+        finally:
+            _PROGRESS.pop(run, None)
+
+    def evaluate(
+        self, conn: Connection, packed: str, split: int, key: dict[str, Any],
+        config: dict[str, Any],
+    ) -> dict[str, Any]:
+        ck = self.table("checkpoints")
+        text_config = json.dumps(config)
+        out = self._run(
+            conn,
+            "SELECT dbdl_metrics(dbdl_evaluate(p.x, p.y,"
+            f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
+            "  AND c.iteration = :iteration), :config), :config)"
+            f" FROM {packed} AS p WHERE p.split = :split",
+            {**key, "config": text_config, "split": split},
+        ).scalar_one()
+        return json.loads(out)
+
+    def predict_buffer(self, conn: Connection, x: bytes, key: dict[str, Any],
+                       config: dict[str, Any]) -> bytes:
+        ck = self.table("checkpoints")
+        return self._run(
+            conn,
+            f"SELECT dbdl_predict_buffer(:x, c.state, :config) FROM {ck} AS c"
+            " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration",
+            {**key, "x": x, "config": json.dumps(config)},
+        ).scalar_one()
+
+    def cancel(self, conn: Connection) -> None:
+        raw = conn.connection.driver_connection
+        if raw is not None:
+            raw.interrupt()
+
+
+__all__ = ["SQLiteBackend", "register_kernels", "stats_from_bytes"]

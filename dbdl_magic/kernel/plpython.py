@@ -1,0 +1,124 @@
+"""Entry points called by the PL/Python functions that ``kernels/postgres/install.sql`` creates.
+
+Every function here is safe in a parallel worker: no SPI (``plpy.execute`` and friends), all
+inputs arrive as arguments. ``GD`` is PL/Python's per-backend dict; it caches the live model
+between calls so that the state is decoded only when it did not come from this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import KERNEL_VERSION
+from .evaluate import Evaluator, combine_stats, metrics_json, stats_to_bytes
+from .predict import predict_buffer
+from .state import combine_states, state_info
+from .train import Trainer
+
+Notice = Callable[[str], None]
+
+
+def _config(GD: dict[str, Any], text: str) -> dict[str, Any]:
+    cached = GD.get("dbdl_config")
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    config = json.loads(text)
+    GD["dbdl_config"] = (text, config)
+    return config
+
+
+def train_transition(
+    GD: dict[str, Any], state: bytes | None, x: bytes, y: bytes, buffer_id: int,
+    model: bytes, config_text: str, notice: Notice | None = None,
+) -> bytes:
+    """SGD over one buffer. ``state`` is None on the first buffer of each worker."""
+    config = _config(GD, config_text)
+    cached = GD.get("dbdl_trainer")
+    if state is None:
+        trainer = Trainer(config, model, fresh=True)
+    elif cached is not None and cached[0] == state and cached[1].config is config:
+        trainer = cached[1]
+    else:
+        trainer = Trainer(config, state, fresh=False)
+    progress = None
+    if notice is not None and config.get("progress", True):
+        base, pid, run = trainer.samples, os.getpid(), config.get("run", "")
+
+        def progress(done: int) -> None:
+            notice(f"dbdl-progress {json.dumps({'run': run, 'pid': pid, 'samples': base + done})}")
+
+    trainer.train_buffer(x, y, int(buffer_id), progress, float(config.get("progress_every", 0.5)))
+    out = trainer.to_bytes()
+    GD["dbdl_trainer"] = (out, trainer)
+    return out
+
+
+def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
+    """Sample-weighted model averaging of two partial states."""
+    return combine_states(a, b)
+
+
+def _evaluator(GD: dict[str, Any], model: bytes, config: dict[str, Any]) -> Evaluator:
+    cached = GD.get("dbdl_evaluator")
+    if cached is not None and cached[0] == model and cached[1].config is config:
+        return cached[1]
+    evaluator = Evaluator(config, model)
+    GD["dbdl_evaluator"] = (model, evaluator)
+    return evaluator
+
+
+def eval_transition(
+    GD: dict[str, Any], acc: bytes | None, x: bytes, y: bytes, model: bytes, config_text: str
+) -> bytes:
+    """Add one buffer's loss and metric statistics."""
+    from .evaluate import stats_from_bytes
+
+    config = _config(GD, config_text)
+    evaluator = _evaluator(GD, model, config)
+    vector = evaluator.score_buffer(x, y, None if acc is None else stats_from_bytes(acc))
+    return stats_to_bytes(vector)
+
+
+def eval_combine(a: bytes | None, b: bytes | None) -> bytes | None:
+    """Partial statistics add."""
+    return combine_stats(a, b)
+
+
+def metrics(acc: bytes | None, config_text: str) -> str:
+    """Metrics JSON from the evaluate aggregate's statistics."""
+    return metrics_json(acc, config_text)
+
+
+def predict(GD: dict[str, Any], x: bytes, model: bytes, config_text: str) -> bytes:
+    """Predictions for one packed feature buffer, as little-endian float32 (n × outputs)."""
+    config = _config(GD, config_text)
+    return predict_buffer(_evaluator(GD, model, config), x).astype("<f4").tobytes()
+
+
+def info(state: bytes) -> str:
+    """Header of a training state as JSON."""
+    return json.dumps(state_info(state))
+
+
+def kernel_info() -> str:
+    """What the server's Python can do: versions, device, interpreter."""
+    import numpy
+    import safetensors
+    import torch
+
+    return json.dumps(
+        {
+            "kernel_version": KERNEL_VERSION,
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__,
+            "cuda": torch.cuda.is_available(),
+            "python": sys.version.split()[0],
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+        }
+    )

@@ -1,0 +1,354 @@
+"""Server-side packing: a SELECT becomes a table of shuffled float32 buffers.
+
+Steps, all inside the database (rows never travel to the client):
+
+1. stage the query into a work table with a row number (the query runs once);
+2. infer each column's kind and compute the encoding statistics with SQL aggregates;
+3. refuse bad input with errors naming the column (NULLs, NaN/inf, one class, ...);
+4. pack: shuffle by a seeded hash of the row number, split off validation rows, and aggregate
+   encoded rows into buffers of ``rows_per_buffer`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .backends.base import Backend, ColumnKind
+from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
+from .errors import InputError
+
+RN = "__dbdl_rn"
+TARGET_BUFFER_BYTES = 8 << 20
+MAX_CLASSES = 1000
+
+
+@dataclass
+class PackOptions:
+    """What packing needs to know (a subset of the training options)."""
+
+    target: str
+    features: list[str] | None = None
+    task: str = "auto"
+    validation: float | str | None = 0.2
+    impute: str | None = None
+    max_categories: int = 100
+    image_shape: list[int] | None = None
+    rows_per_buffer: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class PackedData:
+    """A packed table and what it holds."""
+
+    table: str
+    encoding: Encoding
+    n_train: int
+    n_val: int
+    n_buffers: int
+    rows_per_buffer: int
+
+
+def stage_query(
+    backend: Backend, conn: Connection, query: str, params: dict[str, Any], table: str
+) -> None:
+    """Materialise ``query`` into ``table`` with a row-number column (runs the query once)."""
+    body = query.strip().rstrip(";")
+    if not body:
+        raise InputError("the training query is empty")
+    if _is_table_name(body):
+        body = f"SELECT * FROM {_quote_dotted(backend, body)}"
+    conn.execute(
+        text(f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.* FROM ({body}) AS src"),
+        params,
+    )
+
+
+def _is_table_name(body: str) -> bool:
+    return " " not in body and "\n" not in body and "(" not in body
+
+
+def _quote_dotted(backend: Backend, name: str) -> str:
+    return ".".join(backend.q(part.strip('"')) for part in name.split("."))
+
+
+def infer_encoding(
+    backend: Backend, conn: Connection, stage: str, opts: PackOptions
+) -> tuple[Encoding, int]:
+    """Column kinds and statistics → :class:`Encoding`; returns it with the row count."""
+    kinds = backend.column_kinds(conn, stage)
+    kinds.pop(RN, None)
+    where = f"in the query's columns ({', '.join(kinds)})"
+    if opts.target not in kinds:
+        raise InputError(f"target column {opts.target!r} is not {where}")
+    names = opts.features or [c for c in kinds if c != opts.target]
+    for name in names:
+        if name not in kinds:
+            raise InputError(f"feature column {name!r} is not {where}")
+    if opts.target in names:
+        raise InputError(f"the target {opts.target!r} cannot also be a feature")
+    if not names:
+        raise InputError("the query has no feature columns besides the target")
+    for name in [*names, opts.target]:
+        if kinds[name].kind == "unsupported":
+            raise InputError(
+                f"column {name!r} has an unsupported type ({kinds[name].dbtype}); "
+                "cast it to a number or text in the query, or leave it out"
+            )
+
+    total, nulls, bad, means = _numeric_pass(backend, conn, stage, names, opts.target, kinds)
+    if total == 0:
+        raise InputError("the training query returned no rows")
+    for name in [*names, opts.target]:
+        if bad.get(name):
+            raise InputError(f"column {name!r} has {bad[name]} NaN or infinite value(s)")
+    if nulls[opts.target]:
+        raise InputError(
+            f"target column {opts.target!r} has {nulls[opts.target]} NULL value(s); "
+            f"filter them out (WHERE {opts.target} IS NOT NULL)"
+        )
+    if opts.impute not in (None, "mean", "zero"):
+        raise InputError(f"impute={opts.impute!r} is not supported; use 'mean' or 'zero'")
+    for name in names:
+        if nulls[name] and (opts.impute is None or kinds[name].kind == ARRAY):
+            raise InputError(
+                f"column {name!r} has {nulls[name]} NULL value(s); fill them in the query or "
+                "pass impute='mean'"
+            )
+    stds = _std_pass(backend, conn, stage, [n for n in names if kinds[n].kind == NUMERIC], means)
+    features = [
+        _feature(backend, conn, stage, name, kinds[name], means, stds, opts) for name in names
+    ]
+    target = _target(backend, conn, stage, opts, kinds[opts.target], total)
+    return Encoding(features=features, target=target, impute=opts.impute), total
+
+
+def _numeric_pass(
+    backend: Backend, conn: Connection, stage: str, names: list[str], target: str,
+    kinds: dict[str, ColumnKind],
+) -> tuple[int, dict[str, int], dict[str, int], dict[str, float]]:
+    parts = ["count(*)"]
+    cols = [*names, target]
+    for name in cols:
+        col = backend.q(name)
+        parts.append(f"count(*) - count({col})")
+        if kinds[name].kind == NUMERIC:
+            cond = backend.nonfinite(col) if kinds[name].is_float else "1 = 0"
+            parts.append(f"sum(CASE WHEN {cond} THEN 1 ELSE 0 END)")
+            parts.append(f"avg(CASE WHEN {cond} THEN NULL ELSE {backend.to_float(col)} END)")
+        else:
+            parts += ["0", "0"]
+    row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {stage}")).one()
+    nulls, bad, means = {}, {}, {}
+    for i, name in enumerate(cols):
+        nulls[name], bad[name] = int(row[1 + 3 * i] or 0), int(row[2 + 3 * i] or 0)
+        means[name] = float(row[3 + 3 * i] or 0.0)
+    return int(row[0]), nulls, bad, means
+
+
+def _std_pass(
+    backend: Backend, conn: Connection, stage: str, names: list[str], means: dict[str, float]
+) -> dict[str, float]:
+    if not names:
+        return {}
+    params: dict[str, Any] = {}
+    parts = []
+    for i, name in enumerate(names):
+        params[f"m{i}"] = means[name]
+        diff = f"({backend.to_float(backend.q(name))} - :m{i})"
+        parts.append(f"avg({diff} * {diff})")
+    row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {stage}"), params).one()
+    return {name: math.sqrt(float(row[i] or 0.0)) for i, name in enumerate(names)}
+
+
+def _feature(
+    backend: Backend, conn: Connection, stage: str, name: str, kind: ColumnKind,
+    means: dict[str, float], stds: dict[str, float], opts: PackOptions,
+) -> Feature:
+    if kind.kind == NUMERIC:
+        std = stds[name] if stds[name] > 1e-12 else 1.0
+        impute = {"mean": means[name], "zero": 0.0}.get(opts.impute or "")
+        return Feature(name, NUMERIC, mean=means[name], std=std, impute=impute)
+    if kind.kind == CATEGORICAL:
+        col = backend.q(name)
+        values = [
+            r[0]
+            for r in conn.execute(
+                text(
+                    f"SELECT {col} FROM {stage} WHERE {col} IS NOT NULL GROUP BY {col}"
+                    f" ORDER BY {col} LIMIT :cap"
+                ),
+                {"cap": opts.max_categories + 1},
+            )
+        ]
+        if len(values) > opts.max_categories:
+            raise InputError(
+                f"column {name!r} has more than {opts.max_categories} distinct values; too many "
+                "to one-hot encode. Leave it out, bucket it in the query, or raise max_categories"
+            )
+        return Feature(name, CATEGORICAL, categories=values)
+    stats = backend.array_stats(conn, stage, name)
+    if stats["min_len"] is None or stats["min_len"] != stats["max_len"]:
+        raise InputError(
+            f"array column {name!r} must hold arrays of one fixed size; found sizes "
+            f"{stats['min_len']}..{stats['max_len']}"
+        )
+    shape = list(opts.image_shape or stats.get("dims") or [stats["max_len"]])
+    if math.prod(shape) != stats["max_len"]:
+        raise InputError(
+            f"image_shape {shape} does not match the {stats['max_len']} values in column {name!r}"
+        )
+    std = stats["std"] if stats["std"] > 1e-12 else 1.0
+    return Feature(name, ARRAY, mean=stats["mean"], std=std, shape=shape)
+
+
+def _target(
+    backend: Backend, conn: Connection, stage: str, opts: PackOptions, kind: ColumnKind,
+    total: int,
+) -> Target:
+    name, col = opts.target, backend.q(opts.target)
+    task = opts.task
+    if task not in ("auto", "classification", "regression"):
+        raise InputError(f"task={task!r}; use 'classification', 'regression' or 'auto'")
+    if kind.kind == ARRAY:
+        raise InputError(f"target column {name!r} holds arrays; it must be a label or a number")
+    if task == "regression" and kind.kind != NUMERIC:
+        raise InputError(
+            f"target column {name!r} is not numeric ({kind.dbtype}); regression needs numbers"
+        )
+    counts = conn.execute(
+        text(f"SELECT {col}, count(*) FROM {stage} GROUP BY {col} ORDER BY {col} LIMIT :cap"),
+        {"cap": MAX_CLASSES + 1},
+    ).all()
+    classes = [r[0] for r in counts]
+    if task == "auto":
+        integral = all(float(c).is_integer() for c in classes) if kind.kind == NUMERIC else True
+        small = len(classes) <= 20
+        task = "classification" if kind.kind != NUMERIC or (integral and small) else "regression"
+    if task == "classification":
+        if len(classes) > MAX_CLASSES:
+            raise InputError(f"target column {name!r} has more than {MAX_CLASSES} classes")
+        if len(classes) < 2:
+            raise InputError(
+                f"target column {name!r} has a single class ({classes[0]!r}); classification "
+                "needs at least two"
+            )
+        return Target(name, "classification", classes=[_plain(c) for c in classes])
+    mean_sq = conn.execute(
+        text(f"SELECT avg({backend.to_float(col)}), avg({backend.to_float(col)} * "
+             f"{backend.to_float(col)}) FROM {stage}")
+    ).one()
+    mean = float(mean_sq[0])
+    std = math.sqrt(max(float(mean_sq[1]) - mean * mean, 0.0)) or 1.0
+    return Target(name, "regression", mean=mean, std=std)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able Python value for a class label (Decimal → float/int)."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    try:
+        f = float(value)
+        return int(f) if f.is_integer() else f
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def encode_sql(backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
+               ) -> tuple[list[tuple[str, bool]], str]:
+    """SQL pieces encoding one row's features, and the target expression (params filled in)."""
+    pieces: list[tuple[str, bool]] = []
+    for i, f in enumerate(encoding.features):
+        col = f"{alias}.{backend.q(f.name)}"
+        if f.kind == NUMERIC:
+            params[f"f{i}_m"], params[f"f{i}_s"] = f.mean, f.std
+            value = backend.to_float(col)
+            if f.impute is not None:
+                params[f"f{i}_i"] = f.impute
+                value = f"COALESCE({value}, :f{i}_i)"
+            pieces.append((f"(({value} - :f{i}_m) / :f{i}_s)", False))
+        elif f.kind == CATEGORICAL:
+            for j, cat in enumerate(f.categories):
+                params[f"f{i}_c{j}"] = cat
+                pieces.append((f"(CASE WHEN {col} = :f{i}_c{j} THEN 1.0 ELSE 0.0 END)", False))
+        else:
+            params[f"f{i}_m"], params[f"f{i}_s"] = f.mean, f.std
+            pieces.append((backend.array_piece(col, f"f{i}_m", f"f{i}_s", f.width), True))
+    t = encoding.target
+    tcol = f"{alias}.{backend.q(t.name)}"
+    if t.task == "classification":
+        whens = []
+        for j, cls in enumerate(t.classes):
+            params[f"y_c{j}"] = cls
+            whens.append(f"WHEN {tcol} = :y_c{j} THEN {j}")
+        y_sql = f"(CASE {' '.join(whens)} ELSE -1 END)"
+    else:
+        params["y_m"], params["y_s"] = t.mean, t.std
+        y_sql = f"(({backend.to_float(tcol)} - :y_m) / :y_s)"
+    return pieces, y_sql
+
+
+def choose_rows_per_buffer(n_train: int, width: int, batch_size: int) -> int:
+    """Large buffers (≈8 MB) cut per-buffer overhead; ≥ 16 buffers keep workers and shuffling fed.
+
+    Always a multiple of the batch size, so only the last buffer ends with a short batch.
+    """
+    by_bytes = TARGET_BUFFER_BYTES // max(4 * width, 1)
+    by_count = math.ceil(n_train / 16)
+    rows = max(batch_size, min(by_bytes, by_count))
+    return math.ceil(rows / batch_size) * batch_size
+
+
+def pack(
+    backend: Backend, conn: Connection, stage: str, packed: str, encoding: Encoding,
+    n_rows: int, opts: PackOptions, val_stage: str | None = None,
+) -> PackedData:
+    """Create ``packed`` from ``stage`` (and ``val_stage``, a second query's rows)."""
+    params: dict[str, Any] = {"seed": opts.seed, "vseed": opts.seed + 7919}
+    pieces, y_sql = encode_sql(backend, encoding, params)
+    selected = ", ".join(f"{sql} AS p{i}" for i, (sql, _) in enumerate(pieces))
+    h = backend.row_hash(f"s.{RN}", "seed")
+    if val_stage is not None:
+        n_val = int(conn.execute(text(f"SELECT count(*) FROM {val_stage}")).scalar_one())
+        if n_val == 0:
+            raise InputError("the validation query returned no rows")
+        inner = (
+            f"SELECT 0 AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
+            f" UNION ALL SELECT 1 AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y"
+            f" FROM {val_stage} AS s"
+        )
+        n_train = n_rows
+    else:
+        fraction = float(opts.validation or 0.0)
+        if not 0.0 <= fraction < 1.0:
+            raise InputError(f"validation={opts.validation!r} must be a fraction in [0, 1)")
+        n_val = round(n_rows * fraction)
+        n_train = n_rows - n_val
+        if n_train < 1:
+            raise InputError(f"validation={fraction} leaves no training rows of {n_rows}")
+        params["n_val"] = n_val
+        vh = backend.row_hash(f"s.{RN}", "vseed")
+        inner = (
+            f"SELECT CASE WHEN row_number() OVER (ORDER BY {vh}, s.{RN}) <= :n_val THEN 1 ELSE 0"
+            f" END AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
+        )
+    cols = ", ".join(f"e.p{i}" for i in range(len(pieces)))
+    rows_sql = (
+        "SELECT e.split AS split, row_number() OVER (PARTITION BY e.split ORDER BY e.h, e.rn) - 1"
+        f" AS ord, {cols}, e.y AS y FROM ({inner}) AS e"
+    )
+    rows = opts.rows_per_buffer or choose_rows_per_buffer(n_train, encoding.width, opts.batch_size)
+    if rows < 1:
+        raise InputError(f"rows_per_buffer={rows} must be positive")
+    backend.create_packed(
+        conn, packed, rows_sql, pieces, y_sql,
+        encoding.target.task == "classification", rows, params,
+    )
+    n_buffers = int(conn.execute(text(f"SELECT count(*) FROM {packed}")).scalar_one())
+    return PackedData(packed, encoding, n_train, n_val, n_buffers, rows)

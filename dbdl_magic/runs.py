@@ -1,0 +1,222 @@
+"""A training run: pack → iterate (one aggregate query each) → evaluate → checkpoint → pull back.
+
+Each iteration commits its checkpoint and metrics in one transaction. Work tables (staged query,
+packed buffers) are removed whatever happens; a failed or interrupted run keeps its last good
+checkpoint and records its status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from . import store
+from .backends.base import Backend
+from .encoding import Encoding
+from .errors import DbdlError, InputError, SpecError, TrainingError
+from .kernel.netbuild import SpecError as KernelSpecError
+from .kernel.netbuild import build_network
+from .kernel.train import initial_state
+from .model import DBModel, model_from_stored
+from .options import TrainOptions
+from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
+from .spec import parse_spec
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Callbacks:
+    """Hooks for monitors: run start facts, each iteration's row, in-iteration progress."""
+
+    on_start: Callable[[dict[str, Any]], None] | None = None
+    on_iteration: Callable[[dict[str, Any]], None] | None = None
+    on_progress: Callable[[int, int], None] | None = None  # (samples done, samples per epoch)
+
+
+@dataclass
+class TrainingRun:
+    """Orchestrates one training run of ``query`` with ``options`` on ``backend``."""
+
+    backend: Backend
+    query: str
+    options: TrainOptions
+    name: str
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def _tables(self) -> tuple[str, str, str]:
+        t = self.token
+        return (self.backend.table(f"stage_{t}"), self.backend.table(f"vstage_{t}"),
+                self.backend.table(f"packed_{t}"))
+
+    def execute(self) -> DBModel:
+        """Run to completion and return the trained module."""
+        opts, backend = self.options, self.backend
+        spec = _spec(opts.model)
+        stage, vstage, packed_table = self._tables()
+        key: dict[str, Any] | None = None
+        try:
+            data = self._pack(stage, vstage, packed_table)
+            enc = data.encoding
+            config = self._config(spec, enc)
+            _check_spec_fits(spec, enc)
+            with backend.engine.begin() as conn:
+                key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
+                store.create_model(conn, backend, key, spec=spec, encoding=enc.to_json(),
+                                   options=opts.to_json_dict(), query=self.query)
+                store.write_checkpoint(conn, backend, key, 0, initial_state(config))
+            self._announce(data, config, key)
+            for epoch in range(opts.epochs):
+                self._iteration(data, config, key, epoch)
+            with backend.engine.begin() as conn:
+                store.set_status(conn, backend, key, "complete", self.history)
+        except BaseException as exc:
+            if key is not None:
+                self._mark_failed(key, exc)
+            raise _translate(exc) from exc
+        finally:
+            with backend.engine.begin() as conn:
+                for table in (stage, vstage, packed_table):
+                    backend.drop_table(conn, table)
+        with backend.engine.connect() as conn:
+            row = store.read_model(conn, backend, key["name"], key["version"])
+        return model_from_stored(row, opts.device)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _pack(self, stage: str, vstage: str, packed: str) -> PackedData:
+        opts, backend = self.options, self.backend
+        pack_opts = PackOptions(
+            target=opts.target, features=opts.features, task=opts.task,
+            validation=opts.validation, impute=opts.impute, max_categories=opts.max_categories,
+            image_shape=opts.image_shape, rows_per_buffer=opts.rows_per_buffer,
+            batch_size=opts.batch_size, seed=opts.seed,
+        )
+        with backend.engine.begin() as conn:
+            stage_query(backend, conn, self.query, opts.params, stage)
+            encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
+            if opts.validation_query:
+                stage_query(backend, conn, opts.validation_query, opts.params, vstage)
+                _check_columns(backend, conn, vstage, encoding)
+            return pack(backend, conn, stage, packed, encoding, n_rows, pack_opts,
+                        vstage if opts.validation_query else None)
+
+    def _config(self, spec: dict[str, Any], enc: Encoding) -> dict[str, Any]:
+        opts = self.options
+        threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.parallel)
+        return {
+            "spec": spec, "input_shape": enc.input_shape, "n_outputs": enc.target.n_outputs,
+            "task": enc.target.task, "optimizer": opts.optimizer_config(),
+            "batch_size": opts.batch_size, "seed": opts.seed, "epoch": 0,
+            "device": opts.db_device, "threads": threads, "byteorder": self.backend.byteorder,
+            "target_scale": [enc.target.mean, enc.target.std], "run": self.token,
+            "parallel": opts.parallel,
+        }
+
+    def _announce(self, data: PackedData, config: dict[str, Any], key: dict[str, Any]) -> None:
+        if self.callbacks.on_start is None:
+            return
+        net = build_network(config["spec"], config["input_shape"], config["n_outputs"])
+        self.callbacks.on_start({
+            **key, "database": self.backend.describe(), "backend": self.backend.name,
+            "rows": data.n_train, "validation_rows": data.n_val, "buffers": data.n_buffers,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "workers": self.options.parallel, "epochs": self.options.epochs,
+            "device": self.options.db_device,
+        })
+
+    def _iteration(
+        self, data: PackedData, config: dict[str, Any], key: dict[str, Any], epoch: int
+    ) -> None:
+        backend = self.backend
+        config = {**config, "epoch": epoch}
+        started = time.perf_counter()
+        progress = None
+        if self.callbacks.on_progress is not None:
+            sink, total = self.callbacks.on_progress, data.n_train
+            progress = lambda done: sink(done, total)  # noqa: E731
+        with backend.engine.begin() as conn:
+            this = {**key, "iteration": epoch}
+            after = {**key, "iteration": epoch + 1}
+            backend.train_iteration(conn, data.table, this, config, progress)
+            info = backend.state_info(conn, after)
+            trained = time.perf_counter() - started
+            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": info["loss"]}
+            split, prefix = (1, "val_") if data.n_val else (0, "train_")
+            metrics = backend.evaluate(conn, data.table, split, after, config)
+            metrics.pop("n", None)
+            for name, value in metrics.items():
+                row[f"{prefix}{name}"] = value
+            row.update(
+                seconds=time.perf_counter() - started, train_seconds=trained,
+                samples=info["samples"], workers=info.get("workers", 1),
+                combines=info["combines"], db_device=info.get("device"),
+            )
+            store.set_checkpoint_metrics(conn, backend, key, epoch + 1, row)
+            self.history.append(row)
+            store.set_status(conn, backend, key, "training", self.history)
+            store.prune_checkpoints(conn, backend, key, epoch + 2 - KEEP_CHECKPOINTS)
+        if self.callbacks.on_iteration is not None:
+            self.callbacks.on_iteration(row)
+
+    def _mark_failed(self, key: dict[str, Any], exc: BaseException) -> None:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
+            store.set_status(conn, self.backend, key, status, self.history, str(exc)[:2000])
+
+
+def _spec(model: Any) -> dict[str, Any]:
+    try:
+        return parse_spec(model)
+    except KernelSpecError as exc:
+        raise SpecError(str(exc)) from exc
+
+
+def _check_spec_fits(spec: dict[str, Any], enc: Encoding) -> None:
+    try:
+        build_network(spec, enc.input_shape, enc.target.n_outputs)
+    except KernelSpecError as exc:
+        raise SpecError(f"model spec does not fit the data: {exc}") from exc
+
+
+def _check_columns(backend: Backend, conn: Connection, table: str, enc: Encoding) -> None:
+    kinds = backend.column_kinds(conn, table)
+    missing = [c for c in [*enc.feature_names(), enc.target.name] if c not in kinds]
+    if missing:
+        raise InputError(
+            f"the validation query lacks column(s) {', '.join(map(repr, missing))}"
+        )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Database errors become :class:`TrainingError` with the server's message as ``detail``."""
+    if isinstance(exc, (DbdlError, KeyboardInterrupt)):
+        return exc
+    if isinstance(exc, DBAPIError):
+        detail = str(exc.orig) if exc.orig is not None else str(exc)
+        first = detail.strip().splitlines()[0] if detail.strip() else "database error"
+        return TrainingError(f"the database failed during training: {first}", detail=detail)
+    return exc
+
+
+def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """History rows → DataFrame, one row per iteration."""
+    return pd.DataFrame(history)
+
+
+def generated_name() -> str:
+    """A readable unique model name: ``model_YYYYmmdd_HHMMSS_xxxx``."""
+    return time.strftime("model_%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:4]
+
+
+__all__ = ["Callbacks", "TrainingRun", "generated_name", "history_frame"]

@@ -1,0 +1,136 @@
+"""Models in the database: one row per (name, version), one checkpoint row per iteration."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .backends.base import Backend
+from .errors import InputError
+
+
+def next_version(conn: Connection, backend: Backend, name: str) -> int:
+    """1 + the highest stored version of ``name``."""
+    return int(
+        conn.execute(
+            text(f"SELECT coalesce(max(version), 0) + 1 FROM {backend.table('models')} "
+                 "WHERE name = :name"),
+            {"name": name},
+        ).scalar_one()
+    )
+
+
+def create_model(
+    conn: Connection, backend: Backend, key: dict[str, Any], *, spec: dict[str, Any],
+    encoding: str, options: dict[str, Any], query: str,
+) -> None:
+    """Insert the model row with status ``training``."""
+    conn.execute(
+        text(
+            f"INSERT INTO {backend.table('models')} (name, version, status, spec, encoding,"
+            " options, query, history) VALUES (:name, :version, 'training', :spec, :encoding,"
+            " :options, :query, '[]')"
+        ),
+        {**key, "spec": json.dumps(spec), "encoding": encoding,
+         "options": json.dumps(options, default=str), "query": query},
+    )
+
+
+def set_status(
+    conn: Connection, backend: Backend, key: dict[str, Any], status: str,
+    history: list[dict[str, Any]] | None = None, error: str | None = None,
+) -> None:
+    """Update status (and history / error text) of a model version."""
+    sets = ["status = :status", "updated_at = CURRENT_TIMESTAMP", "error = :error"]
+    params: dict[str, Any] = {**key, "status": status, "error": error}
+    if history is not None:
+        sets.append("history = :history")
+        params["history"] = json.dumps(history)
+    conn.execute(
+        text(f"UPDATE {backend.table('models')} SET {', '.join(sets)} "
+             "WHERE name = :name AND version = :version"),
+        params,
+    )
+
+
+def write_checkpoint(
+    conn: Connection, backend: Backend, key: dict[str, Any], iteration: int, state: bytes
+) -> None:
+    conn.execute(
+        text(f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state) "
+             "VALUES (:name, :version, :iteration, :state)"),
+        {**key, "iteration": iteration, "state": state},
+    )
+
+
+def set_checkpoint_metrics(
+    conn: Connection, backend: Backend, key: dict[str, Any], iteration: int,
+    metrics: dict[str, Any],
+) -> None:
+    conn.execute(
+        text(f"UPDATE {backend.table('checkpoints')} SET metrics = :metrics "
+             "WHERE name = :name AND version = :version AND iteration = :iteration"),
+        {**key, "iteration": iteration, "metrics": json.dumps(metrics)},
+    )
+
+
+def prune_checkpoints(
+    conn: Connection, backend: Backend, key: dict[str, Any], keep_from: int
+) -> None:
+    """Delete checkpoints older than ``keep_from`` (the store keeps the recent ones)."""
+    conn.execute(
+        text(f"DELETE FROM {backend.table('checkpoints')} WHERE name = :name "
+             "AND version = :version AND iteration < :keep_from"),
+        {**key, "keep_from": keep_from},
+    )
+
+
+def read_model(
+    conn: Connection, backend: Backend, name: str, version: int | None = None
+) -> dict[str, Any]:
+    """The model row (latest version when ``version`` is None) plus its last checkpoint."""
+    models, ck = backend.table("models"), backend.table("checkpoints")
+    params: dict[str, Any] = {"name": name}
+    where = "m.name = :name"
+    if version is not None:
+        where += " AND m.version = :version"
+        params["version"] = int(version)
+    row = conn.execute(
+        text(
+            f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
+            f" m.history, m.error, c.iteration, c.state FROM {models} AS m"
+            f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
+            f" AND c.iteration = (SELECT max(c2.iteration) FROM {ck} AS c2"
+            "  WHERE c2.name = m.name AND c2.version = m.version)"
+            f" WHERE {where} ORDER BY m.version DESC LIMIT 1"
+        ),
+        params,
+    ).mappings().first()
+    if row is None:
+        what = f"{name!r}" + (f" version {version}" if version is not None else "")
+        raise InputError(f"no model {what} in {backend.describe()}")
+    out = dict(row)
+    for field in ("spec", "encoding", "options", "history"):
+        out[field] = json.loads(out[field])
+    if out["state"] is not None:
+        out["state"] = bytes(out["state"])
+    return out
+
+
+def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
+    """One row per stored model version."""
+    models, ck = backend.table("models"), backend.table("checkpoints")
+    rows = conn.execute(
+        text(
+            f"SELECT m.name, m.version, m.status, m.created_at, m.updated_at,"
+            f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
+            f" AS checkpoints FROM {models} AS m ORDER BY m.name, m.version"
+        )
+    ).mappings().all()
+    return pd.DataFrame([dict(r) for r in rows],
+                        columns=["name", "version", "status", "created_at", "updated_at",
+                                 "checkpoints"])

@@ -1,0 +1,114 @@
+-- dbdl_magic kernels for PostgreSQL (PL/Python). Run by dbdl_magic.install() / `dbdl install URL`
+-- as a superuser; idempotent. The server's python3 must be able to import torch, numpy,
+-- safetensors and dbdl_magic (start the server with PYTHONPATH pointing at them).
+--
+-- Rules kept here (see shared/DESIGN.md §4-5): every function that can run in a parallel plan
+-- is PARALLEL SAFE and never touches SPI; the training aggregate has a combine function and a
+-- bytea state (so it also pushes down on Citus and runs per segment on Greenplum).
+
+CREATE EXTENSION IF NOT EXISTS plpython3u;
+CREATE SCHEMA IF NOT EXISTS dbdl;
+
+CREATE TABLE IF NOT EXISTS dbdl.meta (key text PRIMARY KEY, value text NOT NULL);
+
+CREATE OR REPLACE FUNCTION dbdl.kernel_info() RETURNS text
+LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.kernel_info()
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.state_info(state bytea) RETURNS text
+LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.info(state)
+$$;
+
+-- Training aggregate: dbdl.train(x, y, buffer_id, model, config) -> new model state.
+CREATE OR REPLACE FUNCTION dbdl.train_transition(
+    state bytea, x bytea, y bytea, buffer_id bigint, model bytea, config text)
+RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.train_transition(GD, state, x, y, buffer_id, model, config, plpy.notice)
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.train_combine(a bytea, b bytea) RETURNS bytea
+LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.train_combine(a, b)
+$$;
+
+CREATE OR REPLACE AGGREGATE dbdl.train(bytea, bytea, bigint, bytea, text) (
+    SFUNC = dbdl.train_transition,
+    STYPE = bytea,
+    COMBINEFUNC = dbdl.train_combine,
+    PARALLEL = SAFE
+);
+
+-- Evaluate aggregate: statistics vector; dbdl.metrics() turns it into JSON.
+CREATE OR REPLACE FUNCTION dbdl.eval_transition(
+    acc bytea, x bytea, y bytea, model bytea, config text)
+RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.eval_transition(GD, acc, x, y, model, config)
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.eval_combine(a bytea, b bytea) RETURNS bytea
+LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.eval_combine(a, b)
+$$;
+
+CREATE OR REPLACE AGGREGATE dbdl.evaluate(bytea, bytea, bytea, text) (
+    SFUNC = dbdl.eval_transition,
+    STYPE = bytea,
+    COMBINEFUNC = dbdl.eval_combine,
+    PARALLEL = SAFE
+);
+
+CREATE OR REPLACE FUNCTION dbdl.metrics(stats bytea, config text) RETURNS text
+LANGUAGE plpython3u IMMUTABLE PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.metrics(stats, config)
+$$;
+
+-- Predictions for one packed feature buffer (little-endian float32, n x outputs).
+CREATE OR REPLACE FUNCTION dbdl.predict_buffer(x bytea, model bytea, config text)
+RETURNS bytea LANGUAGE plpython3u STRICT PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.predict(GD, x, model, config)
+$$;
+
+-- Model store (grows in later versions; see dbdl_magic/store.py).
+CREATE TABLE IF NOT EXISTS dbdl.models (
+    name text NOT NULL,
+    version integer NOT NULL,
+    status text NOT NULL,
+    spec text NOT NULL,
+    encoding text NOT NULL,
+    options text NOT NULL,
+    query text NOT NULL,
+    history text NOT NULL DEFAULT '[]',
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE IF NOT EXISTS dbdl.checkpoints (
+    name text NOT NULL,
+    version integer NOT NULL,
+    iteration integer NOT NULL,
+    state bytea NOT NULL,
+    metrics text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, version, iteration),
+    FOREIGN KEY (name, version) REFERENCES dbdl.models (name, version) ON DELETE CASCADE
+);
+ALTER TABLE dbdl.checkpoints ALTER COLUMN state SET STORAGE EXTERNAL;
+
+GRANT USAGE, CREATE ON SCHEMA dbdl TO PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dbdl.models, dbdl.checkpoints TO PUBLIC;
+GRANT SELECT ON dbdl.meta TO PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dbdl TO PUBLIC;
+
+-- The installer then records the kernel version in dbdl.meta (a bound value).
