@@ -11,7 +11,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "connect", "install", "train", "load_model", "list_models", "predict_in_database",
+    "connect",
+    "install",
+    "train",
+    "load_model",
+    "list_models",
+    "predict_in_database",
     "Database",
 }
 

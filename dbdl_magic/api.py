@@ -87,13 +87,14 @@ def train(
     """
     db = connect(con)
     opts = TrainOptions.from_kwargs(target=target, **options)
-    run = TrainingRun(db.backend, query, opts, name or generated_name(),
-                      callbacks or Callbacks())
+    run = TrainingRun(db.backend, query, opts, name or generated_name(), callbacks or Callbacks())
     return run.execute()
 
 
 def load_model(
-    con: str | Engine | Database | None, name: str, version: int | None = None,
+    con: str | Engine | Database | None,
+    name: str,
+    version: int | None = None,
     device: str = "auto",
 ) -> DBModel:
     """Load a stored model (latest version by default) as a torch module."""
@@ -113,7 +114,9 @@ def list_models(con: str | Engine | Database | None = None) -> pd.DataFrame:
 
 
 def predict_in_database(
-    con: str | Engine | Database | None, name: str, frame: pd.DataFrame,
+    con: str | Engine | Database | None,
+    name: str,
+    frame: pd.DataFrame,
     version: int | None = None,
 ) -> np.ndarray:
     """Score ``frame`` with the database's predict kernel (probabilities or values).
@@ -127,8 +130,11 @@ def predict_in_database(
     order = db.backend.byteorder
     payload = x.astype(f"{order}f4").tobytes()
     config = {
-        "spec": model.spec, "input_shape": model.encoding.input_shape,
-        "n_outputs": model.encoding.target.n_outputs, "task": model.task, "byteorder": order,
+        "spec": model.spec,
+        "input_shape": model.encoding.input_shape,
+        "n_outputs": model.encoding.target.n_outputs,
+        "task": model.task,
+        "byteorder": order,
         "target_scale": [model.encoding.target.mean, model.encoding.target.std],
     }
     key = {"name": model.name, "version": model.version, "iteration": model.info["iteration"]}

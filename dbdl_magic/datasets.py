@@ -35,6 +35,7 @@ def breast_cancer_frame() -> pd.DataFrame:
 
 def load_table(engine: Engine, table: str, frame: pd.DataFrame, replace: bool = True) -> int:
     """Write ``frame`` to ``table`` (replacing it by default); returns the row count."""
-    frame.to_sql(table, engine, if_exists="replace" if replace else "fail", index=False,
-                 chunksize=10_000)
+    frame.to_sql(
+        table, engine, if_exists="replace" if replace else "fail", index=False, chunksize=10_000
+    )
     return len(frame)

@@ -127,8 +127,10 @@ class Encoding:
                 blocks.append(onehot)
             else:
                 width = f.width
-                arr = np.stack([_as_array(v, width, f.name) for v in col.tolist()]) if n else (
-                    np.zeros((0, width))
+                arr = (
+                    np.stack([_as_array(v, width, f.name) for v in col.tolist()])
+                    if n
+                    else (np.zeros((0, width)))
                 )
                 blocks.append(((arr - f.mean) / f.std).astype(np.float32))
         flat = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0), np.float32)

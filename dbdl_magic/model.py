@@ -29,8 +29,15 @@ class DBModel(nn.Module):
     """
 
     def __init__(
-        self, net: nn.Module, encoding: Encoding, spec: dict[str, Any], *, name: str,
-        version: int, history: pd.DataFrame | None = None, info: dict[str, Any] | None = None,
+        self,
+        net: nn.Module,
+        encoding: Encoding,
+        spec: dict[str, Any],
+        *,
+        name: str,
+        version: int,
+        history: pd.DataFrame | None = None,
+        info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -99,9 +106,17 @@ def model_from_stored(row: dict[str, Any], device: str = "auto") -> DBModel:
         net.load_state_dict(decode_state(row["state"]).model_tensors())
     net.eval()
     model = DBModel(
-        net, encoding, row["spec"], name=row["name"], version=row["version"],
+        net,
+        encoding,
+        row["spec"],
+        name=row["name"],
+        version=row["version"],
         history=pd.DataFrame(row.get("history") or []),
-        info={"status": row.get("status"), "iteration": row.get("iteration"),
-              "error": row.get("error"), "query": row.get("query")},
+        info={
+            "status": row.get("status"),
+            "iteration": row.get("iteration"),
+            "error": row.get("error"),
+            "query": row.get("query"),
+        },
     )
     return model.to(resolve_device(device))

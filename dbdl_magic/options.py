@@ -56,37 +56,65 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first bad option."""
+
         def need(ok: bool, option: str, rule: str) -> None:
             if not ok:
                 raise InputError(f"option {option}={getattr(self, option)!r}: {rule}")
 
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer ≥ 1")
         need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "must be a positive number")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
-             "must be an integer ≥ 1")
-        need(str(self.optimizer).lower() in OPTIMIZERS, "optimizer",
-             f"must be one of {', '.join(OPTIMIZERS)}")
+        need(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "batch_size",
+            "must be an integer ≥ 1",
+        )
+        need(
+            str(self.optimizer).lower() in OPTIMIZERS,
+            "optimizer",
+            f"must be one of {', '.join(OPTIMIZERS)}",
+        )
         need(self.momentum >= 0, "momentum", "must be ≥ 0")
-        need(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), "nesterov",
-             "needs optimizer='sgd' with momentum > 0")
-        need(self.validation is None or 0 <= float(self.validation) < 1, "validation",
-             "must be a fraction in [0, 1)")
+        need(
+            not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+            "nesterov",
+            "needs optimizer='sgd' with momentum > 0",
+        )
+        need(
+            self.validation is None or 0 <= float(self.validation) < 1,
+            "validation",
+            "must be a fraction in [0, 1)",
+        )
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(self.db_device in ("auto", "cpu", "cuda"), "db_device", "must be auto, cpu or cuda")
-        need(isinstance(self.parallel, int) and self.parallel >= 1, "parallel",
-             "must be an integer ≥ 1 (the number of segments training in parallel)")
-        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
-             "threads", "must be an integer ≥ 1")
-        need(isinstance(self.max_categories, int) and self.max_categories >= 1, "max_categories",
-             "must be an integer ≥ 1")
-        need(self.task in ("auto", "classification", "regression"), "task",
-             "must be auto, classification or regression")
+        need(
+            isinstance(self.parallel, int) and self.parallel >= 1,
+            "parallel",
+            "must be an integer ≥ 1 (the number of segments training in parallel)",
+        )
+        need(
+            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            "threads",
+            "must be an integer ≥ 1",
+        )
+        need(
+            isinstance(self.max_categories, int) and self.max_categories >= 1,
+            "max_categories",
+            "must be an integer ≥ 1",
+        )
+        need(
+            self.task in ("auto", "classification", "regression"),
+            "task",
+            "must be auto, classification or regression",
+        )
         if self.image_shape is not None:
             shape = self.image_shape
             if isinstance(shape, str):
                 shape = [int(s) for s in shape.lower().replace("x", ",").split(",") if s]
-            need(all(isinstance(s, int) and s > 0 for s in shape), "image_shape",
-                 "must be positive sizes, e.g. (8, 8)")
+            need(
+                all(isinstance(s, int) and s > 0 for s in shape),
+                "image_shape",
+                "must be positive sizes, e.g. (8, 8)",
+            )
             self.image_shape = list(shape)
 
     def optimizer_config(self) -> dict[str, Any]:

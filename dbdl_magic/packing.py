@@ -65,7 +65,10 @@ def stage_query(
     if _is_table_name(body):
         body = f"SELECT * FROM {_quote_dotted(backend, body)}"
     conn.execute(
-        text(f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.* FROM ({body}) AS src"),
+        text(
+            f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.*"
+            f" FROM ({body}) AS src"
+        ),
         params,
     )
 
@@ -130,7 +133,11 @@ def infer_encoding(
 
 
 def _numeric_pass(
-    backend: Backend, conn: Connection, stage: str, names: list[str], target: str,
+    backend: Backend,
+    conn: Connection,
+    stage: str,
+    names: list[str],
+    target: str,
     kinds: dict[str, ColumnKind],
 ) -> tuple[int, dict[str, int], dict[str, int], dict[str, float]]:
     parts = ["count(*)"]
@@ -168,8 +175,14 @@ def _std_pass(
 
 
 def _feature(
-    backend: Backend, conn: Connection, stage: str, name: str, kind: ColumnKind,
-    means: dict[str, float], stds: dict[str, float], opts: PackOptions,
+    backend: Backend,
+    conn: Connection,
+    stage: str,
+    name: str,
+    kind: ColumnKind,
+    means: dict[str, float],
+    stds: dict[str, float],
+    opts: PackOptions,
 ) -> Feature:
     if kind.kind == NUMERIC:
         std = stds[name] if stds[name] > 1e-12 else 1.0
@@ -209,7 +222,11 @@ def _feature(
 
 
 def _target(
-    backend: Backend, conn: Connection, stage: str, opts: PackOptions, kind: ColumnKind,
+    backend: Backend,
+    conn: Connection,
+    stage: str,
+    opts: PackOptions,
+    kind: ColumnKind,
     total: int,
 ) -> Target:
     name, col = opts.target, backend.q(opts.target)
@@ -241,8 +258,10 @@ def _target(
             )
         return Target(name, "classification", classes=[_plain(c) for c in classes])
     mean_sq = conn.execute(
-        text(f"SELECT avg({backend.to_float(col)}), avg({backend.to_float(col)} * "
-             f"{backend.to_float(col)}) FROM {stage}")
+        text(
+            f"SELECT avg({backend.to_float(col)}), avg({backend.to_float(col)} * "
+            f"{backend.to_float(col)}) FROM {stage}"
+        )
     ).one()
     mean = float(mean_sq[0])
     std = math.sqrt(max(float(mean_sq[1]) - mean * mean, 0.0)) or 1.0
@@ -260,8 +279,9 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-def encode_sql(backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
-               ) -> tuple[list[tuple[str, bool]], str]:
+def encode_sql(
+    backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
+) -> tuple[list[tuple[str, bool]], str]:
     """SQL pieces encoding one row's features, and the target expression (params filled in)."""
     pieces: list[tuple[str, bool]] = []
     for i, f in enumerate(encoding.features):
@@ -306,8 +326,14 @@ def choose_rows_per_buffer(n_train: int, width: int, batch_size: int) -> int:
 
 
 def pack(
-    backend: Backend, conn: Connection, stage: str, packed: str, encoding: Encoding,
-    n_rows: int, opts: PackOptions, val_stage: str | None = None,
+    backend: Backend,
+    conn: Connection,
+    stage: str,
+    packed: str,
+    encoding: Encoding,
+    n_rows: int,
+    opts: PackOptions,
+    val_stage: str | None = None,
 ) -> PackedData:
     """Create ``packed`` from ``stage`` (and ``val_stage``, a second query's rows)."""
     params: dict[str, Any] = {"seed": opts.seed, "vseed": opts.seed + 7919}
@@ -347,8 +373,14 @@ def pack(
     if rows < 1:
         raise InputError(f"rows_per_buffer={rows} must be positive")
     backend.create_packed(
-        conn, packed, rows_sql, pieces, y_sql,
-        encoding.target.task == "classification", rows, params,
+        conn,
+        packed,
+        rows_sql,
+        pieces,
+        y_sql,
+        encoding.target.task == "classification",
+        rows,
+        params,
     )
     n_buffers = int(conn.execute(text(f"SELECT count(*) FROM {packed}")).scalar_one())
     return PackedData(packed, encoding, n_train, n_val, n_buffers, rows)

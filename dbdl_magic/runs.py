@@ -57,8 +57,11 @@ class TrainingRun:
 
     def _tables(self) -> tuple[str, str, str]:
         t = self.token
-        return (self.backend.table(f"stage_{t}"), self.backend.table(f"vstage_{t}"),
-                self.backend.table(f"packed_{t}"))
+        return (
+            self.backend.table(f"stage_{t}"),
+            self.backend.table(f"vstage_{t}"),
+            self.backend.table(f"packed_{t}"),
+        )
 
     def execute(self) -> DBModel:
         """Run to completion and return the trained module."""
@@ -73,8 +76,15 @@ class TrainingRun:
             _check_spec_fits(spec, enc)
             with backend.engine.begin() as conn:
                 key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
-                store.create_model(conn, backend, key, spec=spec, encoding=enc.to_json(),
-                                   options=opts.to_json_dict(), query=self.query)
+                store.create_model(
+                    conn,
+                    backend,
+                    key,
+                    spec=spec,
+                    encoding=enc.to_json(),
+                    options=opts.to_json_dict(),
+                    query=self.query,
+                )
                 store.write_checkpoint(conn, backend, key, 0, initial_state(config))
             self._announce(data, config, key)
             for epoch in range(opts.epochs):
@@ -97,10 +107,16 @@ class TrainingRun:
     def _pack(self, stage: str, vstage: str, packed: str) -> PackedData:
         opts, backend = self.options, self.backend
         pack_opts = PackOptions(
-            target=opts.target, features=opts.features, task=opts.task,
-            validation=opts.validation, impute=opts.impute, max_categories=opts.max_categories,
-            image_shape=opts.image_shape, rows_per_buffer=opts.rows_per_buffer,
-            batch_size=opts.batch_size, seed=opts.seed,
+            target=opts.target,
+            features=opts.features,
+            task=opts.task,
+            validation=opts.validation,
+            impute=opts.impute,
+            max_categories=opts.max_categories,
+            image_shape=opts.image_shape,
+            rows_per_buffer=opts.rows_per_buffer,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
         )
         with backend.engine.begin() as conn:
             stage_query(backend, conn, self.query, opts.params, stage)
@@ -108,18 +124,34 @@ class TrainingRun:
             if opts.validation_query:
                 stage_query(backend, conn, opts.validation_query, opts.params, vstage)
                 _check_columns(backend, conn, vstage, encoding)
-            return pack(backend, conn, stage, packed, encoding, n_rows, pack_opts,
-                        vstage if opts.validation_query else None)
+            return pack(
+                backend,
+                conn,
+                stage,
+                packed,
+                encoding,
+                n_rows,
+                pack_opts,
+                vstage if opts.validation_query else None,
+            )
 
     def _config(self, spec: dict[str, Any], enc: Encoding) -> dict[str, Any]:
         opts = self.options
         threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.parallel)
         return {
-            "spec": spec, "input_shape": enc.input_shape, "n_outputs": enc.target.n_outputs,
-            "task": enc.target.task, "optimizer": opts.optimizer_config(),
-            "batch_size": opts.batch_size, "seed": opts.seed, "epoch": 0,
-            "device": opts.db_device, "threads": threads, "byteorder": self.backend.byteorder,
-            "target_scale": [enc.target.mean, enc.target.std], "run": self.token,
+            "spec": spec,
+            "input_shape": enc.input_shape,
+            "n_outputs": enc.target.n_outputs,
+            "task": enc.target.task,
+            "optimizer": opts.optimizer_config(),
+            "batch_size": opts.batch_size,
+            "seed": opts.seed,
+            "epoch": 0,
+            "device": opts.db_device,
+            "threads": threads,
+            "byteorder": self.backend.byteorder,
+            "target_scale": [enc.target.mean, enc.target.std],
+            "run": self.token,
             "parallel": opts.parallel,
         }
 
@@ -127,13 +159,20 @@ class TrainingRun:
         if self.callbacks.on_start is None:
             return
         net = build_network(config["spec"], config["input_shape"], config["n_outputs"])
-        self.callbacks.on_start({
-            **key, "database": self.backend.describe(), "backend": self.backend.name,
-            "rows": data.n_train, "validation_rows": data.n_val, "buffers": data.n_buffers,
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "workers": self.options.parallel, "epochs": self.options.epochs,
-            "device": self.options.db_device,
-        })
+        self.callbacks.on_start(
+            {
+                **key,
+                "database": self.backend.describe(),
+                "backend": self.backend.name,
+                "rows": data.n_train,
+                "validation_rows": data.n_val,
+                "buffers": data.n_buffers,
+                "parameters": sum(p.numel() for p in net.parameters()),
+                "workers": self.options.parallel,
+                "epochs": self.options.epochs,
+                "device": self.options.db_device,
+            }
+        )
 
     def _iteration(
         self, data: PackedData, config: dict[str, Any], key: dict[str, Any], epoch: int
@@ -158,9 +197,12 @@ class TrainingRun:
             for name, value in metrics.items():
                 row[f"{prefix}{name}"] = value
             row.update(
-                seconds=time.perf_counter() - started, train_seconds=trained,
-                samples=info["samples"], workers=info.get("workers", 1),
-                combines=info["combines"], db_device=info.get("device"),
+                seconds=time.perf_counter() - started,
+                train_seconds=trained,
+                samples=info["samples"],
+                workers=info.get("workers", 1),
+                combines=info["combines"],
+                db_device=info.get("device"),
             )
             store.set_checkpoint_metrics(conn, backend, key, epoch + 1, row)
             self.history.append(row)
@@ -193,9 +235,7 @@ def _check_columns(backend: Backend, conn: Connection, table: str, enc: Encoding
     kinds = backend.column_kinds(conn, table)
     missing = [c for c in [*enc.feature_names(), enc.target.name] if c not in kinds]
     if missing:
-        raise InputError(
-            f"the validation query lacks column(s) {', '.join(map(repr, missing))}"
-        )
+        raise InputError(f"the validation query lacks column(s) {', '.join(map(repr, missing))}")
 
 
 def _translate(exc: BaseException) -> BaseException:

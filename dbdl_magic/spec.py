@@ -23,8 +23,13 @@ from .errors import SpecError
 from .kernel.netbuild import LAYERS
 
 _ACTIVATIONS = {
-    "relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "silu": "SiLU", "elu": "ELU",
-    "leakyrelu": "LeakyReLU", "sigmoid": "Sigmoid",
+    "relu": "ReLU",
+    "gelu": "GELU",
+    "tanh": "Tanh",
+    "silu": "SiLU",
+    "elu": "ELU",
+    "leakyrelu": "LeakyReLU",
+    "sigmoid": "Sigmoid",
 }
 
 
@@ -140,12 +145,20 @@ def _module_to_layer(module: nn.Module, position: int) -> dict[str, Any]:
         )
     layer: dict[str, Any] = {"type": kind}
     if isinstance(module, nn.Linear):
-        layer.update(in_features=module.in_features, out_features=module.out_features,
-                     bias=module.bias is not None)
+        layer.update(
+            in_features=module.in_features,
+            out_features=module.out_features,
+            bias=module.bias is not None,
+        )
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        layer.update(in_channels=module.in_channels, out_channels=module.out_channels,
-                     kernel_size=_size(module.kernel_size), stride=_size(module.stride),
-                     padding=_size(module.padding), bias=module.bias is not None)
+        layer.update(
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel_size=_size(module.kernel_size),
+            stride=_size(module.stride),
+            padding=_size(module.padding),
+            bias=module.bias is not None,
+        )
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         layer.update(num_features=module.num_features, eps=module.eps, momentum=module.momentum)
     elif isinstance(module, nn.LayerNorm):
@@ -160,8 +173,11 @@ def _module_to_layer(module: nn.Module, position: int) -> dict[str, Any]:
         if module.start_dim != 1 or module.end_dim != -1:
             raise SpecError(f"Flatten at position {position} must flatten all but the batch dim")
     elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
-        layer.update(kernel_size=_size(module.kernel_size), stride=_size(module.stride),
-                     padding=_size(module.padding))
+        layer.update(
+            kernel_size=_size(module.kernel_size),
+            stride=_size(module.stride),
+            padding=_size(module.padding),
+        )
     elif isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
         layer["output_size"] = _size(module.output_size)
     return layer

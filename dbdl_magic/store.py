@@ -17,16 +17,24 @@ def next_version(conn: Connection, backend: Backend, name: str) -> int:
     """1 + the highest stored version of ``name``."""
     return int(
         conn.execute(
-            text(f"SELECT coalesce(max(version), 0) + 1 FROM {backend.table('models')} "
-                 "WHERE name = :name"),
+            text(
+                f"SELECT coalesce(max(version), 0) + 1 FROM {backend.table('models')} "
+                "WHERE name = :name"
+            ),
             {"name": name},
         ).scalar_one()
     )
 
 
 def create_model(
-    conn: Connection, backend: Backend, key: dict[str, Any], *, spec: dict[str, Any],
-    encoding: str, options: dict[str, Any], query: str,
+    conn: Connection,
+    backend: Backend,
+    key: dict[str, Any],
+    *,
+    spec: dict[str, Any],
+    encoding: str,
+    options: dict[str, Any],
+    query: str,
 ) -> None:
     """Insert the model row with status ``training``."""
     conn.execute(
@@ -35,14 +43,23 @@ def create_model(
             " options, query, history) VALUES (:name, :version, 'training', :spec, :encoding,"
             " :options, :query, '[]')"
         ),
-        {**key, "spec": json.dumps(spec), "encoding": encoding,
-         "options": json.dumps(options, default=str), "query": query},
+        {
+            **key,
+            "spec": json.dumps(spec),
+            "encoding": encoding,
+            "options": json.dumps(options, default=str),
+            "query": query,
+        },
     )
 
 
 def set_status(
-    conn: Connection, backend: Backend, key: dict[str, Any], status: str,
-    history: list[dict[str, Any]] | None = None, error: str | None = None,
+    conn: Connection,
+    backend: Backend,
+    key: dict[str, Any],
+    status: str,
+    history: list[dict[str, Any]] | None = None,
+    error: str | None = None,
 ) -> None:
     """Update status (and history / error text) of a model version."""
     sets = ["status = :status", "updated_at = CURRENT_TIMESTAMP", "error = :error"]
@@ -51,8 +68,10 @@ def set_status(
         sets.append("history = :history")
         params["history"] = json.dumps(history)
     conn.execute(
-        text(f"UPDATE {backend.table('models')} SET {', '.join(sets)} "
-             "WHERE name = :name AND version = :version"),
+        text(
+            f"UPDATE {backend.table('models')} SET {', '.join(sets)} "
+            "WHERE name = :name AND version = :version"
+        ),
         params,
     )
 
@@ -61,19 +80,26 @@ def write_checkpoint(
     conn: Connection, backend: Backend, key: dict[str, Any], iteration: int, state: bytes
 ) -> None:
     conn.execute(
-        text(f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state) "
-             "VALUES (:name, :version, :iteration, :state)"),
+        text(
+            f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state) "
+            "VALUES (:name, :version, :iteration, :state)"
+        ),
         {**key, "iteration": iteration, "state": state},
     )
 
 
 def set_checkpoint_metrics(
-    conn: Connection, backend: Backend, key: dict[str, Any], iteration: int,
+    conn: Connection,
+    backend: Backend,
+    key: dict[str, Any],
+    iteration: int,
     metrics: dict[str, Any],
 ) -> None:
     conn.execute(
-        text(f"UPDATE {backend.table('checkpoints')} SET metrics = :metrics "
-             "WHERE name = :name AND version = :version AND iteration = :iteration"),
+        text(
+            f"UPDATE {backend.table('checkpoints')} SET metrics = :metrics "
+            "WHERE name = :name AND version = :version AND iteration = :iteration"
+        ),
         {**key, "iteration": iteration, "metrics": json.dumps(metrics)},
     )
 
@@ -83,8 +109,10 @@ def prune_checkpoints(
 ) -> None:
     """Delete checkpoints older than ``keep_from`` (the store keeps the recent ones)."""
     conn.execute(
-        text(f"DELETE FROM {backend.table('checkpoints')} WHERE name = :name "
-             "AND version = :version AND iteration < :keep_from"),
+        text(
+            f"DELETE FROM {backend.table('checkpoints')} WHERE name = :name "
+            "AND version = :version AND iteration < :keep_from"
+        ),
         {**key, "keep_from": keep_from},
     )
 
@@ -99,17 +127,21 @@ def read_model(
     if version is not None:
         where += " AND m.version = :version"
         params["version"] = int(version)
-    row = conn.execute(
-        text(
-            f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
-            f" m.history, m.error, c.iteration, c.state FROM {models} AS m"
-            f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
-            f" AND c.iteration = (SELECT max(c2.iteration) FROM {ck} AS c2"
-            "  WHERE c2.name = m.name AND c2.version = m.version)"
-            f" WHERE {where} ORDER BY m.version DESC LIMIT 1"
-        ),
-        params,
-    ).mappings().first()
+    row = (
+        conn.execute(
+            text(
+                f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
+                f" m.history, m.error, c.iteration, c.state FROM {models} AS m"
+                f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
+                f" AND c.iteration = (SELECT max(c2.iteration) FROM {ck} AS c2"
+                "  WHERE c2.name = m.name AND c2.version = m.version)"
+                f" WHERE {where} ORDER BY m.version DESC LIMIT 1"
+            ),
+            params,
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         what = f"{name!r}" + (f" version {version}" if version is not None else "")
         raise InputError(f"no model {what} in {backend.describe()}")
@@ -124,13 +156,18 @@ def read_model(
 def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     """One row per stored model version."""
     models, ck = backend.table("models"), backend.table("checkpoints")
-    rows = conn.execute(
-        text(
-            f"SELECT m.name, m.version, m.status, m.created_at, m.updated_at,"
-            f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
-            f" AS checkpoints FROM {models} AS m ORDER BY m.name, m.version"
+    rows = (
+        conn.execute(
+            text(
+                f"SELECT m.name, m.version, m.status, m.created_at, m.updated_at,"
+                f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
+                f" AS checkpoints FROM {models} AS m ORDER BY m.name, m.version"
+            )
         )
-    ).mappings().all()
-    return pd.DataFrame([dict(r) for r in rows],
-                        columns=["name", "version", "status", "created_at", "updated_at",
-                                 "checkpoints"])
+        .mappings()
+        .all()
+    )
+    return pd.DataFrame(
+        [dict(r) for r in rows],
+        columns=["name", "version", "status", "created_at", "updated_at", "checkpoints"],
+    )

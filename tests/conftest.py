@@ -26,3 +26,33 @@ def pg_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+_DB_COUNTER = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    """A fresh embedded SQLite database file with the dbdl tables."""
+    import dbdl_magic as dl
+
+    db = dl.connect(f"sqlite:///{tmp_path / 'test.db'}")
+    yield db
+    db.engine.dispose()
+
+
+@pytest.fixture
+def pg_db(pg_server: PostgresServer):
+    """A fresh PostgreSQL database (in the session's server) with the kernels installed."""
+    import dbdl_magic as dl
+
+    url = pg_server.create_database(f"dbdl_test_{os.getpid()}_{next(_DB_COUNTER)}")
+    db = dl.install(url)
+    yield db
+    db.engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest):
+    """Each test using ``db`` runs against real SQLite and real PostgreSQL."""
+    return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")

@@ -82,8 +82,15 @@ class Backend(ABC):
 
     @abstractmethod
     def create_packed(
-        self, conn: Connection, packed: str, rows_sql: str, pieces: list[tuple[str, bool]],
-        y_sql: str, y_is_int: bool, rows_per_buffer: int, params: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        rows_sql: str,
+        pieces: list[tuple[str, bool]],
+        y_sql: str,
+        y_is_int: bool,
+        rows_per_buffer: int,
+        params: dict[str, Any],
     ) -> None:
         """Pack ``rows_sql`` (columns ``split``, ``ord`` and the pieces) into buffers.
 
@@ -93,21 +100,30 @@ class Backend(ABC):
     # -- iterations -----------------------------------------------------------------------------
     @abstractmethod
     def train_iteration(
-        self, conn: Connection, packed: str, key: dict[str, Any], config: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        key: dict[str, Any],
+        config: dict[str, Any],
         progress: ProgressSink | None,
     ) -> None:
         """One aggregate query: the state at ``key['iteration']`` → a new checkpoint row."""
 
     @abstractmethod
     def evaluate(
-        self, conn: Connection, packed: str, split: int, key: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        split: int,
+        key: dict[str, Any],
         config: dict[str, Any],
     ) -> dict[str, Any]:
         """Metrics of the checkpoint ``key`` over buffers of ``split`` (0 train, 1 validation)."""
 
     @abstractmethod
-    def predict_buffer(self, conn: Connection, x: bytes, key: dict[str, Any],
-                       config: dict[str, Any]) -> bytes:
+    def predict_buffer(
+        self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
+    ) -> bytes:
         """Run the predict kernel in the database on one packed feature buffer."""
 
     # -- helpers shared by the dialects ---------------------------------------------------------

@@ -148,8 +148,15 @@ class _BlobStats:
     def finalize(self) -> str:
         mean = self.total / self.n if self.n else 0.0
         var = max(self.total_sq / self.n - mean * mean, 0.0) if self.n else 0.0
-        return json.dumps({"min_len": self.min_len, "max_len": self.max_len, "mean": mean,
-                           "std": math.sqrt(var), "dims": None})
+        return json.dumps(
+            {
+                "min_len": self.min_len,
+                "max_len": self.max_len,
+                "mean": mean,
+                "std": math.sqrt(var),
+                "dims": None,
+            }
+        )
 
 
 @_kernel
@@ -208,22 +215,31 @@ class SQLiteBackend(Backend):
     def install(self) -> None:
         models, checkpoints, meta = (self.table(t) for t in ("models", "checkpoints", "meta"))
         with self.engine.begin() as conn:
-            conn.execute(text(f"CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT)"))
-            conn.execute(text(
-                f"CREATE TABLE IF NOT EXISTS {models} (name TEXT NOT NULL, version INTEGER NOT NULL,"
-                " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
-                " options TEXT NOT NULL, query TEXT NOT NULL, history TEXT NOT NULL DEFAULT '[]',"
-                " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (name, version))"
-            ))
-            conn.execute(text(
-                f"CREATE TABLE IF NOT EXISTS {checkpoints} (name TEXT NOT NULL,"
-                " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB NOT NULL,"
-                " metrics TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                " PRIMARY KEY (name, version, iteration),"
-                f" FOREIGN KEY (name, version) REFERENCES {models} (name, version)"
-                " ON DELETE CASCADE)"
-            ))
+            conn.execute(
+                text(f"CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT)")
+            )
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {models} (name TEXT NOT NULL,"
+                    " version INTEGER NOT NULL,"
+                    " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
+                    " options TEXT NOT NULL, query TEXT NOT NULL,"
+                    " history TEXT NOT NULL DEFAULT '[]',"
+                    " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                    " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                    " PRIMARY KEY (name, version))"
+                )
+            )
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {checkpoints} (name TEXT NOT NULL,"
+                    " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB NOT NULL,"
+                    " metrics TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                    " PRIMARY KEY (name, version, iteration),"
+                    f" FOREIGN KEY (name, version) REFERENCES {models} (name, version)"
+                    " ON DELETE CASCADE)"
+                )
+            )
             conn.execute(
                 text(f"INSERT OR REPLACE INTO {meta} (key, value) VALUES ('version', :v)"),
                 {"v": KERNEL_VERSION},
@@ -236,8 +252,12 @@ class SQLiteBackend(Backend):
     # -- packing --------------------------------------------------------------------------------
     def column_kinds(self, conn: Connection, table: str) -> dict[str, ColumnKind]:
         raw_name = table.strip('"').replace('""', '"')
-        names = [r[0] for r in conn.execute(
-            text("SELECT name FROM pragma_table_info(:t) ORDER BY cid"), {"t": raw_name})]
+        names = [
+            r[0]
+            for r in conn.execute(
+                text("SELECT name FROM pragma_table_info(:t) ORDER BY cid"), {"t": raw_name}
+            )
+        ]
         parts = []
         for c in names:
             col = self.q(c)
@@ -276,15 +296,24 @@ class SQLiteBackend(Backend):
 
     def array_stats(self, conn: Connection, table: str, column: str) -> dict[str, Any]:
         return json.loads(
-            conn.execute(text(f"SELECT dbdl_blob_stats({self.q(column)}) FROM {table}")).scalar_one()
+            conn.execute(
+                text(f"SELECT dbdl_blob_stats({self.q(column)}) FROM {table}")
+            ).scalar_one()
         )
 
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
         return f"dbdl_scale_blob({column}, :{mean_param}, :{std_param}, {int(width)})"
 
     def create_packed(
-        self, conn: Connection, packed: str, rows_sql: str, pieces: list[tuple[str, bool]],
-        y_sql: str, y_is_int: bool, rows_per_buffer: int, params: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        rows_sql: str,
+        pieces: list[tuple[str, bool]],
+        y_sql: str,
+        y_is_int: bool,
+        rows_per_buffer: int,
+        params: dict[str, Any],
     ) -> None:
         cols = ", ".join(f"r.p{i}" for i in range(len(pieces)))
         conn.execute(
@@ -310,7 +339,11 @@ class SQLiteBackend(Backend):
             raise
 
     def train_iteration(
-        self, conn: Connection, packed: str, key: dict[str, Any], config: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        key: dict[str, Any],
+        config: dict[str, Any],
         progress: ProgressSink | None,
     ) -> None:
         ck = self.table("checkpoints")
@@ -332,7 +365,11 @@ class SQLiteBackend(Backend):
             _PROGRESS.pop(run, None)
 
     def evaluate(
-        self, conn: Connection, packed: str, split: int, key: dict[str, Any],
+        self,
+        conn: Connection,
+        packed: str,
+        split: int,
+        key: dict[str, Any],
         config: dict[str, Any],
     ) -> dict[str, Any]:
         ck = self.table("checkpoints")
@@ -347,8 +384,9 @@ class SQLiteBackend(Backend):
         ).scalar_one()
         return json.loads(out)
 
-    def predict_buffer(self, conn: Connection, x: bytes, key: dict[str, Any],
-                       config: dict[str, Any]) -> bytes:
+    def predict_buffer(
+        self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
+    ) -> bytes:
         ck = self.table("checkpoints")
         return self._run(
             conn,

@@ -114,7 +114,9 @@ def _check_size(p: dict[str, Any], key: str, actual: int) -> None:
         )
 
 
-def build_network(spec: dict[str, Any], input_shape: Sequence[int], n_outputs: int) -> nn.Sequential:
+def build_network(
+    spec: dict[str, Any], input_shape: Sequence[int], n_outputs: int
+) -> nn.Sequential:
     """Build the network for ``spec`` on inputs of ``input_shape`` (no batch dimension).
 
     The caller seeds torch beforehand when initialisation must be reproducible.

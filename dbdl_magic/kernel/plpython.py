@@ -32,8 +32,14 @@ def _config(GD: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 def train_transition(
-    GD: dict[str, Any], state: bytes | None, x: bytes, y: bytes, buffer_id: int,
-    model: bytes, config_text: str, notice: Notice | None = None,
+    GD: dict[str, Any],
+    state: bytes | None,
+    x: bytes,
+    y: bytes,
+    buffer_id: int,
+    model: bytes,
+    config_text: str,
+    notice: Notice | None = None,
 ) -> bytes:
     """SGD over one buffer. ``state`` is None on the first buffer of each worker."""
     config = _config(GD, config_text)

@@ -97,7 +97,7 @@ def decode_state(data: bytes) -> TrainState:
 
 def state_info(data: bytes) -> dict[str, Any]:
     """Header facts as a JSON-able dict (no tensors are decoded)."""
-    samples, loss_sum, combines, meta, offset = read_header(data)
+    samples, loss_sum, combines, meta, _offset = read_header(data)
     return {
         "format": FORMAT_VERSION,
         "samples": samples,

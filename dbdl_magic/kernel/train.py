@@ -70,7 +70,10 @@ def make_optimizer(params: Any, options: dict[str, Any]) -> torch.optim.Optimize
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd, foreach=False)
     if name == "adamw":
         return torch.optim.AdamW(
-            params, lr=lr, betas=betas, weight_decay=wd if "weight_decay" in options else 0.01,
+            params,
+            lr=lr,
+            betas=betas,
+            weight_decay=wd if "weight_decay" in options else 0.01,
             foreach=False,
         )
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
@@ -143,7 +146,11 @@ class Trainer:
         self.meta = {} if fresh else dict(decoded.meta)
 
     def train_buffer(
-        self, x: bytes, y: bytes, buffer_id: int, progress: ProgressFn | None = None,
+        self,
+        x: bytes,
+        y: bytes,
+        buffer_id: int,
+        progress: ProgressFn | None = None,
         every: float = 0.5,
     ) -> None:
         """Run minibatch SGD over one buffer, rows in a fresh order for every epoch."""
@@ -152,8 +159,9 @@ class Trainer:
         assert Y is not None
         n = X.shape[0]
         seed, epoch = int(cfg.get("seed", 0)), int(cfg.get("epoch", 0))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(
-            mix_seed(seed, epoch, buffer_id)))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, buffer_id))
+        )
         torch.manual_seed(mix_seed(seed, epoch, buffer_id, 1))  # dropout masks
         batch = int(cfg.get("batch_size", 64))
         net, opt, loss_fn = self.net, self.optimizer, self.loss_fn
@@ -192,6 +200,4 @@ class Trainer:
             device_note=self.device_note,
             threads=torch.get_num_threads(),
         )
-        return encode_state(
-            TrainState(tensors, self.samples, self.loss_sum, self.combines, meta)
-        )
+        return encode_state(TrainState(tensors, self.samples, self.loss_sum, self.combines, meta))

@@ -24,9 +24,11 @@ return plpython.info(state)
 $$;
 
 -- Training aggregate: dbdl.train(x, y, buffer_id, model, config) -> new model state.
+-- A transition is SGD over a whole buffer: its high COST makes the planner split the work as a
+-- partial aggregate per worker instead of gathering rows to one process.
 CREATE OR REPLACE FUNCTION dbdl.train_transition(
     state bytea, x bytea, y bytea, buffer_id bigint, model bytea, config text)
-RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE AS $$
+RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE COST 1000000 AS $$
 from dbdl_magic.kernel import plpython
 return plpython.train_transition(GD, state, x, y, buffer_id, model, config, plpy.notice)
 $$;
@@ -47,7 +49,7 @@ CREATE OR REPLACE AGGREGATE dbdl.train(bytea, bytea, bigint, bytea, text) (
 -- Evaluate aggregate: statistics vector; dbdl.metrics() turns it into JSON.
 CREATE OR REPLACE FUNCTION dbdl.eval_transition(
     acc bytea, x bytea, y bytea, model bytea, config text)
-RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE AS $$
+RETURNS bytea LANGUAGE plpython3u PARALLEL SAFE COST 100000 AS $$
 from dbdl_magic.kernel import plpython
 return plpython.eval_transition(GD, acc, x, y, model, config)
 $$;

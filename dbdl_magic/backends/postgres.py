@@ -1,0 +1,348 @@
+"""PostgreSQL backend: PL/Python kernels in schema ``dbdl``, parallel workers as segments.
+
+Facts this module relies on (shared/DESIGN.md §4): the training aggregate runs as a parallel
+partial aggregate because it has a combine function and is PARALLEL SAFE; writing queries never
+run in parallel, so each iteration is a ``CREATE TABLE AS`` (which can) followed by an insert of
+its single row into the checkpoint table, all in one transaction; parallel workers cannot read
+temporary tables, so packed data lives in ordinary UNLOGGED tables.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from ..errors import InstallError
+from ..kernel import KERNEL_VERSION
+from .base import Backend, ColumnKind, ProgressSink
+
+SCHEMA = "dbdl"
+# One packed buffer per heap page (fillfactor + padding), so a parallel scan hands buffers to
+# workers one by one instead of giving every buffer on the first page to one worker.
+_PAD_BYTES = 1000
+
+
+def install_sql() -> str:
+    """The kernel installation script (``kernels/postgres/install.sql``)."""
+    packaged = resources.files("dbdl_magic").joinpath("sql/postgres/install.sql")
+    if packaged.is_file():
+        return packaged.read_text()
+    return (Path(__file__).parents[2] / "kernels" / "postgres" / "install.sql").read_text()
+
+
+def _db_message(exc: DBAPIError) -> str:
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    primary = getattr(diag, "message_primary", None) or str(orig)
+    return primary.strip()
+
+
+class PostgresBackend(Backend):
+    """PostgreSQL 12+ with ``plpython3u`` (superuser installs once; users need EXECUTE)."""
+
+    name = "postgresql"
+    byteorder = ">"  # float4send / int4send write big-endian
+
+    def table(self, name: str) -> str:
+        return f"{self.q(SCHEMA)}.{self.q(name)}"
+
+    # -- installation -------------------------------------------------------------------------
+    def install(self) -> None:
+        script = install_sql()
+        try:
+            with self.engine.begin() as conn:
+                raw = conn.connection.driver_connection
+                with raw.cursor() as cur:  # several statements in one simple query
+                    cur.execute(script)
+                conn.execute(
+                    text(
+                        "INSERT INTO dbdl.meta (key, value) VALUES ('version', :v) "
+                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                    ),
+                    {"v": KERNEL_VERSION},
+                )
+        except DBAPIError as exc:
+            message = _db_message(exc)
+            if "plpython3u" in message and (
+                "control file" in message or "not available" in message
+            ):
+                raise InstallError(
+                    f"PL/Python is not available on the server {self.describe()}: install the "
+                    "server package postgresql-plpython3-<major version> (Debian/Ubuntu) and "
+                    "run dbdl install again",
+                    detail=str(exc.orig),
+                ) from exc
+            if "permission denied" in message or "must be superuser" in message:
+                raise InstallError(
+                    f"installing the dbdl kernels needs a superuser (PL/Python is untrusted): "
+                    f"ask an administrator to run `dbdl install URL` on {self.describe()}",
+                    detail=str(exc.orig),
+                ) from exc
+            raise InstallError(
+                f"installing the dbdl kernels failed: {message}", detail=str(exc.orig)
+            ) from exc
+
+    def check(self) -> dict[str, Any]:
+        how = f"run `dbdl install {self.describe()}` (or dbdl_magic.install(url)) as a superuser"
+        try:
+            with self.engine.connect() as conn:
+                installed = conn.execute(
+                    text("SELECT value FROM dbdl.meta WHERE key = 'version'")
+                ).scalar()
+        except DBAPIError as exc:
+            raise InstallError(
+                f"the dbdl kernels are not installed in {self.describe()}: {how}",
+                detail=str(exc.orig),
+            ) from exc
+        if installed != KERNEL_VERSION:
+            raise InstallError(
+                f"{self.describe()} has dbdl kernel version {installed!r}, this dbdl_magic needs "
+                f"{KERNEL_VERSION!r}: {how}"
+            )
+        try:
+            with self.engine.connect() as conn:
+                info = json.loads(conn.execute(text("SELECT dbdl.kernel_info()")).scalar_one())
+        except DBAPIError as exc:
+            message = _db_message(exc)
+            raise InstallError(
+                f"the database server's Python cannot run the dbdl kernels ({message}). The "
+                "server's python3 must import torch, numpy, safetensors and dbdl_magic: install "
+                "them for the system python3, or start PostgreSQL with PYTHONPATH set to a "
+                "site-packages folder holding them (and to the folder containing dbdl_magic)",
+                detail=str(exc.orig),
+            ) from exc
+        if info.get("kernel_version") != KERNEL_VERSION:
+            raise InstallError(
+                f"the server imports dbdl_magic kernel version {info.get('kernel_version')!r}, "
+                f"the client has {KERNEL_VERSION!r}: install the same dbdl_magic on the server"
+            )
+        return info
+
+    # -- packing --------------------------------------------------------------------------------
+    def column_kinds(self, conn: Connection, table: str) -> dict[str, ColumnKind]:
+        rows = conn.execute(
+            text(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), t.typcategory,"
+                " coalesce(et.typcategory, ''), t.typname"
+                " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+                " LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A'"
+                " WHERE a.attrelid = CAST(:t AS regclass) AND a.attnum > 0"
+                " AND NOT a.attisdropped ORDER BY a.attnum"
+            ),
+            {"t": table},
+        ).all()
+        kinds: dict[str, ColumnKind] = {}
+        for name, dbtype, category, elem_category, typname in rows:
+            if category == "N":
+                is_float = typname in ("float4", "float8", "numeric")
+                kinds[name] = ColumnKind("numeric", dbtype, is_float=is_float)
+            elif category in ("S", "B", "E"):
+                kinds[name] = ColumnKind("categorical", dbtype)
+            elif category == "A" and elem_category == "N":
+                kinds[name] = ColumnKind("array", dbtype)
+            else:
+                kinds[name] = ColumnKind("unsupported", dbtype)
+        return kinds
+
+    def to_float(self, expr: str) -> str:
+        return f"CAST({expr} AS double precision)"
+
+    def nonfinite(self, expr: str) -> str:
+        return (
+            f"(CAST({expr} AS double precision) = ANY(CAST(ARRAY['NaN', 'Infinity', "
+            "'-Infinity'] AS double precision[])))"
+        )
+
+    def row_hash(self, rn: str, seed_param: str) -> str:
+        return f"hashint8extended(CAST({rn} AS bigint), CAST(:{seed_param} AS bigint))"
+
+    def array_stats(self, conn: Connection, table: str, column: str) -> dict[str, Any]:
+        col = self.q(column)
+        r = conn.execute(
+            text(
+                f"SELECT min(cardinality({col})), max(cardinality({col})), max(array_ndims({col})),"
+                f" min(array_ndims({col})), min(array_length({col}, 1)),"
+                f" max(array_length({col}, 1)) FROM {table}"
+            )
+        ).one()
+        m = conn.execute(
+            text(
+                f"SELECT avg(CAST(u.e AS double precision)),"
+                f" stddev_pop(CAST(u.e AS double precision)) FROM {table} AS s,"
+                f" unnest(s.{col}) AS u(e)"
+            )
+        ).one()
+        dims = None
+        if r[2] == 2 and r[3] == 2 and r[4] == r[5] and r[4]:
+            dims = [int(r[4]), int(r[1]) // int(r[4])]
+        return {
+            "min_len": r[0],
+            "max_len": r[1],
+            "dims": dims,
+            "mean": float(m[0] or 0.0),
+            "std": float(m[1] or 0.0),
+        }
+
+    def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
+        return (
+            "(SELECT string_agg(float4send(CAST((CAST(u.e AS double precision) -"
+            f" :{mean_param}) / :{std_param} AS real)), CAST('' AS bytea) ORDER BY u.i)"
+            f" FROM unnest({column}) WITH ORDINALITY AS u(e, i))"
+        )
+
+    def create_packed(
+        self,
+        conn: Connection,
+        packed: str,
+        rows_sql: str,
+        pieces: list[tuple[str, bool]],
+        y_sql: str,
+        y_is_int: bool,
+        rows_per_buffer: int,
+        params: dict[str, Any],
+    ) -> None:
+        conn.execute(
+            text(
+                f"CREATE UNLOGGED TABLE {packed} (split integer NOT NULL,"
+                " buffer_id bigint NOT NULL,"
+                " n integer NOT NULL, x bytea NOT NULL, y bytea NOT NULL, pad text)"
+                " WITH (fillfactor = 10)"
+            )
+        )
+        # Float data does not compress: store it out of line without trying.
+        conn.execute(
+            text(
+                f"ALTER TABLE {packed} ALTER COLUMN x SET STORAGE EXTERNAL,"
+                " ALTER COLUMN y SET STORAGE EXTERNAL"
+            )
+        )
+        row_bytes = " || ".join(
+            f"r.p{i}" if is_bytes else f"float4send(CAST(r.p{i} AS real))"
+            for i, (_, is_bytes) in enumerate(pieces)
+        )
+        y_bytes = "int4send(CAST(r.y AS integer))" if y_is_int else "float4send(CAST(r.y AS real))"
+        conn.execute(
+            text(
+                f"INSERT INTO {packed} (split, buffer_id, n, x, y, pad)"
+                " SELECT r.split, r.ord / :rpb AS buffer_id, count(*),"
+                f" string_agg({row_bytes}, CAST('' AS bytea) ORDER BY r.ord),"
+                f" string_agg({y_bytes}, CAST('' AS bytea) ORDER BY r.ord),"
+                f" repeat(' ', {_PAD_BYTES}) FROM ({rows_sql}) AS r"
+                " GROUP BY r.split, r.ord / :rpb"
+            ),
+            {**params, "rpb": int(rows_per_buffer)},
+        )
+        conn.execute(text(f"ANALYZE {packed}"))
+
+    # -- iterations -----------------------------------------------------------------------------
+    def _parallel_settings(self, conn: Connection, packed: str, workers: int) -> None:
+        workers = int(workers)
+        conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        if workers <= 1:
+            conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+            return
+        for setting in (
+            "parallel_setup_cost = 0",
+            "parallel_tuple_cost = 0",
+            "min_parallel_table_scan_size = 0",
+            f"max_parallel_workers_per_gather = {workers}",
+            "parallel_leader_participation = off",
+        ):
+            conn.execute(text(f"SET LOCAL {setting}"))
+        conn.execute(text(f"ALTER TABLE {packed} SET (parallel_workers = {workers})"))
+
+    def iteration_sql(self, packed: str) -> str:
+        """The aggregate query of one iteration (a SELECT; EXPLAIN-able in tests)."""
+        ck = self.table("checkpoints")
+        return (
+            "SELECT dbdl.train(p.x, p.y, p.buffer_id,"
+            f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
+            "  AND c.iteration = :iteration), :config) AS state"
+            f" FROM {packed} AS p WHERE p.split = 0"
+        )
+
+    def train_iteration(
+        self,
+        conn: Connection,
+        packed: str,
+        key: dict[str, Any],
+        config: dict[str, Any],
+        progress: ProgressSink | None,
+    ) -> None:
+        self._parallel_settings(conn, packed, config.get("parallel", 1))
+        scratch = self.table(f"iter_{uuid.uuid4().hex[:12]}")
+        raw = conn.connection.driver_connection
+        seen: dict[int, int] = {}
+
+        def on_notice(diag: Any) -> None:
+            message = diag.message_primary or ""
+            if progress is None or not message.startswith("dbdl-progress "):
+                return
+            report = json.loads(message[len("dbdl-progress ") :])
+            seen[report["pid"]] = report["samples"]
+            progress(sum(seen.values()))
+
+        raw.add_notice_handler(on_notice)
+        try:
+            conn.execute(
+                text(f"CREATE UNLOGGED TABLE {scratch} AS {self.iteration_sql(packed)}"),
+                {**key, "config": json.dumps(config)},
+            )
+        finally:
+            raw.remove_notice_handler(on_notice)
+        conn.execute(
+            text(
+                f"INSERT INTO {self.table('checkpoints')} (name, version, iteration, state)"
+                f" SELECT :name, :version, :iteration + 1, s.state FROM {scratch} AS s"
+            ),
+            key,
+        )
+        conn.execute(text(f"DROP TABLE {scratch}"))
+
+    def evaluate(
+        self,
+        conn: Connection,
+        packed: str,
+        split: int,
+        key: dict[str, Any],
+        config: dict[str, Any],
+    ) -> dict[str, Any]:
+        ck = self.table("checkpoints")
+        self._parallel_settings(conn, packed, config.get("parallel", 1))
+        out = conn.execute(
+            text(
+                "SELECT dbdl.metrics(dbdl.evaluate(p.x, p.y,"
+                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
+                "  AND c.iteration = :iteration), :config), :config)"
+                f" FROM {packed} AS p WHERE p.split = :split"
+            ),
+            {**key, "config": json.dumps(config), "split": split},
+        ).scalar_one()
+        return json.loads(out)
+
+    def predict_buffer(
+        self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
+    ) -> bytes:
+        ck = self.table("checkpoints")
+        conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        return bytes(
+            conn.execute(
+                text(
+                    f"SELECT dbdl.predict_buffer(:x, c.state, :config) FROM {ck} AS c"
+                    " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration"
+                ),
+                {**key, "x": x, "config": json.dumps(config)},
+            ).scalar_one()
+        )
+
+    def cancel(self, conn: Connection) -> None:
+        raw = conn.connection.driver_connection
+        if raw is not None:
+            raw.cancel()

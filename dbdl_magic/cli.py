@@ -1,0 +1,84 @@
+"""The ``dbdl`` command: ``dbdl demo``, ``dbdl install URL``, ``dbdl models [URL]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DATASETS = ("digits", "breast_cancer")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import api
+    from .datasets import breast_cancer_frame, digits_frame, load_table
+    from .monitor import TextMonitor
+
+    db = api.connect(args.database)
+    frame = digits_frame() if args.dataset == "digits" else breast_cancer_frame()
+    target = "digit" if args.dataset == "digits" else "diagnosis"
+    table = f"demo_{args.dataset}"
+    load_table(db.engine, table, frame)
+    print(f"loaded {len(frame)} rows of scikit-learn's {args.dataset} into table {table!r} "
+          f"of {db.url}")
+    model = api.train(
+        db, f"SELECT * FROM {table}", target=target, name=f"demo_{args.dataset}",
+        model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        validation=0.2, seed=args.seed, callbacks=TextMonitor().callbacks(),
+    )
+    last = model.history.iloc[-1]
+    print(f"model {model.name} v{model.version}: {len(model.history)} iterations, held-out "
+          f"accuracy {last['val_accuracy']:.4f}, F1 {last['val_f1']:.4f}, on {model.device}")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from . import api
+
+    db = api.install(args.url)
+    print(f"dbdl kernels installed in {db.url}; server: {db.info}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import api
+
+    print(api.list_models(args.url).to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbdl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train on a bundled real data set in the embedded SQLite")
+    demo.add_argument("--database", default=None, help="SQLAlchemy URL (default: ./dbdl.db)")
+    demo.add_argument("--dataset", choices=DATASETS, default="digits")
+    demo.add_argument("--model", default="mlp:64")
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    install = sub.add_parser("install", help="install the kernels into a database (idempotent)")
+    install.add_argument("url")
+    install.set_defaults(func=_install)
+    models = sub.add_parser("models", help="list stored models")
+    models.add_argument("url", nargs="?", default=None)
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dbdl`` console script."""
+    args = build_parser().parse_args(argv)
+    from .errors import DbdlError
+
+    try:
+        return args.func(args)
+    except DbdlError as exc:
+        print(f"dbdl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
