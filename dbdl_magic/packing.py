@@ -39,6 +39,7 @@ class PackOptions:
     max_categories: int = 100
     image_shape: list[int] | None = None
     rows_per_buffer: int | None = None
+    n_parameters: int = 0
     batch_size: int = 64
     seed: int = 0
 
@@ -314,14 +315,21 @@ def encode_sql(
     return pieces, y_sql
 
 
-def choose_rows_per_buffer(n_train: int, width: int, batch_size: int) -> int:
-    """Large buffers (≈8 MB) cut per-buffer overhead; ≥ 16 buffers keep workers and shuffling fed.
+def choose_rows_per_buffer(
+    n_train: int, width: int, batch_size: int, n_parameters: int = 0
+) -> int:
+    """Rows per buffer, from the feature count and the model size.
 
+    Large buffers (≈8 MB) cut the per-buffer crossing; ≥ 16 buffers keep parallel workers and
+    shuffling fed; and a buffer holds at least as many bytes as the model's training state
+    (≈ 12 bytes per parameter with Adam), which PostgreSQL passes through every transition.
     Always a multiple of the batch size, so only the last buffer ends with a short batch.
     """
-    by_bytes = TARGET_BUFFER_BYTES // max(4 * width, 1)
+    row_bytes = max(4 * width, 1)
+    by_bytes = TARGET_BUFFER_BYTES // row_bytes
     by_count = math.ceil(n_train / 16)
-    rows = max(batch_size, min(by_bytes, by_count))
+    by_state = math.ceil(12 * n_parameters / row_bytes)
+    rows = max(batch_size, min(by_bytes, by_count), by_state)
     return math.ceil(rows / batch_size) * batch_size
 
 
@@ -369,7 +377,9 @@ def pack(
         "SELECT e.split AS split, row_number() OVER (PARTITION BY e.split ORDER BY e.h, e.rn) - 1"
         f" AS ord, {cols}, e.y AS y FROM ({inner}) AS e"
     )
-    rows = opts.rows_per_buffer or choose_rows_per_buffer(n_train, encoding.width, opts.batch_size)
+    rows = opts.rows_per_buffer or choose_rows_per_buffer(
+        n_train, encoding.width, opts.batch_size, opts.n_parameters
+    )
     if rows < 1:
         raise InputError(f"rows_per_buffer={rows} must be positive")
     backend.create_packed(

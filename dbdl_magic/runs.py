@@ -70,10 +70,9 @@ class TrainingRun:
         stage, vstage, packed_table = self._tables()
         key: dict[str, Any] | None = None
         try:
-            data = self._pack(stage, vstage, packed_table)
+            data = self._pack(spec, stage, vstage, packed_table)
             enc = data.encoding
             config = self._config(spec, enc)
-            _check_spec_fits(spec, enc)
             with backend.engine.begin() as conn:
                 key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
                 store.create_model(
@@ -104,7 +103,8 @@ class TrainingRun:
         return model_from_stored(row, opts.device)
 
     # -- steps ------------------------------------------------------------------------------------
-    def _pack(self, stage: str, vstage: str, packed: str) -> PackedData:
+    def _pack(self, spec: dict[str, Any], stage: str, vstage: str, packed: str) -> PackedData:
+        """Stage, encode and pack in one transaction; the staged copies are dropped after."""
         opts, backend = self.options, self.backend
         pack_opts = PackOptions(
             target=opts.target,
@@ -121,19 +121,15 @@ class TrainingRun:
         with backend.engine.begin() as conn:
             stage_query(backend, conn, self.query, opts.params, stage)
             encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
+            pack_opts.n_parameters = _check_spec_fits(spec, encoding)
             if opts.validation_query:
                 stage_query(backend, conn, opts.validation_query, opts.params, vstage)
                 _check_columns(backend, conn, vstage, encoding)
-            return pack(
-                backend,
-                conn,
-                stage,
-                packed,
-                encoding,
-                n_rows,
-                pack_opts,
-                vstage if opts.validation_query else None,
-            )
+            data = pack(backend, conn, stage, packed, encoding, n_rows, pack_opts,
+                        vstage if opts.validation_query else None)
+            backend.drop_table(conn, stage)
+            backend.drop_table(conn, vstage)
+            return data
 
     def _config(self, spec: dict[str, Any], enc: Encoding) -> dict[str, Any]:
         opts = self.options
@@ -224,9 +220,11 @@ def _spec(model: Any) -> dict[str, Any]:
         raise SpecError(str(exc)) from exc
 
 
-def _check_spec_fits(spec: dict[str, Any], enc: Encoding) -> None:
+def _check_spec_fits(spec: dict[str, Any], enc: Encoding) -> int:
+    """Build the network once to check it fits the data; returns its parameter count."""
     try:
-        build_network(spec, enc.input_shape, enc.target.n_outputs)
+        net = build_network(spec, enc.input_shape, enc.target.n_outputs)
+        return sum(p.numel() for p in net.parameters())
     except KernelSpecError as exc:
         raise SpecError(f"model spec does not fit the data: {exc}") from exc
 
@@ -244,6 +242,9 @@ def _translate(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, DBAPIError):
         detail = str(exc.orig) if exc.orig is not None else str(exc)
+        context = getattr(getattr(exc.orig, "diag", None), "context", None)
+        if context:  # PL/Python puts the kernel's traceback here
+            detail = f"{detail}\n{context}"
         first = detail.strip().splitlines()[0] if detail.strip() else "database error"
         return TrainingError(f"the database failed during training: {first}", detail=detail)
     return exc

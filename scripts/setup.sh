@@ -35,7 +35,14 @@ fi
 
 # --- virtualenv --------------------------------------------------------------------------------
 if [ ! -x .venv/bin/python ]; then
+    # Debian's python3 lacks venv/ensurepip until python3-venv is installed.
+    if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1 && is_root; then
+        log "installing python3-venv"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
     log "creating .venv"
+    rm -rf .venv
     python3 -m venv .venv
 fi
 PYPROJECT_HASH="$(sha256sum pyproject.toml | cut -c1-16)"

@@ -26,7 +26,8 @@ def test_install_is_idempotent_and_checked(pg_db):
 def test_kernels_follow_the_parallel_rules(pg_db):
     with pg_db.engine.connect() as conn:
         agg = conn.execute(text(
-            "SELECT p.proname, a.aggcombinefn::regproc::text, p.proparallel, a.aggtranstype::regtype::text"
+            "SELECT p.proname, a.aggcombinefn::regproc::text, p.proparallel,"
+            " a.aggtranstype::regtype::text"
             " FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid"
             " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dbdl'"
             " ORDER BY 1"
@@ -36,7 +37,10 @@ def test_kernels_follow_the_parallel_rules(pg_db):
             " JOIN pg_namespace n ON n.oid = p.pronamespace"
             " WHERE n.nspname = 'dbdl' AND p.prokind = 'f'"
         )).all()
-    assert [(r[0], r[2], r[3]) for r in agg] == [("evaluate", "s", "bytea"), ("train", "s", "bytea")]
+    assert [(r[0], r[2], r[3]) for r in agg] == [
+        ("evaluate", "s", "bytea"),
+        ("train", "s", "bytea"),
+    ]
     assert all(r[1] != "-" for r in agg)  # both have a combine function
     for name, parallel, source in functions:
         assert parallel == "s", name
@@ -56,7 +60,7 @@ def test_parallel_workers_run_the_combine_path(pg_db, big_digits):
     model = dl.train(pg_db, "SELECT * FROM digits", target="digit", model="mlp:64", epochs=4,
                      batch_size=32, lr=2e-3, parallel=2, seed=0)
     h = model.history
-    n_train = int(round(len(big_digits) * 0.8))
+    n_train = round(len(big_digits) * 0.8)
     assert (h["workers"] == 2).all() and (h["combines"] >= 1).all()
     assert (h["samples"] == n_train).all()  # every row trained once, across both workers
     assert h["val_accuracy"].iloc[-1] > 0.85
