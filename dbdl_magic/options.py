@@ -37,6 +37,12 @@ class TrainOptions:
     parallel: int = 1
     threads: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # early stopping (on when ``patience`` is set) and what Ctrl-C does
+    patience: int | None = None
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+    restore_best: bool = True
+    on_interrupt: str = "raise"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TrainOptions:
@@ -101,6 +107,17 @@ class TrainOptions:
             "max_categories",
             "must be an integer ≥ 1",
         )
+        need(
+            self.on_interrupt in ("raise", "return"),
+            "on_interrupt",
+            "must be 'raise' or 'return' (return the last completed iteration's model)",
+        )
+        need(
+            self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
+            "patience",
+            "must be an integer ≥ 1 (iterations without improvement before stopping)",
+        )
+        need(self.min_delta >= 0, "min_delta", "must be ≥ 0")
         need(
             self.task in ("auto", "classification", "regression"),
             "task",

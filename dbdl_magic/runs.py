@@ -64,11 +64,12 @@ class TrainingRun:
         )
 
     def execute(self) -> DBModel:
-        """Run to completion and return the trained module."""
+        """Run to completion (or early stop / interrupt) and return the trained module."""
         opts, backend = self.options, self.backend
         spec = _spec(opts.model)
         stage, vstage, packed_table = self._tables()
         key: dict[str, Any] | None = None
+        stopper = EarlyStopping(opts) if opts.patience else None
         try:
             data = self._pack(spec, stage, vstage, packed_table)
             enc = data.encoding
@@ -87,9 +88,19 @@ class TrainingRun:
                 store.write_checkpoint(conn, backend, key, 0, initial_state(config))
             self._announce(data, config, key)
             for epoch in range(opts.epochs):
-                self._iteration(data, config, key, epoch)
+                keep = stopper.best_iteration if stopper else -1
+                row = self._iteration(data, config, key, epoch, keep)
+                if stopper is not None and stopper.update(row):
+                    break
+            best = stopper.best_iteration if stopper and opts.restore_best else None
             with backend.engine.begin() as conn:
-                store.set_status(conn, backend, key, "complete", self.history)
+                store.set_status(conn, backend, key, "complete", self.history, model_iteration=best)
+        except KeyboardInterrupt as exc:
+            if key is None:
+                raise
+            self._mark_failed(key, exc)
+            if opts.on_interrupt == "raise":
+                raise
         except BaseException as exc:
             if key is not None:
                 self._mark_failed(key, exc)
@@ -125,8 +136,16 @@ class TrainingRun:
             if opts.validation_query:
                 stage_query(backend, conn, opts.validation_query, opts.params, vstage)
                 _check_columns(backend, conn, vstage, encoding)
-            data = pack(backend, conn, stage, packed, encoding, n_rows, pack_opts,
-                        vstage if opts.validation_query else None)
+            data = pack(
+                backend,
+                conn,
+                stage,
+                packed,
+                encoding,
+                n_rows,
+                pack_opts,
+                vstage if opts.validation_query else None,
+            )
             backend.drop_table(conn, stage)
             backend.drop_table(conn, vstage)
             return data
@@ -171,8 +190,14 @@ class TrainingRun:
         )
 
     def _iteration(
-        self, data: PackedData, config: dict[str, Any], key: dict[str, Any], epoch: int
-    ) -> None:
+        self,
+        data: PackedData,
+        config: dict[str, Any],
+        key: dict[str, Any],
+        epoch: int,
+        keep: int = -1,
+    ) -> dict[str, Any]:
+        """One aggregate query + evaluation, committed with its checkpoint; returns the row."""
         backend = self.backend
         config = {**config, "epoch": epoch}
         started = time.perf_counter()
@@ -203,14 +228,42 @@ class TrainingRun:
             store.set_checkpoint_metrics(conn, backend, key, epoch + 1, row)
             self.history.append(row)
             store.set_status(conn, backend, key, "training", self.history)
-            store.prune_checkpoints(conn, backend, key, epoch + 2 - KEEP_CHECKPOINTS)
+            store.prune_checkpoints(conn, backend, key, epoch + 2 - KEEP_CHECKPOINTS, keep)
         if self.callbacks.on_iteration is not None:
             self.callbacks.on_iteration(row)
+        return row
 
     def _mark_failed(self, key: dict[str, Any], exc: BaseException) -> None:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
             store.set_status(conn, self.backend, key, status, self.history, str(exc)[:2000])
+
+
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` iterations."""
+
+    def __init__(self, opts: TrainOptions) -> None:
+        self.monitor, self.patience, self.min_delta = opts.monitor, opts.patience, opts.min_delta
+        self.maximize = not any(w in self.monitor for w in ("loss", "mse", "mae"))
+        self.best: float | None = None
+        self.best_iteration = -1
+        self.waited = 0
+
+    def update(self, row: dict[str, Any]) -> bool:
+        """Record an iteration's row; True when training should stop."""
+        if self.monitor not in row:
+            metrics = [k for k in row if k.startswith(("val_", "train_"))]
+            raise InputError(
+                f"monitor={self.monitor!r} is not a metric of this run; use one of "
+                f"{', '.join(metrics)}"
+            )
+        value = float(row[self.monitor])
+        sign = 1.0 if self.maximize else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.best_iteration, self.waited = value, int(row["epoch"]), 0
+            return False
+        self.waited += 1
+        return self.waited >= (self.patience or 0)
 
 
 def _spec(model: Any) -> dict[str, Any]:

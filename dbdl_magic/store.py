@@ -60,10 +60,14 @@ def set_status(
     status: str,
     history: list[dict[str, Any]] | None = None,
     error: str | None = None,
+    model_iteration: int | None = None,
 ) -> None:
-    """Update status (and history / error text) of a model version."""
+    """Update status (and history / error text / the checkpoint that is the model)."""
     sets = ["status = :status", "updated_at = CURRENT_TIMESTAMP", "error = :error"]
     params: dict[str, Any] = {**key, "status": status, "error": error}
+    if model_iteration is not None:
+        sets.append("model_iteration = :model_iteration")
+        params["model_iteration"] = model_iteration
     if history is not None:
         sets.append("history = :history")
         params["history"] = json.dumps(history)
@@ -105,15 +109,15 @@ def set_checkpoint_metrics(
 
 
 def prune_checkpoints(
-    conn: Connection, backend: Backend, key: dict[str, Any], keep_from: int
+    conn: Connection, backend: Backend, key: dict[str, Any], keep_from: int, keep: int = -1
 ) -> None:
-    """Delete checkpoints older than ``keep_from`` (the store keeps the recent ones)."""
+    """Delete checkpoints older than ``keep_from``, except iteration ``keep`` (the best)."""
     conn.execute(
         text(
             f"DELETE FROM {backend.table('checkpoints')} WHERE name = :name "
-            "AND version = :version AND iteration < :keep_from"
+            "AND version = :version AND iteration < :keep_from AND iteration <> :keep"
         ),
-        {**key, "keep_from": keep_from},
+        {**key, "keep_from": keep_from, "keep": keep},
     )
 
 
@@ -133,8 +137,8 @@ def read_model(
                 f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
                 f" m.history, m.error, c.iteration, c.state FROM {models} AS m"
                 f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
-                f" AND c.iteration = (SELECT max(c2.iteration) FROM {ck} AS c2"
-                "  WHERE c2.name = m.name AND c2.version = m.version)"
+                f" AND c.iteration = coalesce(m.model_iteration, (SELECT max(c2.iteration)"
+                f"  FROM {ck} AS c2 WHERE c2.name = m.name AND c2.version = m.version))"
                 f" WHERE {where} ORDER BY m.version DESC LIMIT 1"
             ),
             params,

@@ -35,7 +35,7 @@ __all__ = ["PostgresServer", "find_pg_bindir", "server_pythonpath", "unavailable
 #: OS user that runs the server when the tests run as root.
 SERVER_OS_USER = "postgres"
 #: Superuser created by ``initdb`` (trust authentication, no password).
-DB_USER = "dbdl"
+DB_USER = "postgres"  # not "dbdl": "$user" in search_path would resolve to schema dbdl
 STARTUP_TIMEOUT_S = 60.0
 
 _REQUIRED_BINARIES = ("initdb", "postgres", "pg_ctl")

@@ -103,13 +103,16 @@ def make_table(
 ) -> None:
     """Create table ``name`` (any identifier, quoted here) and insert ``rows`` as bound values."""
     q = db.backend.q
+    # The test server's role is named dbdl, so "$user" in PostgreSQL's search_path is the dbdl
+    # schema: user tables go to public explicitly, keeping dbdl for what the library creates.
+    table = f"public.{q(name)}" if is_pg(db) else q(name)
     cols = ", ".join(f"{q(c)} {t}" for c, t in columns)
     marks = ", ".join(f":p{i}" for i in range(len(columns)))
     with db.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {q(name)} ({cols})"))
+        conn.execute(text(f"CREATE TABLE {table} ({cols})"))
         if rows:
             conn.execute(
-                text(f"INSERT INTO {q(name)} VALUES ({marks})"),
+                text(f"INSERT INTO {table} VALUES ({marks})"),
                 [{f"p{i}": v for i, v in enumerate(row)} for row in rows],
             )
 

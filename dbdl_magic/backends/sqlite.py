@@ -41,7 +41,7 @@ def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception as exc:
+        except BaseException as exc:  # KeyboardInterrupt too: sqlite3 would swallow it
             _ERRORS.last = (exc, traceback.format_exc())
             raise
 
@@ -224,7 +224,7 @@ class SQLiteBackend(Backend):
                     " version INTEGER NOT NULL,"
                     " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
                     " options TEXT NOT NULL, query TEXT NOT NULL,"
-                    " history TEXT NOT NULL DEFAULT '[]',"
+                    " history TEXT NOT NULL DEFAULT '[]', model_iteration INTEGER,"
                     " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
                     " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
                     " PRIMARY KEY (name, version))"
@@ -335,6 +335,8 @@ class SQLiteBackend(Backend):
             if last is not None:
                 inner, tb = last
                 _ERRORS.last = None
+                if isinstance(inner, KeyboardInterrupt):
+                    raise KeyboardInterrupt from exc
                 raise TrainingError(f"the SQLite kernel failed: {inner}", detail=tb) from exc
             raise
 

@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS dbdl.models (
     options text NOT NULL,
     query text NOT NULL,
     history text NOT NULL DEFAULT '[]',
+    model_iteration integer,  -- the checkpoint that is the model (NULL: the last one)
     error text,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
