@@ -33,4 +33,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dbdl_magic' has no attribute {name!r}")
 
 
+def load_ipython_extension(shell: Any) -> None:
+    """`%load_ext dbdl_magic`: register the magics and the `df.dl` accessor."""
+    from .magics import load_ipython_extension as load
+
+    load(shell)
+
+
 __all__ = sorted(_API | {"__version__"})

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +61,10 @@ class TrainOptions:
             )
         if "target" not in kwargs or not kwargs["target"]:
             raise InputError("the 'target' option (the label column) is required")
+        if not isinstance(kwargs["target"], str):
+            raise InputError(
+                f"option target={kwargs['target']!r}: must be the label column's name (a string)"
+            )
         options = cls(**kwargs)
         options.validate()
         return options
@@ -67,8 +76,14 @@ class TrainOptions:
             if not ok:
                 raise InputError(f"option {option}={getattr(self, option)!r}: {rule}")
 
+        self._check_types()
+        self.optimizer = self.optimizer.lower()
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer ≥ 1")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "must be a positive number")
+        need(
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+            "lr",
+            "must be a positive number",
+        )
         need(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             "batch_size",
@@ -80,6 +95,9 @@ class TrainOptions:
             f"must be one of {', '.join(OPTIMIZERS)}",
         )
         need(self.momentum >= 0, "momentum", "must be ≥ 0")
+        need(
+            self.weight_decay is None or self.weight_decay >= 0, "weight_decay", "must be ≥ 0"
+        )
         need(
             not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
             "nesterov",
@@ -108,6 +126,21 @@ class TrainOptions:
             "must be an integer ≥ 1",
         )
         need(
+            self.rows_per_buffer is None or self.rows_per_buffer >= 1,
+            "rows_per_buffer",
+            "must be an integer ≥ 1 (or None to choose it from the data)",
+        )
+        need(
+            self.impute in (None, "mean", "zero"),
+            "impute",
+            "must be None, 'mean' or 'zero' (the value that replaces NULL features)",
+        )
+        need(
+            self.features is None or len(self.features) > 0,
+            "features",
+            "must list at least one column (or be None for every column but the target)",
+        )
+        need(
             self.on_interrupt in ("raise", "return"),
             "on_interrupt",
             "must be 'raise' or 'return' (return the last completed iteration's model)",
@@ -126,13 +159,31 @@ class TrainOptions:
         if self.image_shape is not None:
             shape = self.image_shape
             if isinstance(shape, str):
-                shape = [int(s) for s in shape.lower().replace("x", ",").split(",") if s]
+                parts = [s.strip() for s in shape.lower().replace("x", ",").split(",")]
+                need(
+                    all(p.isdigit() for p in parts if p),
+                    "image_shape",
+                    "must be positive sizes, e.g. (8, 8) or '8x8'",
+                )
+                shape = [int(p) for p in parts if p]
             need(
                 all(isinstance(s, int) and s > 0 for s in shape),
                 "image_shape",
                 "must be positive sizes, e.g. (8, 8)",
             )
             self.image_shape = list(shape)
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type naming the option; numpy scalars become Python ones."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "image_shape" and isinstance(value, str):
+                continue  # "8x8", parsed in validate()
+            ok, converted, rule = _conform(value, hints[f.name])
+            if not ok:
+                raise InputError(f"option {f.name}={value!r}: must be {rule}")
+            setattr(self, f.name, converted)
 
     def optimizer_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.optimizer.lower(), "lr": float(self.lr)}
@@ -148,3 +199,49 @@ class TrainOptions:
         data.pop("model")
         data["params"] = {k: repr(v) for k, v in self.params.items()}
         return data
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """``(ok, value converted to plain Python, rule)`` for ``value`` against a type hint."""
+    if hint is Any:
+        return True, value, "anything"
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        rule = " or ".join(_conform(None, a)[2] for a in inner) + " (or None)"
+        if value is None and type(None) in args:
+            return True, None, rule
+        for a in inner:
+            ok, converted, _ = _conform(value, a)
+            if ok:
+                return True, converted, rule
+        return False, value, rule
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        ok = isinstance(value, (bool, getattr(__import__("numpy"), "bool_")))
+        return ok, bool(value) if ok else value, "True or False"
+    if origin is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value, "an integer"
+    if origin is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if origin is str:
+        return isinstance(value, str), value, "a string"
+    if origin is list:
+        item = args[0] if args else Any
+        item_rule = _conform(None, item)[2]
+        rule = f"a list (of {item_rule}s)" if args else "a list"
+        if not isinstance(value, (list, tuple)):
+            return False, value, rule
+        converted = []
+        for v in value:
+            ok, c, _ = _conform(v, item)
+            if not ok:
+                return False, value, rule
+            converted.append(c)
+        return True, converted, rule
+    if origin is dict:
+        ok = isinstance(value, Mapping)
+        return ok, dict(value) if ok else value, "a dict"
+    return True, value, str(hint)

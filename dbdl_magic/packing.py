@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from .backends.base import Backend, ColumnKind
 from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
@@ -57,25 +58,45 @@ class PackedData:
 
 
 def stage_query(
-    backend: Backend, conn: Connection, query: str, params: dict[str, Any], table: str
+    backend: Backend,
+    conn: Connection,
+    query: str,
+    params: dict[str, Any],
+    table: str,
+    what: str = "training query",
 ) -> None:
-    """Materialise ``query`` into ``table`` with a row-number column (runs the query once)."""
-    body = query.strip().rstrip(";")
+    """Materialise ``query`` into ``table`` with a row-number column (runs the query once).
+
+    A query the database cannot run (unknown table, syntax error, missing ``:name`` value) is
+    the user's input: it raises :class:`InputError` with the database's message in ``detail``.
+    """
+    body = query.strip().rstrip(";").strip()
     if not body:
-        raise InputError("the training query is empty")
+        raise InputError(f"the {what} is empty")
     if _is_table_name(body):
         body = f"SELECT * FROM {_quote_dotted(backend, body)}"
-    conn.execute(
-        text(
-            f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.*"
-            f" FROM ({body}) AS src"
-        ),
-        params,
-    )
+    try:
+        conn.execute(
+            text(
+                f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.*"
+                f" FROM ({body}) AS src"
+            ),
+            params,
+        )
+    except DBAPIError as exc:
+        detail = str(exc.orig) if exc.orig is not None else str(exc)
+        first = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+        raise InputError(f"the {what} failed in the database: {first}", detail=detail) from exc
+    except StatementError as exc:  # e.g. a :name placeholder without a value in params
+        cause = exc.orig if exc.orig is not None else exc
+        raise InputError(
+            f"the {what} could not be run: {cause} (pass values with params={{...}})",
+            detail=str(exc),
+        ) from exc
 
 
 def _is_table_name(body: str) -> bool:
-    return " " not in body and "\n" not in body and "(" not in body
+    return not any(ch.isspace() for ch in body) and "(" not in body and ";" not in body
 
 
 def _quote_dotted(backend: Backend, name: str) -> str:

@@ -134,7 +134,9 @@ class TrainingRun:
             encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
             pack_opts.n_parameters = _check_spec_fits(spec, encoding)
             if opts.validation_query:
-                stage_query(backend, conn, opts.validation_query, opts.params, vstage)
+                stage_query(
+                    backend, conn, opts.validation_query, opts.params, vstage, "validation query"
+                )
                 _check_columns(backend, conn, vstage, encoding)
             data = pack(
                 backend,

@@ -1,0 +1,212 @@
+"""IPython magics: ``%dbconnect``, ``%dbinstall``, ``%%dbtrain``, ``%dbmodels``.
+
+Thin by design: parse the line, call :mod:`dbdl_magic.api`, display. Values in the SQL written
+as ``:name`` are bound from the notebook's variables, never pasted into the text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from sqlalchemy.engine import Engine
+from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets.config import Configurable
+
+from . import api
+from .connections import ConnectionRegistry
+from .errors import DbdlError, InputError
+from .monitor import make_monitor
+
+# Same rule as SQLAlchemy's text(): ``:name`` not preceded by ``:`` or a word character.
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+
+# flag dest -> TrainOptions field, for flags that map one to one
+_OPTION_FLAGS = (
+    "target", "model", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay",
+    "validation", "task", "impute", "max_categories", "rows_per_buffer", "seed", "device",
+    "db_device", "parallel", "threads", "patience", "monitor", "min_delta",
+)
+
+
+def bind_parameters(sql: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Values for every ``:name`` in ``sql`` from ``namespace``; a missing one is an error."""
+    names = dict.fromkeys(_BIND.findall(sql))
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise InputError(
+            f"the query uses parameter(s) {', '.join(':' + n for n in missing)} but no such "
+            "variable is defined in the notebook"
+        )
+    return {n: namespace[n] for n in names}
+
+
+@magics_class
+class DbdlMagic(Magics, Configurable):
+    """Train PyTorch models inside the connected database from a notebook."""
+
+    epochs = Int(10, help="Default number of epochs for %%dbtrain.").tag(config=True)
+    model = Unicode("mlp:64,32", help="Default model spec for %%dbtrain.").tag(config=True)
+    refresh = Float(0.5, help="Seconds between live display updates.").tag(config=True)
+    display = Enum(["auto", "widgets", "text", "none"], "auto",
+                   help="Live monitor: widgets in Jupyter, text elsewhere.").tag(config=True)
+    short_errors = Bool(True, help="Show dbdl errors as one line (detail on err.detail)."
+                        ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        Configurable.__init__(self, config=shell.config if shell is not None else None)
+        Magics.__init__(self, shell=shell, **kwargs)
+        self.connections = ConnectionRegistry()
+
+    # -- connections ----------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("target", nargs="?", help="SQLAlchemy URL, a variable holding an Engine, or an alias")
+    @argument("-a", "--alias", help="name this connection")
+    @argument("-l", "--list", action="store_true", help="list connections (passwords hidden)")
+    @argument("-x", "--close", metavar="ALIAS", help="close a named connection")
+    @line_magic
+    def dbconnect(self, line: str) -> Any:
+        """Connect to a database: ``%dbconnect postgresql+psycopg://me@host/db --alias shop``."""
+        args = parse_argstring(self.dbconnect, line)
+        if args.close:
+            self.connections.close(args.close)
+            return None
+        if args.list or not args.target:
+            import pandas as pd
+
+            return pd.DataFrame(self.connections.rows(),
+                                columns=["alias", "url", "backend", "current"])
+        target: Any = args.target
+        if target in self.connections.databases and not args.alias:
+            db = self.connections.use(target)
+        else:
+            value = self.shell.user_ns.get(target) if target.isidentifier() else None
+            if isinstance(value, (Engine, api.Database)):
+                target = value
+            elif target.isidentifier() and "://" not in target:
+                raise InputError(
+                    f"{target!r} is neither a connection URL, a known alias, nor a variable "
+                    "holding an Engine"
+                )
+            db = self.connections.connect(target, alias=args.alias)
+        print(f"dbdl: connected to {db.url} ({db.backend.name}) as "
+              f"{self.connections.current!r}")
+        return None
+
+    @magic_arguments()
+    @argument("target", nargs="?", help="URL or alias (default: the current connection)")
+    @line_magic
+    def dbinstall(self, line: str) -> None:
+        """Install the dbdl kernels into the database (idempotent; superuser on PostgreSQL)."""
+        args = parse_argstring(self.dbinstall, line)
+        if args.target and args.target not in self.connections.databases:
+            db = api.install(args.target)
+        else:
+            db = api.install(self.connections.get(args.target))
+        print(f"dbdl: kernels installed in {db.url}")
+
+    @magic_arguments()
+    @argument("--con", help="connection alias (default: current)")
+    @line_magic
+    def dbmodels(self, line: str) -> Any:
+        """The models stored in the database, as a DataFrame."""
+        args = parse_argstring(self.dbmodels, line)
+        return api.list_models(self.connections.get(args.con))
+
+    # -- training -------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("name", nargs="?", help="model name; also the variable the model is bound to")
+    @argument("-o", "--out", help="variable to bind the model to (default: NAME)")
+    @argument("--target", help="the label column (required)")
+    @argument("--model", help="linear, mlp:64,32, cnn:16,32 or a JSON spec")
+    @argument("--epochs", type=int)
+    @argument("--lr", type=float)
+    @argument("--batch-size", type=int)
+    @argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    @argument("--momentum", type=float)
+    @argument("--nesterov", action="store_true")
+    @argument("--weight-decay", type=float)
+    @argument("--validation", type=float, help="held-out fraction")
+    @argument("--validation-query", help="variable holding a SQL query for validation rows")
+    @argument("--task", choices=["auto", "classification", "regression"])
+    @argument("--features", help="comma-separated feature columns")
+    @argument("--impute", choices=["mean", "zero"])
+    @argument("--max-categories", type=int)
+    @argument("--image-shape", help="e.g. 8x8")
+    @argument("--rows-per-buffer", type=int)
+    @argument("--seed", type=int)
+    @argument("--device", choices=["auto", "cpu", "cuda"])
+    @argument("--db-device", choices=["auto", "cpu", "cuda"])
+    @argument("--parallel", type=int, help="PostgreSQL parallel workers per iteration")
+    @argument("--threads", type=int)
+    @argument("--patience", type=int, help="early stopping patience (iterations)")
+    @argument("--monitor", help="metric for early stopping (default val_loss)")
+    @argument("--min-delta", type=float)
+    @argument("--no-restore-best", action="store_true")
+    @argument("--con", help="connection alias (default: current)")
+    @argument("--display", choices=["auto", "widgets", "text", "none"])
+    @cell_magic
+    def dbtrain(self, line: str, cell: str) -> None:
+        """Train on the rows of the cell's SQL, inside the database; binds the model to NAME."""
+        args = parse_argstring(self.dbtrain, line)
+        if not args.target:
+            raise InputError("%%dbtrain needs --target COLUMN (the label to predict)")
+        options: dict[str, Any] = {"model": self.model, "epochs": self.epochs}
+        for flag in _OPTION_FLAGS:
+            value = getattr(args, flag)
+            if value is not None:
+                options[flag] = value
+        if args.nesterov:
+            options["nesterov"] = True
+        if args.no_restore_best:
+            options["restore_best"] = False
+        if args.features:
+            options["features"] = [f.strip() for f in args.features.split(",") if f.strip()]
+        if args.image_shape:
+            options["image_shape"] = args.image_shape
+        params = bind_parameters(cell, self.shell.user_ns)
+        if args.validation_query:
+            query = self.shell.user_ns.get(args.validation_query, args.validation_query)
+            options["validation_query"] = query
+            params.update(bind_parameters(query, self.shell.user_ns))
+        db = self.connections.get(args.con)
+        if self.connections.current == "default" and args.con is None:
+            print(f"dbdl: no %dbconnect; using the embedded database {db.url}")
+        target_var = args.out or args.name
+        kind = args.display or self.display
+        monitor = None if kind == "none" else make_monitor(kind, refresh=self.refresh,
+                                                           title=args.name or "")
+        try:
+            model = api.train(db, cell, name=args.name, params=params, on_interrupt="return",
+                              callbacks=monitor.callbacks() if monitor else None, **options)
+        except BaseException as exc:
+            if monitor is not None:
+                monitor.fail(exc)
+            raise
+        if monitor is not None:
+            monitor.finish(model)
+        if target_var:
+            self.shell.user_ns[target_var] = model
+
+
+def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any,
+                     tb_offset: int | None = None) -> list[str]:
+    """Show a dbdl error as one line; the full detail stays on ``err.detail``."""
+    hint = " (database detail: sys.last_value.detail)" if getattr(value, "detail", None) else ""
+    stb = [f"{etype.__name__}: {value}{hint}"]
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext dbdl_magic`` (idempotent)."""
+    from . import accessor  # noqa: F401 - registers df.dl
+
+    magics = DbdlMagic(shell)
+    shell.register_magics(magics)
+    shell.configurables = [c for c in getattr(shell, "configurables", [])
+                           if not isinstance(c, DbdlMagic)] + [magics]
+    if magics.short_errors:
+        shell.set_custom_exc((DbdlError,), _short_traceback)
