@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError
 from .kernel.train import OPTIMIZERS
 
@@ -48,6 +50,7 @@ class TrainOptions:
     min_delta: float = 0.0
     restore_best: bool = True
     on_interrupt: str = "raise"
+    resume: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TrainOptions:
@@ -95,9 +98,7 @@ class TrainOptions:
             f"must be one of {', '.join(OPTIMIZERS)}",
         )
         need(self.momentum >= 0, "momentum", "must be ≥ 0")
-        need(
-            self.weight_decay is None or self.weight_decay >= 0, "weight_decay", "must be ≥ 0"
-        )
+        need(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", "must be ≥ 0")
         need(
             not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
             "nesterov",
@@ -200,6 +201,13 @@ class TrainOptions:
         data["params"] = {k: repr(v) for k, v in self.params.items()}
         return data
 
+    #: options that must be the same when a run is resumed (they shape data or updates)
+    RESUME_KEYS = (
+        "target", "features", "task", "validation", "validation_query", "impute",
+        "max_categories", "image_shape", "rows_per_buffer", "seed", "lr", "batch_size",
+        "optimizer", "momentum", "nesterov", "weight_decay", "params",
+    )
+
 
 def _conform(value: Any, hint: Any) -> tuple[bool, Any, str]:
     """``(ok, value converted to plain Python, rule)`` for ``value`` against a type hint."""
@@ -218,7 +226,7 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return False, value, rule
     origin = typing.get_origin(hint) or hint
     if origin is bool:
-        ok = isinstance(value, (bool, getattr(__import__("numpy"), "bool_")))
+        ok = isinstance(value, (bool, np.bool_))
         return ok, bool(value) if ok else value, "True or False"
     if origin is int:
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -230,8 +238,8 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return isinstance(value, str), value, "a string"
     if origin is list:
         item = args[0] if args else Any
-        item_rule = _conform(None, item)[2]
-        rule = f"a list (of {item_rule}s)" if args else "a list"
+        plural = {str: "strings", int: "integers", float: "numbers"}.get(item)
+        rule = f"a list of {plural}" if plural else "a list"
         if not isinstance(value, (list, tuple)):
             return False, value, rule
         converted = []

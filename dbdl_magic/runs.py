@@ -71,23 +71,30 @@ class TrainingRun:
         key: dict[str, Any] | None = None
         stopper = EarlyStopping(opts) if opts.patience else None
         try:
+            resumed = self._resumable(spec) if opts.resume else None
             data = self._pack(spec, stage, vstage, packed_table)
             enc = data.encoding
             config = self._config(spec, enc)
+            stored_options = {**opts.to_json_dict(), "work_token": self.token}
+            first_epoch = 0
             with backend.engine.begin() as conn:
-                key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
-                store.create_model(
-                    conn,
-                    backend,
-                    key,
-                    spec=spec,
-                    encoding=enc.to_json(),
-                    options=opts.to_json_dict(),
-                    query=self.query,
-                )
-                store.write_checkpoint(conn, backend, key, 0, initial_state(config))
+                if resumed is None:
+                    version = store.next_version(conn, backend, self.name)
+                    key = {"name": self.name, "version": version}
+                    store.create_model(conn, backend, key, spec=spec, encoding=enc.to_json(),
+                                       options=stored_options, query=self.query)
+                    store.write_checkpoint(conn, backend, key, 0, initial_state(config))
+                else:
+                    key = {"name": self.name, "version": resumed["version"]}
+                    first_epoch = int(resumed["iteration"])
+                    self.history = list(resumed["history"][:first_epoch])
+                    store.set_status(conn, backend, key, "training", self.history)
+                    store.set_options(conn, backend, key, stored_options)
+            if stopper is not None:
+                for past in self.history:
+                    stopper.update(past)
             self._announce(data, config, key)
-            for epoch in range(opts.epochs):
+            for epoch in range(first_epoch, opts.epochs):
                 keep = stopper.best_iteration if stopper else -1
                 row = self._iteration(data, config, key, epoch, keep)
                 if stopper is not None and stopper.update(row):
@@ -114,6 +121,42 @@ class TrainingRun:
         return model_from_stored(row, opts.device)
 
     # -- steps ------------------------------------------------------------------------------------
+    def _resumable(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The stored run to continue: same name, not complete, same data and update options.
+
+        Work tables a killed client left behind are dropped here.
+        """
+        backend, opts = self.backend, self.options
+        with backend.engine.connect() as conn:
+            try:
+                row = store.read_model(conn, backend, self.name)
+            except InputError as exc:
+                raise InputError(f"resume=True but there is no run named {self.name!r}") from exc
+        if row["status"] == "complete":
+            raise InputError(
+                f"model {self.name!r} version {row['version']} is complete; nothing to resume "
+                "(train again without resume=True for a new version)"
+            )
+        if row["state"] is None:
+            raise InputError(f"model {self.name!r} has no checkpoint to resume from")
+        mine = opts.to_json_dict()
+        different = [k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)]
+        if row["query"] != self.query:
+            different.insert(0, "query")
+        if row["spec"] != spec:
+            different.insert(0, "model")
+        if different:
+            raise InputError(
+                f"cannot resume {self.name!r}: {', '.join(different)} differ(s) from the "
+                "interrupted run; resume with the same query and options"
+            )
+        stale = row["options"].get("work_token")
+        if stale:
+            with backend.engine.begin() as conn:
+                for prefix in ("stage", "vstage", "packed"):
+                    backend.drop_table(conn, backend.table(f"{prefix}_{stale}"))
+        return row
+
     def _pack(self, spec: dict[str, Any], stage: str, vstage: str, packed: str) -> PackedData:
         """Stage, encode and pack in one transaction; the staged copies are dropped after."""
         opts, backend = self.options, self.backend

@@ -83,7 +83,16 @@ def _parse_shorthand(text: str) -> dict[str, Any]:
         act = _ACTIVATIONS.get(flags.pop("act", "relu"))
         if act is None:
             raise SpecError(f"unknown activation in {text!r}; use one of {', '.join(_ACTIVATIONS)}")
-        dropout = float(flags.pop("dropout", 0) or 0)
+        dropout_text = flags.pop("dropout", "0") or "0"
+        try:
+            dropout = float(dropout_text)
+        except ValueError:
+            dropout = -1.0
+        if not 0.0 <= dropout < 1.0:
+            raise SpecError(
+                f"malformed model spec {text!r}: dropout={dropout_text} must be a fraction "
+                "in [0, 1)"
+            )
         bn, ln = flags.pop("bn", None), flags.pop("ln", None)
         _no_flags_left(text, flags)
         layers: list[dict[str, Any]] = []
@@ -118,6 +127,69 @@ def _no_flags_left(text: str, flags: dict[str, str]) -> None:
         raise SpecError(f"malformed model spec {text!r}: unknown option(s) {', '.join(flags)}")
 
 
+# Parameters each layer type takes, and what they must hold (checked before the database sees
+# the spec, so a misspelt or mistyped parameter is named instead of silently ignored).
+_SIZE, _OUT, _SIZES, _NUMBER, _FLAG = "size", "out", "sizes", "number", "flag"
+_POOL = {"kernel_size": _SIZES, "stride": _SIZES, "padding": _SIZES}
+_CONV = {
+    "in_channels": _SIZE,
+    "out_channels": _OUT,
+    "kernel_size": _SIZES,
+    "stride": _SIZES,
+    "padding": _SIZES,
+    "bias": _FLAG,
+}
+_BATCHNORM = {"num_features": _SIZE, "eps": _NUMBER, "momentum": _NUMBER}
+_PARAMETERS: dict[str, dict[str, str]] = {
+    "Linear": {"in_features": _SIZE, "out_features": _OUT, "bias": _FLAG},
+    "Conv1d": _CONV,
+    "Conv2d": _CONV,
+    "BatchNorm1d": _BATCHNORM,
+    "BatchNorm2d": _BATCHNORM,
+    "LayerNorm": {"normalized_shape": _SIZES, "eps": _NUMBER},
+    "LeakyReLU": {"negative_slope": _NUMBER},
+    "ELU": {"alpha": _NUMBER},
+    "Dropout": {"p": _NUMBER},
+    "MaxPool1d": _POOL,
+    "MaxPool2d": _POOL,
+    "AvgPool1d": _POOL,
+    "AvgPool2d": _POOL,
+    "AdaptiveAvgPool1d": {"output_size": _SIZES},
+    "AdaptiveAvgPool2d": {"output_size": _SIZES},
+    **{k: {} for k in ("ReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "Softplus", "Identity")},
+    "Flatten": {},
+}
+_RULES = {
+    _SIZE: "a positive integer",
+    _OUT: "a positive integer or 'out'",
+    _SIZES: "a positive integer or a list of them",
+    _NUMBER: "a number",
+    _FLAG: "true or false",
+}
+
+
+def _valid_value(rule: str, value: Any) -> bool:
+    def size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if value is None:  # sizes inferred from the data; pooling stride defaults; BN momentum
+        return rule != _FLAG
+    if rule == _SIZE:
+        return size(value)
+    if rule == _OUT:
+        return value == "out" or size(value)
+    if rule == _SIZES:
+        if isinstance(value, str):  # Conv padding "same" / "valid"
+            return value in ("same", "valid")
+        items = value if isinstance(value, list) else [value]
+        return bool(items) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items
+        )
+    if rule == _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, bool)
+
+
 def _validate(spec: dict[str, Any]) -> None:
     layers = spec.get("layers")
     if not isinstance(layers, list) or not layers:
@@ -125,11 +197,26 @@ def _validate(spec: dict[str, Any]) -> None:
     for position, layer in enumerate(layers):
         if not isinstance(layer, dict) or "type" not in layer:
             raise SpecError(f"layer {position} of the model spec has no 'type': {layer!r}")
-        if layer["type"] not in LAYERS:
+        kind = layer["type"]
+        if kind not in LAYERS:
             raise SpecError(
-                f"unsupported layer {layer['type']!r} (layer {position}); "
-                f"supported: {', '.join(LAYERS)}"
+                f"unsupported layer {kind!r} (layer {position}); supported: {', '.join(LAYERS)}"
             )
+        allowed = _PARAMETERS.get(kind)
+        if allowed is None:  # a layer type without a parameter table here: the kernel checks
+            continue
+        for key, value in layer.items():
+            if key == "type":
+                continue
+            if key not in allowed:
+                takes = ", ".join(allowed) or "no parameters"
+                raise SpecError(
+                    f"layer {position} ({kind}) has an unknown parameter {key!r}; it takes {takes}"
+                )
+            if not _valid_value(allowed[key], value):
+                raise SpecError(
+                    f"layer {position} ({kind}): {key}={value!r} must be {_RULES[allowed[key]]}"
+                )
 
 
 def _size(value: Any) -> Any:

@@ -80,6 +80,17 @@ def set_status(
     )
 
 
+def set_options(
+    conn: Connection, backend: Backend, key: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """Replace the stored options of a model version (e.g. a resumed run's work token)."""
+    conn.execute(
+        text(f"UPDATE {backend.table('models')} SET options = :options "
+             "WHERE name = :name AND version = :version"),
+        {**key, "options": json.dumps(options, default=str)},
+    )
+
+
 def write_checkpoint(
     conn: Connection, backend: Backend, key: dict[str, Any], iteration: int, state: bytes
 ) -> None:

@@ -35,8 +35,12 @@ class Backend(ABC):
 
     # -- naming -------------------------------------------------------------------------------
     def q(self, identifier: str) -> str:
-        """Quote an identifier with the dialect's preparer (always quoted)."""
-        return self._preparer.quote_identifier(identifier)
+        """Quote an identifier with the dialect's preparer (always quoted).
+
+        Quoted names always go into SQLAlchemy ``text()``, so colons are escaped there: a
+        column named ``a :b`` must not be taken for a bound parameter ``:b``.
+        """
+        return self._preparer.quote_identifier(identifier).replace(":", "\\:")
 
     @abstractmethod
     def table(self, name: str) -> str:

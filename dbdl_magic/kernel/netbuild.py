@@ -137,9 +137,7 @@ def build_network(
             )
         try:
             module = builder(params, shape, n_outputs)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, SpecError):
-                raise
+        except (TypeError, ValueError) as exc:  # SpecError too: say which layer
             raise SpecError(f"layer {position} ({kind}): {exc}") from exc
         modules.append(module)
         shape = _output_shape(module, shape, kind, position)
@@ -159,7 +157,7 @@ def _output_shape(
     try:
         with torch.no_grad():
             out = module(torch.zeros((1, *shape)))
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise SpecError(
             f"layer {position} ({kind}) cannot take input of shape {shape}: {exc}"
         ) from exc
