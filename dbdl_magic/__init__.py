@@ -17,6 +17,7 @@ _API = {
     "load_model",
     "list_models",
     "predict_in_database",
+    "delete_model",
     "Database",
 }
 

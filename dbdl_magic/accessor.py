@@ -32,8 +32,17 @@ class DLAccessor:
             raise AttributeError("df.dl needs a frame with columns")
         self._frame = frame
 
-    def fit(self, target: str, model: Any = "mlp:64,32", epochs: int = 10, con: Any = None,
-            *, name: str | None = None, display: str = "auto", **options: Any) -> Any:
+    def fit(
+        self,
+        target: str,
+        model: Any = "mlp:64,32",
+        epochs: int = 10,
+        con: Any = None,
+        *,
+        name: str | None = None,
+        display: str = "auto",
+        **options: Any,
+    ) -> Any:
         """Train on this frame inside the database ``con`` (default: in-memory SQLite).
 
         Returns the trained module (a :class:`~dbdl_magic.model.DBModel`).
@@ -42,17 +51,26 @@ class DLAccessor:
 
         frame = self._frame
         if target not in frame.columns:
-            raise KeyError(f"target column {target!r} is not in the frame's columns "
-                           f"({', '.join(map(str, frame.columns))})")
+            raise KeyError(
+                f"target column {target!r} is not in the frame's columns "
+                f"({', '.join(map(str, frame.columns))})"
+            )
         db = api.connect(con if con is not None else "sqlite://")
         table = f"dbdl_frame_{uuid.uuid4().hex[:12]}"
         quoted = db.backend.q(table)
         monitor = None if display == "none" else make_monitor(display)
         frame.rename(columns=str).to_sql(table, db.engine, index=False, chunksize=10_000)
         try:
-            trained = api.train(db, f"SELECT * FROM {quoted}", target=target, model=model,
-                                epochs=epochs, name=name,
-                                callbacks=monitor.callbacks() if monitor else None, **options)
+            trained = api.train(
+                db,
+                f"SELECT * FROM {quoted}",
+                target=target,
+                model=model,
+                epochs=epochs,
+                name=name,
+                callbacks=monitor.callbacks() if monitor else None,
+                **options,
+            )
         except BaseException as exc:
             if monitor is not None:
                 monitor.fail(exc)
@@ -67,10 +85,12 @@ class DLAccessor:
     def predict(self, model: Any, proba: bool = False) -> pd.Series | pd.DataFrame:
         """Predictions aligned with ``df.index`` (``proba=True``: one column per class)."""
         if proba:
-            return pd.DataFrame(model.predict_proba(self._frame), index=self._frame.index,
-                                columns=model.classes_)
-        return pd.Series(model.predict(self._frame), index=self._frame.index,
-                         name=model.encoding.target.name)
+            return pd.DataFrame(
+                model.predict_proba(self._frame), index=self._frame.index, columns=model.classes_
+            )
+        return pd.Series(
+            model.predict(self._frame), index=self._frame.index, name=model.encoding.target.name
+        )
 
     def evaluate(self, model: Any) -> dict[str, Any]:
         """Loss and metrics of ``model`` on this frame (which must hold the target column)."""

@@ -113,6 +113,16 @@ def list_models(con: str | Engine | Database | None = None) -> pd.DataFrame:
         return store.list_models(conn, db.backend)
 
 
+def delete_model(con: str | Engine | Database | None, name: str, version: int | None = None) -> int:
+    """Delete a model (all versions, or one) and garbage-collect its unshared weight blocks.
+
+    Returns the number of blocks deleted.
+    """
+    db = connect(con, check=False)
+    with db.engine.begin() as conn:
+        return store.delete_model(conn, db.backend, name, version)
+
+
 def predict_in_database(
     con: str | Engine | Database | None,
     name: str,
@@ -138,6 +148,7 @@ def predict_in_database(
         "target_scale": [model.encoding.target.mean, model.encoding.target.std],
     }
     key = {"name": model.name, "version": model.version, "iteration": model.info["iteration"]}
-    with db.engine.connect() as conn:
+    with db.engine.begin() as conn:
+        store.ensure_hot_state(conn, db.backend, key, key["iteration"])
         out = db.backend.predict_buffer(conn, payload, key, config)
     return np.frombuffer(out, dtype="<f4").reshape(len(frame), -1)

@@ -19,16 +19,28 @@ def _demo(args: argparse.Namespace) -> int:
     target = "digit" if args.dataset == "digits" else "diagnosis"
     table = f"demo_{args.dataset}"
     load_table(db.engine, table, frame)
-    print(f"loaded {len(frame)} rows of scikit-learn's {args.dataset} into table {table!r} "
-          f"of {db.url}")
+    print(
+        f"loaded {len(frame)} rows of scikit-learn's {args.dataset} into table {table!r} "
+        f"of {db.url}"
+    )
     model = api.train(
-        db, f"SELECT * FROM {table}", target=target, name=f"demo_{args.dataset}",
-        model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        validation=0.2, seed=args.seed, callbacks=TextMonitor().callbacks(),
+        db,
+        f"SELECT * FROM {table}",
+        target=target,
+        name=f"demo_{args.dataset}",
+        model=args.model,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        validation=0.2,
+        seed=args.seed,
+        callbacks=TextMonitor().callbacks(),
     )
     last = model.history.iloc[-1]
-    print(f"model {model.name} v{model.version}: {len(model.history)} iterations, held-out "
-          f"accuracy {last['val_accuracy']:.4f}, F1 {last['val_f1']:.4f}, on {model.device}")
+    print(
+        f"model {model.name} v{model.version}: {len(model.history)} iterations, held-out "
+        f"accuracy {last['val_accuracy']:.4f}, F1 {last['val_f1']:.4f}, on {model.device}"
+    )
     return 0
 
 

@@ -17,8 +17,9 @@ class ConnectionRegistry:
     databases: dict[str, api.Database] = field(default_factory=dict)
     current: str | None = None
 
-    def connect(self, target: str | Engine | api.Database, alias: str | None = None
-                ) -> api.Database:
+    def connect(
+        self, target: str | Engine | api.Database, alias: str | None = None
+    ) -> api.Database:
         """Connect (checking the kernels) and make it current under ``alias``."""
         db = api.connect(target)
         name = alias or _default_alias(db)

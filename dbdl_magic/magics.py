@@ -25,9 +25,27 @@ _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 
 # flag dest -> TrainOptions field, for flags that map one to one
 _OPTION_FLAGS = (
-    "target", "model", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay",
-    "validation", "task", "impute", "max_categories", "rows_per_buffer", "seed", "device",
-    "db_device", "parallel", "threads", "patience", "monitor", "min_delta",
+    "target",
+    "model",
+    "epochs",
+    "lr",
+    "batch_size",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "validation",
+    "task",
+    "impute",
+    "max_categories",
+    "rows_per_buffer",
+    "seed",
+    "device",
+    "db_device",
+    "parallel",
+    "threads",
+    "patience",
+    "monitor",
+    "min_delta",
 )
 
 
@@ -50,10 +68,14 @@ class DbdlMagic(Magics, Configurable):
     epochs = Int(10, help="Default number of epochs for %%dbtrain.").tag(config=True)
     model = Unicode("mlp:64,32", help="Default model spec for %%dbtrain.").tag(config=True)
     refresh = Float(0.5, help="Seconds between live display updates.").tag(config=True)
-    display = Enum(["auto", "widgets", "text", "none"], "auto",
-                   help="Live monitor: widgets in Jupyter, text elsewhere.").tag(config=True)
-    short_errors = Bool(True, help="Show dbdl errors as one line (detail on err.detail)."
-                        ).tag(config=True)
+    display = Enum(
+        ["auto", "widgets", "text", "none"],
+        "auto",
+        help="Live monitor: widgets in Jupyter, text elsewhere.",
+    ).tag(config=True)
+    short_errors = Bool(True, help="Show dbdl errors as one line (detail on err.detail).").tag(
+        config=True
+    )
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         Configurable.__init__(self, config=shell.config if shell is not None else None)
@@ -76,8 +98,9 @@ class DbdlMagic(Magics, Configurable):
         if args.list or not args.target:
             import pandas as pd
 
-            return pd.DataFrame(self.connections.rows(),
-                                columns=["alias", "url", "backend", "current"])
+            return pd.DataFrame(
+                self.connections.rows(), columns=["alias", "url", "backend", "current"]
+            )
         target: Any = args.target
         if target in self.connections.databases and not args.alias:
             db = self.connections.use(target)
@@ -91,8 +114,7 @@ class DbdlMagic(Magics, Configurable):
                     "holding an Engine"
                 )
             db = self.connections.connect(target, alias=args.alias)
-        print(f"dbdl: connected to {db.url} ({db.backend.name}) as "
-              f"{self.connections.current!r}")
+        print(f"dbdl: connected to {db.url} ({db.backend.name}) as {self.connections.current!r}")
         return None
 
     @magic_arguments()
@@ -176,11 +198,21 @@ class DbdlMagic(Magics, Configurable):
             print(f"dbdl: no %dbconnect; using the embedded database {db.url}")
         target_var = args.out or args.name
         kind = args.display or self.display
-        monitor = None if kind == "none" else make_monitor(kind, refresh=self.refresh,
-                                                           title=args.name or "")
+        monitor = (
+            None
+            if kind == "none"
+            else make_monitor(kind, refresh=self.refresh, title=args.name or "")
+        )
         try:
-            model = api.train(db, cell, name=args.name, params=params, on_interrupt="return",
-                              callbacks=monitor.callbacks() if monitor else None, **options)
+            model = api.train(
+                db,
+                cell,
+                name=args.name,
+                params=params,
+                on_interrupt="return",
+                callbacks=monitor.callbacks() if monitor else None,
+                **options,
+            )
         except BaseException as exc:
             if monitor is not None:
                 monitor.fail(exc)
@@ -191,8 +223,9 @@ class DbdlMagic(Magics, Configurable):
             self.shell.user_ns[target_var] = model
 
 
-def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any,
-                     tb_offset: int | None = None) -> list[str]:
+def _short_traceback(
+    shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None
+) -> list[str]:
     """Show a dbdl error as one line; the full detail stays on ``err.detail``."""
     hint = " (database detail: sys.last_value.detail)" if getattr(value, "detail", None) else ""
     stb = [f"{etype.__name__}: {value}{hint}"]
@@ -206,7 +239,8 @@ def load_ipython_extension(shell: Any) -> None:
 
     magics = DbdlMagic(shell)
     shell.register_magics(magics)
-    shell.configurables = [c for c in getattr(shell, "configurables", [])
-                           if not isinstance(c, DbdlMagic)] + [magics]
+    shell.configurables = [
+        c for c in getattr(shell, "configurables", []) if not isinstance(c, DbdlMagic)
+    ] + [magics]
     if magics.short_errors:
         shell.set_custom_exc((DbdlError,), _short_traceback)

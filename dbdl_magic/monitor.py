@@ -37,8 +37,10 @@ def format_value(value: Any) -> str:
 def summary_line(model: Any) -> str:
     """One deterministic line: name, status, iterations, final metrics rounded to 3 places."""
     history = model.history
-    parts = [f"dbdl: model {model.name} v{model.version} {model.status}",
-             f"{len(history)} iteration(s)"]
+    parts = [
+        f"dbdl: model {model.name} v{model.version} {model.status}",
+        f"{len(history)} iteration(s)",
+    ]
     if len(history):
         last = history.iloc[-1]
         for column in history.columns:

@@ -51,6 +51,9 @@ class TrainOptions:
     restore_best: bool = True
     on_interrupt: str = "raise"
     resume: bool = False
+    # block store: block size and lossless deltas against the previous checkpoint
+    block_bytes: int = 256 * 1024 - 1024
+    deltas: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TrainOptions:
@@ -203,9 +206,23 @@ class TrainOptions:
 
     #: options that must be the same when a run is resumed (they shape data or updates)
     RESUME_KEYS = (
-        "target", "features", "task", "validation", "validation_query", "impute",
-        "max_categories", "image_shape", "rows_per_buffer", "seed", "lr", "batch_size",
-        "optimizer", "momentum", "nesterov", "weight_decay", "params",
+        "target",
+        "features",
+        "task",
+        "validation",
+        "validation_query",
+        "impute",
+        "max_categories",
+        "image_shape",
+        "rows_per_buffer",
+        "seed",
+        "lr",
+        "batch_size",
+        "optimizer",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "params",
     )
 
 

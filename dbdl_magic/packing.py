@@ -12,6 +12,7 @@ Steps, all inside the database (rows never travel to the client):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +89,13 @@ def stage_query(
         first = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
         raise InputError(f"the {what} failed in the database: {first}", detail=detail) from exc
     except StatementError as exc:  # e.g. a :name placeholder without a value in params
-        cause = exc.orig if exc.orig is not None else exc
+        missing = re.search(r"bind parameter '([^']*)'", str(exc))
+        if missing is None:
+            raise InputError(f"the {what} could not be run: {exc.orig}", detail=str(exc)) from exc
+        name = missing.group(1)
         raise InputError(
-            f"the {what} could not be run: {cause} (pass values with params={{...}})",
+            f"the {what} has a placeholder :{name} but params gives no value for {name!r}; "
+            f"pass params={{{name!r}: ...}} (write \\: for a literal colon)",
             detail=str(exc),
         ) from exc
 
@@ -336,9 +341,7 @@ def encode_sql(
     return pieces, y_sql
 
 
-def choose_rows_per_buffer(
-    n_train: int, width: int, batch_size: int, n_parameters: int = 0
-) -> int:
+def choose_rows_per_buffer(n_train: int, width: int, batch_size: int, n_parameters: int = 0) -> int:
     """Rows per buffer, from the feature count and the model size.
 
     Large buffers (≈8 MB) cut the per-buffer crossing; ≥ 16 buffers keep parallel workers and

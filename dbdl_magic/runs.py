@@ -31,8 +31,6 @@ from .options import TrainOptions
 from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
 from .spec import parse_spec
 
-KEEP_CHECKPOINTS = 2
-
 
 @dataclass
 class Callbacks:
@@ -81,9 +79,17 @@ class TrainingRun:
                 if resumed is None:
                     version = store.next_version(conn, backend, self.name)
                     key = {"name": self.name, "version": version}
-                    store.create_model(conn, backend, key, spec=spec, encoding=enc.to_json(),
-                                       options=stored_options, query=self.query)
+                    store.create_model(
+                        conn,
+                        backend,
+                        key,
+                        spec=spec,
+                        encoding=enc.to_json(),
+                        options=stored_options,
+                        query=self.query,
+                    )
                     store.write_checkpoint(conn, backend, key, 0, initial_state(config))
+                    backend.archive(conn, key, 0, None, opts.block_bytes, opts.deltas)
                 else:
                     key = {"name": self.name, "version": resumed["version"]}
                     first_epoch = int(resumed["iteration"])
@@ -95,13 +101,14 @@ class TrainingRun:
                     stopper.update(past)
             self._announce(data, config, key)
             for epoch in range(first_epoch, opts.epochs):
-                keep = stopper.best_iteration if stopper else -1
-                row = self._iteration(data, config, key, epoch, keep)
+                row = self._iteration(data, config, key, epoch)
                 if stopper is not None and stopper.update(row):
                     break
             best = stopper.best_iteration if stopper and opts.restore_best else None
             with backend.engine.begin() as conn:
                 store.set_status(conn, backend, key, "complete", self.history, model_iteration=best)
+                if best is not None:
+                    store.ensure_hot_state(conn, backend, key, best)
         except KeyboardInterrupt as exc:
             if key is None:
                 raise
@@ -129,7 +136,7 @@ class TrainingRun:
         backend, opts = self.backend, self.options
         with backend.engine.connect() as conn:
             try:
-                row = store.read_model(conn, backend, self.name)
+                row = store.read_model(conn, backend, self.name, with_state=False)
             except InputError as exc:
                 raise InputError(f"resume=True but there is no run named {self.name!r}") from exc
         if row["status"] == "complete":
@@ -137,7 +144,7 @@ class TrainingRun:
                 f"model {self.name!r} version {row['version']} is complete; nothing to resume "
                 "(train again without resume=True for a new version)"
             )
-        if row["state"] is None:
+        if row["iteration"] is None:
             raise InputError(f"model {self.name!r} has no checkpoint to resume from")
         mine = opts.to_json_dict()
         different = [k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)]
@@ -240,7 +247,6 @@ class TrainingRun:
         config: dict[str, Any],
         key: dict[str, Any],
         epoch: int,
-        keep: int = -1,
     ) -> dict[str, Any]:
         """One aggregate query + evaluation, committed with its checkpoint; returns the row."""
         backend = self.backend
@@ -262,6 +268,10 @@ class TrainingRun:
             metrics.pop("n", None)
             for name, value in metrics.items():
                 row[f"{prefix}{name}"] = value
+            stored = backend.archive(
+                conn, key, epoch + 1, epoch, self.options.block_bytes, self.options.deltas
+            )
+            store.clear_hot_states(conn, backend, key, below=epoch + 1)
             row.update(
                 seconds=time.perf_counter() - started,
                 train_seconds=trained,
@@ -269,11 +279,11 @@ class TrainingRun:
                 workers=info.get("workers", 1),
                 combines=info["combines"],
                 db_device=info.get("device"),
+                stored_bytes=stored["new_bytes"],
             )
             store.set_checkpoint_metrics(conn, backend, key, epoch + 1, row)
             self.history.append(row)
             store.set_status(conn, backend, key, "training", self.history)
-            store.prune_checkpoints(conn, backend, key, epoch + 2 - KEEP_CHECKPOINTS, keep)
         if self.callbacks.on_iteration is not None:
             self.callbacks.on_iteration(row)
         return row

@@ -85,8 +85,10 @@ def set_options(
 ) -> None:
     """Replace the stored options of a model version (e.g. a resumed run's work token)."""
     conn.execute(
-        text(f"UPDATE {backend.table('models')} SET options = :options "
-             "WHERE name = :name AND version = :version"),
+        text(
+            f"UPDATE {backend.table('models')} SET options = :options "
+            "WHERE name = :name AND version = :version"
+        ),
         {**key, "options": json.dumps(options, default=str)},
     )
 
@@ -119,23 +121,69 @@ def set_checkpoint_metrics(
     )
 
 
-def prune_checkpoints(
-    conn: Connection, backend: Backend, key: dict[str, Any], keep_from: int, keep: int = -1
-) -> None:
-    """Delete checkpoints older than ``keep_from``, except iteration ``keep`` (the best)."""
+def clear_hot_states(conn: Connection, backend: Backend, key: dict[str, Any], below: int) -> None:
+    """Drop the hot copies of checkpoints before ``below``; their blocks keep them."""
     conn.execute(
         text(
-            f"DELETE FROM {backend.table('checkpoints')} WHERE name = :name "
-            "AND version = :version AND iteration < :keep_from AND iteration <> :keep"
+            f"UPDATE {backend.table('checkpoints')} SET state = NULL WHERE name = :name "
+            "AND version = :version AND iteration < :below AND state IS NOT NULL"
         ),
-        {**key, "keep_from": keep_from, "keep": keep},
+        {**key, "below": below},
     )
 
 
+def ensure_hot_state(
+    conn: Connection, backend: Backend, key: dict[str, Any], iteration: int
+) -> None:
+    """Make sure checkpoint ``iteration`` has its hot copy (rebuilt from blocks if needed)."""
+    missing = conn.execute(
+        text(
+            f"SELECT count(*) FROM {backend.table('checkpoints')} WHERE name = :name AND "
+            "version = :version AND iteration = :iteration AND state IS NULL"
+        ),
+        {**key, "iteration": iteration},
+    ).scalar_one()
+    if missing:
+        backend.materialize(conn, key, iteration)
+
+
+def delete_model(conn: Connection, backend: Backend, name: str, version: int | None) -> int:
+    """Delete versions of a model, releasing their blocks; returns the blocks collected."""
+    params: dict[str, Any] = {"name": name}
+    where = "name = :name" + (" AND version = :version" if version is not None else "")
+    if version is not None:
+        params["version"] = int(version)
+    versions = [
+        r[0]
+        for r in conn.execute(
+            text(f"SELECT version FROM {backend.table('models')} WHERE {where}"), params
+        )
+    ]
+    if not versions:
+        raise InputError(f"no model {name!r}" + (f" version {version}" if version else ""))
+    collected = 0
+    for v in versions:
+        key = {"name": name, "version": v}
+        collected += backend.release(conn, key)
+        for table in ("checkpoints", "models"):
+            conn.execute(
+                text(
+                    f"DELETE FROM {backend.table(table)} WHERE name = :name AND version = :version"
+                ),
+                key,
+            )
+    return collected
+
+
 def read_model(
-    conn: Connection, backend: Backend, name: str, version: int | None = None
+    conn: Connection,
+    backend: Backend,
+    name: str,
+    version: int | None = None,
+    with_state: bool = True,
 ) -> dict[str, Any]:
-    """The model row (latest version when ``version`` is None) plus its last checkpoint."""
+    """The model row (latest version when ``version`` is None) plus the state of its model
+    checkpoint, reassembled from verified blocks (``with_state``)."""
     models, ck = backend.table("models"), backend.table("checkpoints")
     params: dict[str, Any] = {"name": name}
     where = "m.name = :name"
@@ -146,7 +194,7 @@ def read_model(
         conn.execute(
             text(
                 f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
-                f" m.history, m.error, c.iteration, c.state FROM {models} AS m"
+                f" m.history, m.error, c.iteration FROM {models} AS m"
                 f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
                 f" AND c.iteration = coalesce(m.model_iteration, (SELECT max(c2.iteration)"
                 f"  FROM {ck} AS c2 WHERE c2.name = m.name AND c2.version = m.version))"
@@ -163,8 +211,10 @@ def read_model(
     out = dict(row)
     for field in ("spec", "encoding", "options", "history"):
         out[field] = json.loads(out[field])
-    if out["state"] is not None:
-        out["state"] = bytes(out["state"])
+    out["state"] = None
+    if with_state and out["iteration"] is not None:
+        key = {"name": out["name"], "version": out["version"]}
+        out["state"] = backend.load_state(conn, key, int(out["iteration"]))
     return out
 
 
@@ -176,13 +226,28 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
             text(
                 f"SELECT m.name, m.version, m.status, m.created_at, m.updated_at,"
                 f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
-                f" AS checkpoints FROM {models} AS m ORDER BY m.name, m.version"
+                f" AS checkpoints, (SELECT sum(c.logical_bytes) FROM {ck} AS c"
+                "  WHERE c.name = m.name AND c.version = m.version) AS logical_bytes,"
+                f" (SELECT sum(length(b.data)) FROM {backend.table('blocks')} AS b WHERE b.hash IN"
+                f"  (SELECT cb.hash FROM {backend.table('checkpoint_blocks')} AS cb"
+                "   WHERE cb.name = m.name AND cb.version = m.version)) AS stored_bytes"
+                f" FROM {models} AS m ORDER BY m.name, m.version"
             )
         )
         .mappings()
         .all()
     )
-    return pd.DataFrame(
-        [dict(r) for r in rows],
-        columns=["name", "version", "status", "created_at", "updated_at", "checkpoints"],
-    )
+    columns = [
+        "name",
+        "version",
+        "status",
+        "created_at",
+        "updated_at",
+        "checkpoints",
+        "logical_bytes",
+        "stored_bytes",
+    ]
+    frame = pd.DataFrame([dict(r) for r in rows], columns=columns)
+    for column in ("logical_bytes", "stored_bytes"):
+        frame[column] = frame[column].fillna(0).astype("int64")
+    return frame

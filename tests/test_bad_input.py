@@ -24,6 +24,7 @@ from torch import nn
 
 import dbdl_magic as dl
 from dbdl_magic.api import Database
+from dbdl_magic.backends.postgres import install_sql
 from dbdl_magic.errors import DbdlError, InputError, InstallError, SpecError, TrainingError
 from dbdl_magic.runs import Callbacks
 
@@ -38,7 +39,7 @@ WORK_PREFIXES = (
     "vstage_",
     "packed_",
 )
-STORE_TABLES = ("models", "checkpoints", "meta")
+_STORE_TABLES: dict[str, frozenset[str]] = {}
 VICTIM = "victim"
 
 BASE_COLUMNS = [
@@ -49,19 +50,86 @@ BASE_COLUMNS = [
 ]
 
 
+# -- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared_pg(pg_server: PostgresServer) -> Iterator[Database]:
+    """One PostgreSQL database with the kernels installed, for this module's tests."""
+    db = dl.install(pg_server.create_database(f"dbdl_bad_input_{os.getpid()}"))
+    yield db
+    db.engine.dispose()
+
+
+@pytest.fixture
+def pg_db(shared_pg: Database) -> Database:
+    """Overrides conftest's ``pg_db`` (and so ``db``): the shared database, emptied first.
+
+    A fresh database per test costs a server connection that imports torch (seconds); here the
+    pooled connection keeps it. Emptying drops every user table and work table and truncates
+    the model store, so each test starts as on a fresh install.
+    """
+    db = shared_pg
+    with db.engine.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT schemaname, tablename FROM pg_tables WHERE schemaname NOT IN"
+                " ('pg_catalog', 'information_schema')"
+            )
+        ).all()
+        store = store_tables(db)
+        for schema, name in rows:
+            if schema != "dbdl" or name not in store:
+                conn.execute(
+                    text(
+                        f"DROP TABLE IF EXISTS {db.backend.q(schema)}.{db.backend.q(name)} CASCADE"
+                    )
+                )
+        owned = ", ".join(f"dbdl.{db.backend.q(n)}" for n in sorted(store - {"meta"}))
+        conn.execute(text(f"TRUNCATE {owned} CASCADE"))
+    assert work_tables(db) == [] and model_rows(db).empty
+    return db
+
+
 # -- helpers ----------------------------------------------------------------------------------
 def is_pg(db: Database) -> bool:
     """Whether ``db`` is the PostgreSQL backend."""
     return db.backend.name == "postgresql"
 
 
+def store_tables(db: Database) -> frozenset[str]:
+    """Names of the model store's tables (models, checkpoints, meta, ...), as installed.
+
+    PostgreSQL: the tables the install script creates in schema ``dbdl``; SQLite: the
+    ``dbdl_*`` tables of a freshly installed in-memory database.
+    """
+    name = db.backend.name
+    if name not in _STORE_TABLES:
+        if is_pg(db):
+            found = re.findall(
+                r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+dbdl\.(\w+)", install_sql()
+            )
+        else:
+            fresh = dl.install("sqlite://")
+            with fresh.engine.connect() as conn:
+                found = [
+                    r[0]
+                    for r in conn.execute(
+                        text("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    )
+                ]
+            fresh.engine.dispose()
+        _STORE_TABLES[name] = frozenset(found)
+        assert {"models", "checkpoints", "meta"} <= {n.removeprefix("dbdl_") for n in found}
+    return _STORE_TABLES[name]
+
+
 def work_tables(db: Database) -> list[str]:
     """Work tables left in ``db``: anything dbdl creates for a run besides its model store.
 
-    SQLite: tables in ``sqlite_master`` named ``dbdl_*`` other than the store, or with a work
-    prefix. PostgreSQL: tables in schema ``dbdl`` other than models/checkpoints/meta, plus
-    work-prefixed tables in any other user schema.
+    SQLite: tables in ``sqlite_master`` named ``dbdl_*`` other than the store's, or with a work
+    prefix. PostgreSQL: tables in schema ``dbdl`` other than the store's (models, checkpoints,
+    meta, ...), plus work-prefixed tables in any other user schema.
     """
+    store = store_tables(db)
     with db.engine.connect() as conn:
         if is_pg(db):
             rows = conn.execute(
@@ -73,7 +141,7 @@ def work_tables(db: Database) -> list[str]:
             return sorted(
                 f"{schema}.{name}"
                 for schema, name in rows
-                if (schema == "dbdl" and name not in STORE_TABLES)
+                if (schema == "dbdl" and name not in store)
                 or (schema != "dbdl" and name.startswith(WORK_PREFIXES))
             )
         names = [
@@ -82,7 +150,6 @@ def work_tables(db: Database) -> list[str]:
                 text("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
             )
         ]
-    store = {f"dbdl_{t}" for t in STORE_TABLES}
     return sorted(
         n
         for n in names
@@ -451,8 +518,8 @@ def test_column_names_with_colons_and_percent(db: Database) -> None:
         ("y :label", "integer"),
     ]
     rows = [(i * 0.1, float(i % 3), float(i % 4), i % 2) for i in range(30)]
-    make_table(db, "t :x", columns, rows)
-    model = dl.train(db, "t :x", target="y :label", model="linear", epochs=1)
+    make_table(db, "t:x", columns, rows)
+    model = dl.train(db, "t:x", target="y :label", model="linear", epochs=1)
     assert model.encoding.feature_names() == ["ratio :a", ":b", "100%"]
     frame = pd.DataFrame({"ratio :a": [0.1], ":b": [2.0], "100%": [3.0]})
     assert len(model.predict(frame)) == 1
@@ -522,7 +589,9 @@ def test_bound_parameters(db: Database) -> None:
 def test_missing_bound_parameter(db: Database) -> None:
     """A ``:name`` placeholder without a value in ``params`` names the parameter."""
     make_base(db)
-    expect_failure(db, InputError, ["lo"], "SELECT * FROM t WHERE x1 > :lo")
+    exc = expect_failure(db, InputError, ["'lo'", "params"], "SELECT * FROM t WHERE x1 > :lo")
+    assert "sqlalche.me" not in str(exc)
+    expect_failure(db, InputError, ["'lo'"], "SELECT * FROM t WHERE x1 > :lo", params={"hi": 1})
 
 
 # -- options ----------------------------------------------------------------------------------

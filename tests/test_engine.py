@@ -62,9 +62,10 @@ def test_digits_train_end_to_end(db, digits):
     # the database's own predict kernel agrees with the client module
     in_db = dl.predict_in_database(db, model.name, digits.head(50))
     assert np.allclose(in_db, proba[:50], atol=1e-5)
-    # work tables are gone, checkpoints pruned, status complete
+    # status complete; every iteration (and the initial model) is a stored checkpoint
     listing = dl.list_models(db)
-    assert listing.loc[0, "status"] == "complete" and listing.loc[0, "checkpoints"] == 2
+    assert listing.loc[0, "status"] == "complete" and listing.loc[0, "checkpoints"] == 9
+    assert 0 < listing.loc[0, "stored_bytes"] < listing.loc[0, "logical_bytes"]
 
 
 def test_packing_encodes_like_the_client(db):

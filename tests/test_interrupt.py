@@ -58,12 +58,13 @@ def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
             assert active == 0
             leftovers = conn.execute(text(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'dbdl' "
-                "AND tablename NOT IN ('models', 'checkpoints', 'meta')")).scalar_one()
+                "AND tablename NOT IN ('models', 'checkpoints', 'meta', 'blocks', "
+                "'checkpoint_blocks')")).scalar_one()
         else:
             leftovers = conn.execute(text(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE "
                 "'dbdl\\_%' ESCAPE '\\' AND name NOT IN ('dbdl_models', 'dbdl_checkpoints', "
-                "'dbdl_meta')")).scalar_one()
+                "'dbdl_meta', 'dbdl_blocks', 'dbdl_checkpoint_blocks')")).scalar_one()
         assert leftovers == 0
 
 

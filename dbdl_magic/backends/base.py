@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+from ..kernel.blockstore import Archiver, Run
+
 ProgressSink = Callable[[int], None]
 
 
@@ -37,10 +39,13 @@ class Backend(ABC):
     def q(self, identifier: str) -> str:
         """Quote an identifier with the dialect's preparer (always quoted).
 
-        Quoted names always go into SQLAlchemy ``text()``, so colons are escaped there: a
-        column named ``a :b`` must not be taken for a bound parameter ``:b``.
+        Quoted names always go into SQLAlchemy ``text()``, which escapes ``%`` for the driver
+        itself (the preparer's ``quote_identifier`` would double it a second time) and reads
+        ``:name`` as a bound parameter, so colons are escaped: a column ``a :b`` stays a name.
         """
-        return self._preparer.quote_identifier(identifier).replace(":", "\\:")
+        p = self._preparer
+        body = identifier.replace(p.escape_quote, p.escape_to_quote)
+        return f"{p.initial_quote}{body}{p.final_quote}".replace(":", "\\:")
 
     @abstractmethod
     def table(self, name: str) -> str:
@@ -129,6 +134,46 @@ class Backend(ABC):
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
         """Run the predict kernel in the database on one packed feature buffer."""
+
+    # -- block store -----------------------------------------------------------------------------
+    @abstractmethod
+    def runner(self, conn: Connection) -> Run:
+        """``run(sql, params)`` with ``$1``-style placeholders on ``conn`` (client side)."""
+
+    def store_tables(self) -> dict[str, str]:
+        return {t: self.table(t) for t in ("blocks", "checkpoint_blocks", "checkpoints")}
+
+    def archive(
+        self,
+        conn: Connection,
+        key: dict[str, Any],
+        iteration: int,
+        parent: int | None,
+        block_bytes: int,
+        deltas: bool,
+    ) -> dict[str, Any]:
+        """Store a checkpoint's state as blocks, inside the database."""
+        return Archiver(self.runner(conn), self.store_tables(), block_bytes, deltas).archive(
+            key["name"], key["version"], iteration, parent
+        )
+
+    def materialize(self, conn: Connection, key: dict[str, Any], iteration: int) -> None:
+        """Rebuild a checkpoint's hot state (``checkpoints.state``) from its blocks."""
+        Archiver(self.runner(conn), self.store_tables()).materialize(
+            key["name"], key["version"], iteration
+        )
+
+    def release(self, conn: Connection, key: dict[str, Any], iteration: int | None = None) -> int:
+        """Drop block references of a version (or one checkpoint); garbage-collect blocks."""
+        return Archiver(self.runner(conn), self.store_tables()).release(
+            key["name"], key["version"], iteration
+        )
+
+    def load_state(self, conn: Connection, key: dict[str, Any], iteration: int) -> bytes:
+        """A checkpoint's state reassembled from verified blocks (read by the client)."""
+        return Archiver(self.runner(conn), self.store_tables()).load(
+            key["name"], key["version"], iteration
+        )
 
     # -- helpers shared by the dialects ---------------------------------------------------------
     def state_info(self, conn: Connection, key: dict[str, Any]) -> dict[str, Any]:

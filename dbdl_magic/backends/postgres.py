@@ -10,6 +10,7 @@ temporary tables, so packed data lives in ordinary UNLOGGED tables.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -21,9 +22,11 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import InstallError
 from ..kernel import KERNEL_VERSION
+from ..kernel.blockstore import Run
 from .base import Backend, ColumnKind, ProgressSink
 
 SCHEMA = "dbdl"
+_DOLLAR = re.compile(r"\$(\d+)")
 # One packed buffer per heap page (fillfactor + padding), so a parallel scan hands buffers to
 # workers one by one instead of giving every buffer on the first page to one worker.
 _PAD_BYTES = 1000
@@ -339,6 +342,54 @@ class PostgresBackend(Backend):
                     " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration"
                 ),
                 {**key, "x": x, "config": json.dumps(config)},
+            ).scalar_one()
+        )
+
+    def runner(self, conn: Connection) -> Run:
+        def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
+            values = {f"p{i + 1}": v for i, v in enumerate(params)}
+            statement = _DOLLAR.sub(r"%(p\1)s", sql.replace("%", "%%"))
+            result = conn.exec_driver_sql(statement, values)
+            return [tuple(r) for r in result] if result.returns_rows else []
+
+        return run
+
+    # The server-side routines keep state bytes inside the database.
+    def archive(
+        self,
+        conn: Connection,
+        key: dict[str, Any],
+        iteration: int,
+        parent: int | None,
+        block_bytes: int,
+        deltas: bool,
+    ) -> dict[str, Any]:
+        out = conn.execute(
+            text(
+                "SELECT dbdl.archive_checkpoint(:name, :version, :iteration, :parent,"
+                " :block_bytes, :deltas)"
+            ),
+            {
+                **key,
+                "iteration": iteration,
+                "parent": parent,
+                "block_bytes": block_bytes,
+                "deltas": deltas,
+            },
+        ).scalar_one()
+        return json.loads(out)
+
+    def materialize(self, conn: Connection, key: dict[str, Any], iteration: int) -> None:
+        conn.execute(
+            text("SELECT dbdl.materialize_checkpoint(:name, :version, :iteration)"),
+            {**key, "iteration": iteration},
+        )
+
+    def release(self, conn: Connection, key: dict[str, Any], iteration: int | None = None) -> int:
+        return int(
+            conn.execute(
+                text("SELECT dbdl.release_blocks(:name, :version, :iteration)"),
+                {**key, "iteration": iteration},
             ).scalar_one()
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import threading
 import traceback
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import TrainingError
 from ..kernel import KERNEL_VERSION
+from ..kernel.blockstore import Run
 from ..kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
 from ..kernel.plpython import kernel_info
 from ..kernel.predict import predict_buffer
@@ -28,6 +30,7 @@ from ..kernel.train import Trainer, mix_seed
 from .base import Backend, ColumnKind, ProgressSink
 
 PAGE_SIZE = 65536
+_DOLLAR = re.compile(r"\$(\d+)")
 
 # run id -> progress sink, set by the backend around an iteration
 _PROGRESS: dict[str, ProgressSink] = {}
@@ -233,11 +236,34 @@ class SQLiteBackend(Backend):
             conn.execute(
                 text(
                     f"CREATE TABLE IF NOT EXISTS {checkpoints} (name TEXT NOT NULL,"
-                    " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB NOT NULL,"
+                    " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB,"
+                    " logical_bytes INTEGER, new_bytes INTEGER,"
                     " metrics TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
                     " PRIMARY KEY (name, version, iteration),"
                     f" FOREIGN KEY (name, version) REFERENCES {models} (name, version)"
                     " ON DELETE CASCADE)"
+                )
+            )
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {self.table('blocks')} (hash BLOB PRIMARY KEY,"
+                    " dtype TEXT NOT NULL, encoding INTEGER NOT NULL, base BLOB,"
+                    " data BLOB NOT NULL,"
+                    " raw_size INTEGER NOT NULL, refs INTEGER NOT NULL DEFAULT 0)"
+                )
+            )
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {self.table('checkpoint_blocks')} ("
+                    " name TEXT NOT NULL, version INTEGER NOT NULL, iteration INTEGER NOT NULL,"
+                    " ord INTEGER NOT NULL, label TEXT NOT NULL, hash BLOB NOT NULL,"
+                    " PRIMARY KEY (name, version, iteration, ord))"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE INDEX IF NOT EXISTS dbdl_checkpoint_blocks_hash ON"
+                    f" {self.table('checkpoint_blocks')} (hash)"
                 )
             )
             conn.execute(
@@ -396,6 +422,13 @@ class SQLiteBackend(Backend):
             " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration",
             {**key, "x": x, "config": json.dumps(config)},
         ).scalar_one()
+
+    def runner(self, conn: Connection) -> Run:
+        def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
+            result = conn.exec_driver_sql(_DOLLAR.sub(r"?\1", sql), tuple(params))
+            return [tuple(r) for r in result] if result.returns_rows else []
+
+        return run
 
     def cancel(self, conn: Connection) -> None:
         raw = conn.connection.driver_connection

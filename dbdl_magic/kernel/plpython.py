@@ -128,3 +128,71 @@ def kernel_info() -> str:
             "cpus": os.cpu_count(),
         }
     )
+
+
+# -- storage routines (SPI; called only from PARALLEL UNSAFE functions, never in parallel plans)
+PG_TABLES = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints")}
+
+
+def _pg_type(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytea"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    return "text"
+
+
+def spi_runner(plpy: Any, GD: dict[str, Any]) -> Callable[[str, Any], list[tuple[Any, ...]]]:
+    """``run(sql, params)`` over SPI with cached prepared plans (``$1`` placeholders)."""
+    plans = GD.setdefault("dbdl_plans", {})
+
+    def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
+        params = list(params)
+        types = [_pg_type(p) for p in params]
+        key = (sql, tuple(types))
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = plpy.prepare(sql, types)
+        result = plpy.execute(plan, params)
+        try:
+            cols = result.colnames()
+        except Exception:  # a command without a result set
+            return []
+        if not cols:
+            return []
+        return [tuple(row[c] for c in cols) for row in result]
+
+    return run
+
+
+def _archiver(plpy: Any, GD: dict[str, Any], **kwargs: Any) -> Any:
+    from .blockstore import Archiver
+
+    return Archiver(spi_runner(plpy, GD), PG_TABLES, **kwargs)
+
+
+def archive(
+    plpy: Any,
+    GD: dict[str, Any],
+    name: str,
+    version: int,
+    iteration: int,
+    parent: int | None,
+    block_bytes: int,
+    deltas: bool,
+) -> str:
+    """Store a checkpoint as content-addressed blocks; JSON byte counts."""
+    archiver = _archiver(plpy, GD, block_bytes=block_bytes, deltas=deltas)
+    return json.dumps(archiver.archive(name, version, iteration, parent))
+
+
+def materialize(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: int) -> None:
+    """Rebuild a checkpoint's hot state from its blocks."""
+    _archiver(plpy, GD).materialize(name, version, iteration)
+
+
+def release(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: int | None) -> int:
+    """Drop block references of a model version (or one checkpoint) and collect garbage."""
+    return _archiver(plpy, GD).release(name, version, iteration)

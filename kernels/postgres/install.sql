@@ -101,7 +101,9 @@ CREATE TABLE IF NOT EXISTS dbdl.checkpoints (
     name text NOT NULL,
     version integer NOT NULL,
     iteration integer NOT NULL,
-    state bytea NOT NULL,
+    state bytea,              -- hot copy (the latest and the model's checkpoint); blocks hold all
+    logical_bytes bigint,
+    new_bytes bigint,         -- bytes this checkpoint added to the block store
     metrics text,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, version, iteration),
@@ -109,8 +111,54 @@ CREATE TABLE IF NOT EXISTS dbdl.checkpoints (
 );
 ALTER TABLE dbdl.checkpoints ALTER COLUMN state SET STORAGE EXTERNAL;
 
+-- Content-addressed weight blocks (see dbdl_magic/kernel/blockstore.py).
+CREATE TABLE IF NOT EXISTS dbdl.blocks (
+    hash bytea PRIMARY KEY,     -- BLAKE2b-256 over dtype tag + raw bytes
+    dtype text NOT NULL,
+    encoding smallint NOT NULL, -- 0 raw, 1 delta (XOR + zstd) against block "base"
+    base bytea,
+    data bytea NOT NULL,
+    raw_size integer NOT NULL,
+    refs integer NOT NULL DEFAULT 0
+);
+ALTER TABLE dbdl.blocks ALTER COLUMN data SET STORAGE EXTERNAL;
+
+CREATE TABLE IF NOT EXISTS dbdl.checkpoint_blocks (
+    name text NOT NULL,
+    version integer NOT NULL,
+    iteration integer NOT NULL,
+    ord integer NOT NULL,
+    label text NOT NULL,
+    hash bytea NOT NULL,
+    PRIMARY KEY (name, version, iteration, ord)
+);
+CREATE INDEX IF NOT EXISTS checkpoint_blocks_hash ON dbdl.checkpoint_blocks (hash);
+
+-- Storage routines: they use SPI, so they are PARALLEL UNSAFE and only ever called on their own.
+CREATE OR REPLACE FUNCTION dbdl.archive_checkpoint(
+    name text, version integer, iteration integer, parent integer, block_bytes integer,
+    deltas boolean)
+RETURNS text LANGUAGE plpython3u PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.archive(plpy, GD, name, version, iteration, parent, block_bytes, deltas)
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.materialize_checkpoint(
+    name text, version integer, iteration integer)
+RETURNS void LANGUAGE plpython3u PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+plpython.materialize(plpy, GD, name, version, iteration)
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.release_blocks(name text, version integer, iteration integer)
+RETURNS integer LANGUAGE plpython3u PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.release(plpy, GD, name, version, iteration)
+$$;
+
 GRANT USAGE, CREATE ON SCHEMA dbdl TO PUBLIC;
-GRANT SELECT, INSERT, UPDATE, DELETE ON dbdl.models, dbdl.checkpoints TO PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dbdl.models, dbdl.checkpoints, dbdl.blocks,
+    dbdl.checkpoint_blocks TO PUBLIC;
 GRANT SELECT ON dbdl.meta TO PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dbdl TO PUBLIC;
 

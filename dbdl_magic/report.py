@@ -1,0 +1,191 @@
+"""The static summary of a training run: loss and metric curves plus a per-iteration table.
+
+:class:`TrainingReport` renders as HTML (summary line, embedded PNG, metrics table) and as text
+(the deterministic :func:`~dbdl_magic.monitor.summary_line`). Figures are drawn with
+:class:`matplotlib.figure.Figure` on an Agg canvas, so pyplot's global state is never touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from functools import cached_property
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+
+from .monitor import summary_line
+
+RED = "#c62828"
+_LOSS_LIKE = {"loss", "mse", "mae", "rmse"}
+
+
+def short_error(error: BaseException | str) -> str:
+    """One line naming an error: ``TypeName: first line of the message`` (at most 300 chars)."""
+    if isinstance(error, str):
+        text = error
+    else:
+        message = str(error).strip()
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else "unknown error"
+    return first if len(first) <= 300 else first[:299] + "…"
+
+
+def metric_columns(history: pd.DataFrame) -> list[str]:
+    """The ``train_*`` / ``val_*`` metric columns of a history, in order (no timings)."""
+    return [
+        str(c)
+        for c in history.columns
+        if str(c).startswith(("train_", "val_")) and str(c) != "train_seconds"
+    ]
+
+
+def _table_columns(history: pd.DataFrame) -> list[str]:
+    columns = [c for c in ("epoch",) if c in history.columns] + metric_columns(history)
+    return columns + (["seconds"] if "seconds" in history.columns else [])
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def metrics_table_html(history: pd.DataFrame) -> str:
+    """An HTML table with one row per iteration: epoch, metrics, seconds (4 decimal places)."""
+    columns = _table_columns(history)
+    style = "padding:2px 8px;text-align:right;border-bottom:1px solid #ddd"
+    head = "".join(f'<th style="{style}">{html.escape(c)}</th>' for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f'<td style="{style}">{_cell(v)}</td>' for v in row) + "</tr>"
+        for row in history[columns].astype(object).itertuples(index=False)
+    )
+    return (
+        '<table class="dbdl-metrics" style="border-collapse:collapse;font-family:monospace;'
+        f'font-size:12px"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
+def _panels(history: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(loss columns, score columns): scores are accuracy/F1/R²…, else MSE/MAE."""
+    metrics = metric_columns(history)
+    losses = [c for c in metrics if c.endswith("_loss")]
+    rest = [c for c in metrics if c not in losses]
+    scores = [c for c in rest if c.split("_", 1)[1] not in _LOSS_LIKE]
+    return losses, scores or rest
+
+
+def curves_png(history: pd.DataFrame, title: str, alert: bool = False) -> bytes:
+    """Two panels (loss curves; metric curves) per epoch as PNG bytes; red title on ``alert``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 3), dpi=90, layout="constrained")
+    FigureCanvasAgg(fig)
+    x = history["epoch"] if "epoch" in history.columns else pd.Series(range(1, len(history) + 1))
+    axes = fig.subplots(1, 2)
+    for ax, columns, label in zip(axes, _panels(history), ("loss", "metric"), strict=True):
+        for column in columns:
+            y = pd.to_numeric(history[column], errors="coerce")
+            ax.plot(x, y, marker="o", markersize=3, label=column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if columns:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title, color=RED if alert else "black", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+class TrainingReport:
+    """A static summary of a run, from a model or from a history plus name/version/status.
+
+    ``TrainingReport(model)`` or ``TrainingReport(history=df, name=..., version=...,
+    status="failed", error=exc)``. In a notebook it shows the summary line, the curves and the
+    metrics table (red when the run was interrupted or failed); its text form is the summary
+    line only, which holds no timings, so it is stable across runs.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        history: pd.DataFrame | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        status: str | None = None,
+        error: BaseException | str | None = None,
+    ) -> None:
+        history = history if history is not None else getattr(model, "history", None)
+        self.history = history if history is not None else pd.DataFrame()
+        self.name = name if name is not None else str(getattr(model, "name", "model"))
+        self.version = version if version is not None else getattr(model, "version", None)
+        self.status = status or getattr(model, "status", None) or "complete"
+        if error is None and self.status == "failed":
+            error = (getattr(model, "info", None) or {}).get("error")
+        self.error = short_error(error) if error is not None else None
+
+    @property
+    def alert(self) -> bool:
+        """True when the run did not complete (interrupted or failed): shown in red."""
+        return self.status != "complete"
+
+    @property
+    def summary(self) -> str:
+        """:func:`~dbdl_magic.monitor.summary_line`, plus the error of a failed run."""
+        line = summary_line(
+            SimpleNamespace(
+                name=self.name, version=self.version, status=self.status, history=self.history
+            )
+        )
+        return f"{line} | {self.error}" if self.error else line
+
+    @cached_property
+    def _png(self) -> bytes:
+        return curves_png(self.history, f"{self.name} v{self.version}: {self.status}", self.alert)
+
+    def png(self) -> bytes:
+        """Loss and metric curves per epoch as PNG bytes."""
+        return self._png
+
+    def html_table(self) -> str:
+        """The metrics table: one row per iteration, values to 4 decimal places."""
+        return metrics_table_html(self.history)
+
+    def _repr_html_(self) -> str:
+        color = RED if self.alert else "#2e7d32"
+        parts = [
+            f'<div style="font-weight:bold;color:{color if self.alert else "inherit"}">'
+            f"{html.escape(self.summary)}</div>"
+        ]
+        if len(self.history):
+            encoded = base64.b64encode(self.png()).decode("ascii")
+            alt = html.escape(f"training curves of {self.name}", quote=True)
+            parts.append(f'<img src="data:image/png;base64,{encoded}" alt="{alt}"/>')
+            parts.append(self.html_table())
+        return (
+            f'<div class="dbdl-report" style="border-left:4px solid {color};padding-left:8px">'
+            + "".join(parts)
+            + "</div>"
+        )
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        # The PNG travels inside text/html; no image/png entry of its own.
+        return {"text/plain": self.summary, "text/html": self._repr_html_()}
+
+    def __repr__(self) -> str:
+        return self.summary
+
+
+__all__ = ["TrainingReport", "curves_png", "metric_columns", "metrics_table_html", "short_error"]

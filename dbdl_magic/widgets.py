@@ -1,0 +1,171 @@
+"""The live Jupyter monitor: one display, updated in place, replaced by a static report.
+
+While the run goes on the display shows a header, a progress bar (moving within an iteration),
+elapsed/ETA, loss and metric curves and a metrics table that grows one row per iteration. When
+the run ends the same display becomes a :class:`~dbdl_magic.report.TrainingReport`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+from IPython.display import DisplayHandle, display
+
+from .report import TrainingReport, curves_png, metrics_table_html
+from .runs import Callbacks
+
+
+def _hms(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _LiveView:
+    """Displays the live widget with a short text/plain (the widget repr is noise in text)."""
+
+    def __init__(self, widget: widgets.Widget, text: str) -> None:
+        self.widget, self.text = widget, text
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {**self.widget._repr_mimebundle_(**kwargs), "text/plain": self.text}
+
+
+class WidgetMonitor:
+    """A :class:`~dbdl_magic.monitor.Monitor` drawn with ipywidgets.
+
+    ``refresh`` bounds the update rate: in-iteration progress at most every ``refresh`` seconds,
+    the curves at most once per iteration and every ``max(refresh, 1)`` seconds (the last
+    iteration is always drawn). ``title`` overrides the model name in the header.
+    """
+
+    clock = staticmethod(time.monotonic)  # seconds; replaceable in tests
+
+    def __init__(self, refresh: float = 0.5, title: str = "") -> None:
+        self.refresh = refresh
+        self.title = title
+        self.info: dict[str, Any] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.header = widgets.HTML()
+        self.progress = widgets.FloatProgress(
+            value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="50%")
+        )
+        self.label = widgets.HTML()
+        self.image = widgets.Image(format="png", layout=widgets.Layout(display="none"))
+        self.table = widgets.HTML()
+        self._bar = widgets.HBox([self.progress, self.label])
+        self.widget = widgets.VBox([self.header, self._bar, self.image, self.table])
+        self.handle: DisplayHandle | None = None
+        self.displayed = False
+        self._started = self.clock()
+        self._last_progress = float("-inf")
+        self._last_png = float("-inf")
+
+    # -- Monitor protocol -------------------------------------------------------------------------
+    def callbacks(self) -> Callbacks:
+        return Callbacks(
+            on_start=self.on_start, on_iteration=self.on_iteration, on_progress=self.on_progress
+        )
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        """Show the live view with the run's facts (the keys of ``TrainingRun._announce``)."""
+        self.info = dict(info)
+        self._started = self.clock()
+        i = {k: html.escape(str(v)) for k, v in info.items()}
+        name = html.escape(self.title or str(info.get("name", "")))
+        self.header.value = (
+            f"<b>training {name} v{i.get('version', '?')}</b> in {i.get('database', '?')} "
+            f"({i.get('backend', '?')}, {i.get('workers', 1)} worker(s), kernels on "
+            f"{i.get('device', '?')}): {i.get('rows', '?')} training rows, "
+            f"{i.get('validation_rows', 0)} validation rows, {i.get('parameters', '?')} parameters"
+        )
+        self._set_progress(0.0)
+        if not self.displayed:
+            text = f"dbdl: training {self.title or info.get('name', '')} v{info.get('version')}"
+            self.handle = display(_LiveView(self.widget, text), display_id=True)
+            self.displayed = True
+
+    def on_progress(self, done: int, total: int) -> None:
+        """In-iteration progress, at most every ``refresh`` seconds."""
+        now = self.clock()
+        if total <= 0 or now - self._last_progress < self.refresh:
+            return
+        self._last_progress = now
+        self._set_progress((self.epochs_done + min(done / total, 1.0)) / self.epochs)
+
+    def on_iteration(self, row: dict[str, Any]) -> None:
+        """One more table row; the curves when the redraw interval allows (always at the end)."""
+        self.rows.append(dict(row))
+        history = pd.DataFrame(self.rows)
+        self._set_progress(self.epochs_done / self.epochs)
+        self.table.value = metrics_table_html(history)
+        now = self.clock()
+        if now - self._last_png >= max(self.refresh, 1.0) or self.epochs_done >= self.epochs:
+            self._last_png = now
+            title = f"{self.title or self.info.get('name', '')}: training"
+            self.image.value = curves_png(history, title)
+            self.image.layout.display = None
+
+    def finish(self, model: Any) -> None:
+        """Replace the live view by the model's :class:`TrainingReport`."""
+        self._replace(TrainingReport(model))
+
+    def fail(self, error: BaseException) -> None:
+        """Replace the live view (if shown) by a red summary naming ``error``."""
+        if not self.displayed:
+            return  # failed before training started; the caller shows the exception
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        report = TrainingReport(
+            history=pd.DataFrame(self.rows),
+            name=str(self.info.get("name", self.title or "model")),
+            version=self.info.get("version"),
+            status=status,
+            error=error,
+        )
+        self._replace(report)
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return max(int(self.info.get("epochs") or 1), 1)
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.rows[-1]["epoch"]) if self.rows else 0
+
+    @property
+    def progress_value(self) -> float:
+        """The progress bar's position, 0 … 1 (``progress.max``)."""
+        return float(self.progress.value)
+
+    @property
+    def display_id(self) -> str | None:
+        return self.handle.display_id if self.handle is not None else None
+
+    def _set_progress(self, fraction: float) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        self.progress.value = fraction
+        elapsed = self.clock() - self._started
+        eta = f" · ETA {_hms(elapsed * (1 - fraction) / fraction)}" if fraction > 0 else ""
+        self.label.value = (
+            f"&nbsp;{self.epochs_done}/{self.epochs} iterations · {100 * fraction:.0f}% · "
+            f"{_hms(elapsed)} elapsed{eta}"
+        )
+
+    def _replace(self, report: TrainingReport) -> None:
+        """Swap the live view for ``report`` in the same output, then release the widgets."""
+        if self.handle is not None:
+            self.handle.update(report)
+        else:
+            self.handle = display(report, display_id=True)
+            self.displayed = True
+        for w in (self.header, self.progress, self.label, self.image, self.table, self._bar):
+            w.close()
+        self.widget.close()
+
+
+__all__ = ["WidgetMonitor"]
