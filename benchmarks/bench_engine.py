@@ -79,6 +79,7 @@ class Mode:
     e2e_epochs: int
     parallel_epochs: int
     parallel_models: list[str] = field(default_factory=list)
+    quiet: float = 5.0  # seconds to wait at most for an idle machine before a measurement
 
 
 QUICK = Mode(
@@ -89,6 +90,7 @@ QUICK = Mode(
     e2e_epochs=1,
     parallel_epochs=3,
     parallel_models=[SMALL_MODEL],
+    quiet=3.0,
 )
 FULL = Mode(
     "full",
@@ -98,6 +100,7 @@ FULL = Mode(
     e2e_epochs=1,
     parallel_epochs=5,
     parallel_models=[SMALL_MODEL, LARGE_MODEL],
+    quiet=60.0,
 )
 
 
@@ -304,27 +307,60 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def ratio_run(backend: str, url: str, model: str, epochs: int, data: tuple) -> dict[str, Any]:
-    """One database run whose every epoch is followed by one plain epoch (alternating)."""
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of the machine's CPU time spent busy over ``seconds`` (from /proc/stat)."""
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    total0, idle0 = snapshot()
+    time.sleep(seconds)
+    total1, idle1 = snapshot()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most ``max_wait`` s) until other processes leave the CPUs mostly idle.
+
+    The machine is shared; a measurement that starts while others compute is slowed by them
+    (torch's OpenMP threads spin on busy cores). Returns the last busy fraction seen.
+    """
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
+def ratio_run(
+    backend: str, url: str, model: str, epochs: int, data: tuple, quiet: float
+) -> dict[str, Any]:
+    """One database run whose every epoch is followed by one plain epoch (alternating).
+
+    Before each database epoch the run waits up to ``quiet`` seconds for an idle machine.
+    """
     plain = PlainLoop(model, data)
     plain_train: list[float] = []
     plain_eval: list[float] = []
     plain_acc: list[float] = []
+    busy = [wait_quiet(quiet)]
 
     def after_db_epoch(_row: dict[str, Any]) -> None:
         plain_train.append(plain.epoch())
         accuracy, seconds = plain.evaluate()
         plain_eval.append(seconds)
         plain_acc.append(accuracy)
+        if len(plain_train) < epochs:
+            busy.append(wait_quiet(quiet))
 
-    started = time.perf_counter()
     trained = dl.train(
         url,
         f"SELECT * FROM {TABLE}",
         callbacks=Callbacks(on_iteration=after_db_epoch),
         **train_options(model, epochs),
     )
-    wall = time.perf_counter() - started
     history = trained.history
     db_train = history["train_seconds"].tolist()
     db_full = history["seconds"].tolist()
@@ -344,9 +380,11 @@ def ratio_run(backend: str, url: str, model: str, epochs: int, data: tuple) -> d
         "plain_train_med": median(plain_train[1:]),
         "plain_full_med": median(plain_full[1:]),
         "paired_train": median([a / b for a, b in zip(db_train[1:], plain_train[1:], strict=True)]),
+        "min_ratio": min(db_train[1:]) / min(plain_train[1:]),
+        "busy_before": busy,
+        "contended": sum(b > 0.25 for b in busy[1:]),
         "db_acc": float(history["val_accuracy"].iloc[-1]),
         "plain_acc": plain_acc[-1],
-        "setup_seconds": wall - sum(db_full) - sum(plain_full),
     }
     row["ratio_train"] = row["db_train_med"] / row["plain_train_med"]
     row["ratio_full"] = row["db_seconds_med"] / row["plain_full_med"]
@@ -365,7 +403,7 @@ def bench_ratio(mode: Mode, targets: Targets, data: tuple) -> list[dict[str, Any
         if i % 2:
             backends.reverse()  # alternate which backend goes first
         for backend, url in backends:
-            rows.append(ratio_run(backend, url, model, mode.epochs[model], data))
+            rows.append(ratio_run(backend, url, model, mode.epochs[model], data, mode.quiet))
     return rows
 
 
@@ -464,6 +502,7 @@ def bench_parallel(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             options = train_options(
                 model, mode.parallel_epochs, parallel=parallel, threads=max(threads, 1)
             )
+            wait_quiet(mode.quiet)
             trained = dl.train(targets.pg_url, f"SELECT * FROM {TABLE}", **options)
             history = trained.history
             result = {
@@ -547,7 +586,9 @@ def render(mode: Mode, facts: dict[str, str], results: dict[str, list[dict[str, 
             " one plain epoch. *train* = the aggregate query (`train_seconds`) vs a plain epoch;"
             " *iteration* = the whole iteration incl. evaluation (`seconds`) vs a plain epoch +"
             " a plain evaluation of the same validation rows. *paired* = median of per-epoch"
-            f" ratios. Target: ratio ≤ {TARGET_RATIO:.2f}.",
+            " ratios; *min* = fastest database epoch ÷ fastest plain epoch (least disturbed by"
+            " other processes on this shared machine). *busy* = epochs that started while"
+            f" others kept the CPUs > 25% busy. Target: ratio ≤ {TARGET_RATIO:.2f}.",
             "",
             table(
                 [
@@ -558,10 +599,12 @@ def render(mode: Mode, facts: dict[str, str], results: dict[str, list[dict[str, 
                     "db train s",
                     "ratio train",
                     "paired",
+                    "min",
                     "plain+eval s",
                     "db iteration s",
                     "ratio iteration",
                     "target met",
+                    "busy",
                     "val acc db / plain",
                 ],
                 [
@@ -573,10 +616,12 @@ def render(mode: Mode, facts: dict[str, str], results: dict[str, list[dict[str, 
                         f"{r['db_train_med']:.3f}",
                         f"**{r['ratio_train']:.3f}**",
                         f"{r['paired_train']:.3f}",
+                        f"{r['min_ratio']:.3f}",
                         f"{r['plain_full_med']:.3f}",
                         f"{r['db_seconds_med']:.3f}",
                         f"**{r['ratio_full']:.3f}**",
                         _met(r["ratio_train"], r["ratio_full"]),
+                        f"{r['contended']}/{r['epochs'] - 1}",
                         f"{r['db_acc']:.4f} / {r['plain_acc']:.4f}",
                     ]
                     for r in results["ratio"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import types
@@ -61,9 +62,13 @@ class TrainOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
+            hints = [
+                f"{u!r} (did you mean {close[0]!r}?)" if close else repr(u)
+                for u in unknown
+                for close in [difflib.get_close_matches(u, names, n=1)]
+            ]
             raise InputError(
-                f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: "
-                f"{', '.join(sorted(names))}"
+                f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(names))}"
             )
         if "target" not in kwargs or not kwargs["target"]:
             raise InputError("the 'target' option (the label column) is required")

@@ -100,6 +100,27 @@ def stage_query(
         ) from exc
 
 
+def check_staged_names(backend: Backend, names: list[str], what: str = "query") -> None:
+    """Refuse duplicate column names (PostgreSQL refuses them when staging).
+
+    SQLite stages a second column ``y`` as ``y:1`` without a word, which would make a copy of
+    the label a feature; ``__dbdl_rn`` is the staging row number.
+    """
+    dupes: set[str] = set()
+    if backend.name == "sqlite":
+        for name in names:
+            renamed = re.fullmatch(r"(.*):\d+", name)
+            if renamed and renamed.group(1) in names:
+                dupes.add(renamed.group(1))
+    if RN in dupes:
+        raise InputError(f"the column name {RN!r} is reserved by dbdl; rename it in the {what}")
+    if dupes:
+        raise InputError(
+            f"the {what} returns more than one column named "
+            f"{', '.join(map(repr, sorted(dupes)))}; give each column its own name with AS"
+        )
+
+
 def _is_table_name(body: str) -> bool:
     return not any(ch.isspace() for ch in body) and "(" not in body and ";" not in body
 
@@ -113,6 +134,7 @@ def infer_encoding(
 ) -> tuple[Encoding, int]:
     """Column kinds and statistics → :class:`Encoding`; returns it with the row count."""
     kinds = backend.column_kinds(conn, stage)
+    check_staged_names(backend, list(kinds), "training query")
     kinds.pop(RN, None)
     where = f"in the query's columns ({', '.join(kinds)})"
     if opts.target not in kinds:
@@ -234,6 +256,21 @@ def _feature(
             )
         return Feature(name, CATEGORICAL, categories=values)
     stats = backend.array_stats(conn, stage, name)
+    if stats.get("bad_blobs"):
+        raise InputError(
+            f"array column {name!r} has {stats['bad_blobs']} value(s) that are not float32 "
+            "arrays (blob sizes must be a multiple of 4 bytes)"
+        )
+    if stats.get("null_values"):
+        raise InputError(
+            f"array column {name!r} has {stats['null_values']} NULL element(s) inside its "
+            "arrays; fill them in the query"
+        )
+    nonfinite = stats.get("nonfinite") or 0
+    if nonfinite or not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"])):
+        raise InputError(
+            f"array column {name!r} has {nonfinite or 'some'} NaN or infinite value(s)"
+        )
     if stats["min_len"] is None or stats["min_len"] != stats["max_len"]:
         raise InputError(
             f"array column {name!r} must hold arrays of one fixed size; found sizes "

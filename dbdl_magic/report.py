@@ -86,10 +86,11 @@ def curves_png(history: pd.DataFrame, title: str, alert: bool = False) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9, 3), dpi=90, layout="constrained")
+    fig = Figure(figsize=(9, 3), dpi=90)  # fixed margins: a layout engine costs 2x the time
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.86, wspace=0.22)
     x = history["epoch"] if "epoch" in history.columns else pd.Series(range(1, len(history) + 1))
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, 2, sharex=True)
     for ax, columns, label in zip(axes, _panels(history), ("loss", "metric"), strict=True):
         for column in columns:
             y = pd.to_numeric(history[column], errors="coerce")

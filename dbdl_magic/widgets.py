@@ -39,8 +39,9 @@ class WidgetMonitor:
     """A :class:`~dbdl_magic.monitor.Monitor` drawn with ipywidgets.
 
     ``refresh`` bounds the update rate: in-iteration progress at most every ``refresh`` seconds,
-    the curves at most once per iteration and every ``max(refresh, 1)`` seconds (the last
-    iteration is always drawn). ``title`` overrides the model name in the header.
+    the curves at most once per iteration and every ``max(refresh, 1)`` seconds, or five times
+    as long as the last drawing took (the last iteration is always drawn). ``title`` overrides
+    the model name in the header.
     """
 
     clock = staticmethod(time.monotonic)  # seconds; replaceable in tests
@@ -64,6 +65,7 @@ class WidgetMonitor:
         self._started = self.clock()
         self._last_progress = float("-inf")
         self._last_png = float("-inf")
+        self._png_seconds = 0.0
 
     # -- Monitor protocol -------------------------------------------------------------------------
     def callbacks(self) -> Callbacks:
@@ -104,11 +106,13 @@ class WidgetMonitor:
         self._set_progress(self.epochs_done / self.epochs)
         self.table.value = metrics_table_html(history)
         now = self.clock()
-        if now - self._last_png >= max(self.refresh, 1.0) or self.epochs_done >= self.epochs:
+        interval = max(self.refresh, 1.0, 5 * self._png_seconds)  # drawing costs <= ~20%
+        if now - self._last_png >= interval or self.epochs_done >= self.epochs:
             self._last_png = now
             title = f"{self.title or self.info.get('name', '')}: training"
             self.image.value = curves_png(history, title)
             self.image.layout.display = None
+            self._png_seconds = self.clock() - now
 
     def finish(self, model: Any) -> None:
         """Replace the live view by the model's :class:`TrainingReport`."""
@@ -163,8 +167,12 @@ class WidgetMonitor:
         else:
             self.handle = display(report, display_id=True)
             self.displayed = True
+        self.image.value = b""  # nbclient keeps closed widgets' last state in the notebook
         for w in (self.header, self.progress, self.label, self.image, self.table, self._bar):
-            w.close()
+            for model in (w, w.layout, getattr(w, "style", None)):
+                if model is not None:
+                    model.close()
+        self.widget.layout.close()
         self.widget.close()
 
 

@@ -289,6 +289,26 @@ def test_query_syntax_error(db: Database) -> None:
     assert exc.detail and "syntax error" in exc.detail
 
 
+def test_duplicate_column_names(db: Database) -> None:
+    """Two result columns with one name are refused (SQLite would silently rename one)."""
+    make_base(db)
+    expect_failure(db, InputError, ["dup"], "SELECT x1 AS dup, x2 AS dup, y FROM t")
+    # a second copy of the label must not become a feature
+    expect_failure(db, InputError, ["y"], "SELECT x1, y, y FROM t")
+
+
+def test_reserved_column_name(db: Database) -> None:
+    """The staging row-number column's name cannot be used by the query."""
+    make_base(db)
+    expect_failure(db, InputError, ["__dbdl_rn"], "SELECT x1 AS __dbdl_rn, x2, y FROM t")
+
+
+def test_validation_leaves_no_training_rows(db: Database) -> None:
+    """A validation fraction that takes every row is refused naming the option."""
+    make_base(db)
+    expect_failure(db, InputError, ["validation", "no training rows"], validation=0.99)
+
+
 # -- NULLs, NaN and infinities ----------------------------------------------------------------
 def test_null_feature_names_column_and_count(db: Database) -> None:
     """NULLs in a feature: the message names the column and how many, and suggests impute."""
@@ -330,6 +350,10 @@ def test_impute_mean_trains_and_predicts_nan(db: Database) -> None:
     assert len(labels) == 3 and set(labels) <= {0, 1}
     proba = model.predict_proba(frame)
     assert proba.shape == (3, 2) and np.isfinite(proba).all()
+    with pytest.raises(InputError, match="'x2'"):
+        model.predict(frame.drop(columns=["x2"]))
+    with pytest.raises(InputError, match="'x1'"):
+        model.predict(frame.assign(x1=["a", "b", "c"]))
     assert work_tables(db) == []
     rows = model_rows(db)
     assert list(rows["name"]) == ["imp"] and list(rows["status"]) == ["complete"]
@@ -396,6 +420,72 @@ def test_infinite_regression_target(db: Database) -> None:
     execute(db, f"UPDATE t SET v = {inf} WHERE x = 4")
     exc = expect_failure(db, InputError, ["'v'", "NaN or infinite"], target="v", task="regression")
     assert mentions_count(str(exc), 1), str(exc)
+
+
+# -- array columns ----------------------------------------------------------------------------
+FLATTEN_SPEC = {"layers": [{"type": "Flatten"}, {"type": "Linear"}]}
+
+
+def make_arrays(db: Database, values: list[Any]) -> None:
+    """Table ``a(v, y)``: ``v`` a float array (PostgreSQL) or float32 blob (SQLite)."""
+    if is_pg(db):
+        columns = [("v", "double precision[]"), ("y", "integer")]
+    else:
+        columns = [("v", "BLOB"), ("y", "integer")]
+        values = [
+            v if isinstance(v, bytes) else np.asarray(v, dtype="<f4").tobytes() for v in values
+        ]
+    make_table(db, "a", columns, [(v, i % 2) for i, v in enumerate(values)])
+
+
+def good_arrays(n: int = 20) -> list[Any]:
+    """``n`` arrays of four values."""
+    return [[float(i), i + 1.0, i + 2.0, i + 3.0] for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "culprits"),
+    [
+        ([1.0, 2.0], ["fixed size", "2..4"]),
+        ([1.0, float("nan"), 2.0, 3.0], ["1 NaN or infinite"]),
+        ([1.0, float("inf"), 2.0, 3.0], ["1 NaN or infinite"]),
+        ([float("-inf"), 1.0, 2.0, 3.0], ["1 NaN or infinite"]),
+    ],
+)
+def test_bad_array_values(db: Database, bad: list[float], culprits: list[str]) -> None:
+    """Ragged arrays and NaN/infinite elements are named with the column."""
+    make_arrays(db, [*good_arrays(), bad])
+    expect_failure(db, InputError, ["'v'", *culprits], "SELECT * FROM a", model=FLATTEN_SPEC)
+
+
+def test_null_array_element_postgres(pg_db: Database) -> None:
+    """A NULL inside a PostgreSQL array is named (it would shorten the packed row)."""
+    make_arrays(pg_db, [*good_arrays(), [1.0, None, 2.0, 3.0]])
+    expect_failure(pg_db, InputError, ["'v'", "1 NULL"], "SELECT * FROM a", model=FLATTEN_SPEC)
+
+
+def test_blob_not_float32_sqlite(sqlite_db: Database) -> None:
+    """A SQLite blob whose size is not a whole number of float32 values is named."""
+    make_arrays(sqlite_db, [*good_arrays(), b"\x00" * 6])
+    expect_failure(sqlite_db, InputError, ["'v'", "float32"], "SELECT * FROM a", model=FLATTEN_SPEC)
+
+
+def test_null_array_value(db: Database) -> None:
+    """A NULL array cannot be imputed: named with the count."""
+    make_arrays(db, good_arrays())
+    execute(db, "UPDATE a SET v = NULL WHERE y = 1")
+    exc = expect_failure(
+        db, InputError, ["'v'", "NULL"], "SELECT * FROM a", model=FLATTEN_SPEC, impute="mean"
+    )
+    assert mentions_count(str(exc), 10), str(exc)
+
+
+def test_image_shape_mismatch(db: Database) -> None:
+    """An ``image_shape`` that does not hold the array's values names the option and column."""
+    make_arrays(db, good_arrays())
+    expect_failure(
+        db, InputError, ["image_shape", "'v'"], "SELECT * FROM a", model="cnn:4", image_shape=(3, 3)
+    )
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -598,7 +688,7 @@ def test_missing_bound_parameter(db: Database) -> None:
 def test_unknown_option(db: Database) -> None:
     """A misspelt option is refused naming it (and listing the valid ones)."""
     make_base(db)
-    exc = expect_failure(db, InputError, ["'epoch'", "epochs"], epoch=3)
+    exc = expect_failure(db, InputError, ["'epoch'", "did you mean 'epochs'"], epoch=3)
     assert "valid options" in str(exc)
 
 

@@ -178,7 +178,8 @@ class PostgresBackend(Backend):
         m = conn.execute(
             text(
                 f"SELECT avg(CAST(u.e AS double precision)),"
-                f" stddev_pop(CAST(u.e AS double precision)) FROM {table} AS s,"
+                f" stddev_pop(CAST(u.e AS double precision)), count(*) - count(u.e),"
+                f" count(*) FILTER (WHERE {self.nonfinite('u.e')}) FROM {table} AS s,"
                 f" unnest(s.{col}) AS u(e)"
             )
         ).one()
@@ -191,6 +192,8 @@ class PostgresBackend(Backend):
             "dims": dims,
             "mean": float(m[0] or 0.0),
             "std": float(m[1] or 0.0),
+            "null_values": int(m[2] or 0),  # NULL elements inside the arrays
+            "nonfinite": int(m[3] or 0),
         }
 
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:

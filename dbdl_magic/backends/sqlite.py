@@ -133,16 +133,23 @@ class _BlobStats:
         self.n = 0
         self.total = 0.0
         self.total_sq = 0.0
+        self.bad_blobs = 0  # not a whole number of float32 values: reported as bad input
+        self.nonfinite = 0
 
     @_kernel
     def step(self, blob: Any) -> None:
         if blob is None:
             return
         if not isinstance(blob, bytes) or len(blob) % 4:
-            raise ValueError("array blobs must hold little-endian float32 values")
+            self.bad_blobs += 1
+            return
         values = np.frombuffer(blob, dtype="<f4").astype(np.float64)
         self.min_len = values.size if self.min_len is None else min(self.min_len, values.size)
         self.max_len = max(self.max_len, values.size)
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.nonfinite += int(values.size - finite.sum())
+            values = values[finite]
         self.n += values.size
         self.total += float(values.sum())
         self.total_sq += float(values @ values)
@@ -158,6 +165,8 @@ class _BlobStats:
                 "mean": mean,
                 "std": math.sqrt(var),
                 "dims": None,
+                "bad_blobs": self.bad_blobs,
+                "nonfinite": self.nonfinite,
             }
         )
 
