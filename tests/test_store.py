@@ -49,7 +49,7 @@ def test_corrupt_block_is_reported():
     damaged = bytearray(rows[3][3])
     damaged[10] ^= 0xFF
     rows[3] = (*rows[3][:3], bytes(damaged), None)
-    with pytest.raises(blockstore.CorruptBlockError, match="block 3 .* corrupt"):
+    with pytest.raises(blockstore.CorruptBlockError, match=r"block 3 .* corrupt"):
         blockstore.assemble(rows)
 
 
