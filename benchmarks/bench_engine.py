@@ -542,11 +542,16 @@ def machine_facts(targets: Targets | None) -> dict[str, str]:
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "sqlite": sqlite3.sqlite_version,
     }
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        facts["dbdl_magic"] = f"{dl.__version__} (git {commit})"
+    snapshot = os.environ.get("DBDL_BENCH_SNAPSHOT")
+    if snapshot:
+        facts["dbdl_magic"] = f"{dl.__version__} (git {snapshot}, exported HEAD)"
+    else:
+        with contextlib.suppress(Exception):
+            commit = subprocess.run(
+                ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
+            facts["dbdl_magic"] = f"{dl.__version__} (git {commit}, work tree)"
+    facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     if targets and targets.pg_conninfo:
         import psycopg
 
@@ -721,6 +726,35 @@ def write_section(path: Path, mode: str, body: str) -> None:
     path.write_text(new)
 
 
+def run_on_snapshot(script: str, argv: list[str]) -> int:
+    """Re-run ``script`` with ``PYTHONPATH`` pointing at ``git archive HEAD`` in a temp dir.
+
+    Client, e2e children and the PostgreSQL server (whose PL/Python path is derived from where
+    ``dbdl_magic`` is imported) then all use the committed code, whatever the work tree holds.
+    """
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="dbdl-snapshot-") as tmp:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", "HEAD", "dbdl_magic", "kernels"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        for folder, _dirs, _files in os.walk(tmp):
+            os.chmod(folder, 0o755)  # the server's OS user must read it
+        env = {**os.environ, "DBDL_BENCH_SNAPSHOT": commit}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tmp, env.get("PYTHONPATH")]))
+        log(f"benchmarking HEAD {commit} exported to {tmp}")
+        return subprocess.run([sys.executable, script, *argv], env=env).returncode
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -734,11 +768,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="benchmark the committed HEAD (exported to a temp dir) instead of the work tree",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(e2e_child(json.loads(args.child))))
         return 0
+    if args.snapshot and not os.environ.get("DBDL_BENCH_SNAPSHOT"):
+        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--snapshot"]
+        return run_on_snapshot(str(Path(__file__).resolve()), rest)
 
     mode = FULL if args.full else QUICK
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=bench.LARGE_MODEL)
     parser.add_argument("--backend", default="both", choices=["sqlite", "postgresql", "both"])
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    parser.add_argument("--snapshot", action="store_true", help="profile the committed HEAD")
     args = parser.parse_args(argv)
+    if args.snapshot and not os.environ.get("DBDL_BENCH_SNAPSHOT"):
+        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--snapshot"]
+        return bench.run_on_snapshot(str(Path(__file__).resolve()), rest)
     torch.set_num_threads(bench.THREADS)
     with bench.databases(args.backend != "sqlite") as targets:
         x, y = bench.make_data(args.rows)

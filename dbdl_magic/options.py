@@ -52,6 +52,9 @@ class TrainOptions:
     restore_best: bool = True
     on_interrupt: str = "raise"
     resume: bool = False
+    # warm start / fine-tuning: start from a stored model, optionally freezing layers
+    init_from: str | None = None
+    freeze: Any = None
     # block store: block size and lossless deltas against the previous checkpoint
     block_bytes: int = 256 * 1024 - 1024
     deltas: bool = True

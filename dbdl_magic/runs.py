@@ -25,7 +25,7 @@ from .encoding import Encoding
 from .errors import DbdlError, InputError, SpecError, TrainingError
 from .kernel.netbuild import SpecError as KernelSpecError
 from .kernel.netbuild import build_network
-from .kernel.train import initial_state
+from .kernel.train import initial_state, warm_start_state
 from .model import DBModel, model_from_stored
 from .options import TrainOptions
 from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
@@ -70,9 +70,11 @@ class TrainingRun:
         stopper = EarlyStopping(opts) if opts.patience else None
         try:
             resumed = self._resumable(spec) if opts.resume else None
-            data = self._pack(spec, stage, vstage, packed_table)
+            source = self._source() if opts.init_from and resumed is None else None
+            data = self._pack(spec, stage, vstage, packed_table, source)
             enc = data.encoding
             config = self._config(spec, enc)
+            config["freeze"] = _frozen_layers(opts.freeze, spec, enc)
             stored_options = {**opts.to_json_dict(), "work_token": self.token}
             first_epoch = 0
             with backend.engine.begin() as conn:
@@ -87,9 +89,20 @@ class TrainingRun:
                         encoding=enc.to_json(),
                         options=stored_options,
                         query=self.query,
+                        parent=f"{source['name']}:{source['version']}" if source else None,
                     )
-                    store.write_checkpoint(conn, backend, key, 0, initial_state(config))
-                    backend.archive(conn, key, 0, None, opts.block_bytes, opts.deltas)
+                    if source is None:
+                        first, parent = initial_state(config), None
+                    else:
+                        first, copied = warm_start_state(config, source["state"])
+                        if not copied:
+                            raise InputError(
+                                f"init_from={opts.init_from!r}: no layer of that model fits this "
+                                "architecture (no tensor has the same name and shape)"
+                            )
+                        parent = (source["name"], source["version"], source["iteration"])
+                    store.write_checkpoint(conn, backend, key, 0, first)
+                    backend.archive(conn, key, 0, parent, opts.block_bytes, opts.deltas)
                 else:
                     key = {"name": self.name, "version": resumed["version"]}
                     first_epoch = int(resumed["iteration"])
@@ -99,7 +112,7 @@ class TrainingRun:
             if stopper is not None:
                 for past in self.history:
                     stopper.update(past)
-            self._announce(data, config, key)
+            self._announce(data, config, key, first_epoch)
             for epoch in range(first_epoch, opts.epochs):
                 row = self._iteration(data, config, key, epoch)
                 if stopper is not None and stopper.update(row):
@@ -164,7 +177,25 @@ class TrainingRun:
                     backend.drop_table(conn, backend.table(f"{prefix}_{stale}"))
         return row
 
-    def _pack(self, spec: dict[str, Any], stage: str, vstage: str, packed: str) -> PackedData:
+    def _source(self) -> dict[str, Any]:
+        """The stored model a warm start begins from (``init_from="name[:version]"``)."""
+        name, _, version = str(self.options.init_from).partition(":")
+        if version and not version.isdigit():
+            raise InputError(f"init_from={self.options.init_from!r}: use 'name' or 'name:version'")
+        with self.backend.engine.connect() as conn:
+            try:
+                return store.read_model(conn, self.backend, name, int(version) if version else None)
+            except InputError as exc:
+                raise InputError(f"init_from={self.options.init_from!r}: {exc}") from exc
+
+    def _pack(
+        self,
+        spec: dict[str, Any],
+        stage: str,
+        vstage: str,
+        packed: str,
+        source: dict[str, Any] | None = None,
+    ) -> PackedData:
         """Stage, encode and pack in one transaction; the staged copies are dropped after."""
         opts, backend = self.options, self.backend
         pack_opts = PackOptions(
@@ -182,6 +213,10 @@ class TrainingRun:
         with backend.engine.begin() as conn:
             stage_query(backend, conn, self.query, opts.params, stage)
             encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
+            if source is not None:  # encode the new rows exactly as the source model did
+                encoding = _warm_encoding(
+                    encoding, Encoding.from_json(source["encoding"]), str(opts.init_from)
+                )
             pack_opts.n_parameters = _check_spec_fits(spec, encoding)
             if opts.validation_query:
                 stage_query(
@@ -222,7 +257,9 @@ class TrainingRun:
             "parallel": opts.parallel,
         }
 
-    def _announce(self, data: PackedData, config: dict[str, Any], key: dict[str, Any]) -> None:
+    def _announce(
+        self, data: PackedData, config: dict[str, Any], key: dict[str, Any], first_epoch: int
+    ) -> None:
         if self.callbacks.on_start is None:
             return
         net = build_network(config["spec"], config["input_shape"], config["n_outputs"])
@@ -237,6 +274,7 @@ class TrainingRun:
                 "parameters": sum(p.numel() for p in net.parameters()),
                 "workers": self.options.parallel,
                 "epochs": self.options.epochs,
+                "first_epoch": first_epoch,
                 "device": self.options.db_device,
             }
         )
@@ -268,8 +306,9 @@ class TrainingRun:
             metrics.pop("n", None)
             for name, value in metrics.items():
                 row[f"{prefix}{name}"] = value
+            parent = (key["name"], key["version"], epoch)
             stored = backend.archive(
-                conn, key, epoch + 1, epoch, self.options.block_bytes, self.options.deltas
+                conn, key, epoch + 1, parent, self.options.block_bytes, self.options.deltas
             )
             store.clear_hot_states(conn, backend, key, below=epoch + 1)
             row.update(
@@ -319,6 +358,45 @@ class EarlyStopping:
             return False
         self.waited += 1
         return self.waited >= (self.patience or 0)
+
+
+def _warm_encoding(new: Encoding, source: Encoding, init_from: str) -> Encoding:
+    """The source model's feature encoding (and its target, when the labels are the same)."""
+    missing = [f for f in source.feature_names() if f not in new.feature_names()]
+    if missing:
+        raise InputError(
+            f"init_from={init_from!r}: the query lacks the source model's feature column(s) "
+            f"{', '.join(map(repr, missing))}"
+        )
+    same_target = (
+        new.target.task == source.target.task and new.target.classes == source.target.classes
+    )
+    return Encoding(
+        features=source.features,
+        target=source.target if same_target else new.target,
+        impute=source.impute,
+    )
+
+
+def _frozen_layers(freeze: Any, spec: dict[str, Any], enc: Encoding) -> list[int]:
+    """Layer indices to freeze: a list/"0,2" of indices, or "all_but_last" (the head trains)."""
+    if freeze in (None, "", False, []):
+        return []
+    net = build_network(spec, enc.input_shape, enc.target.n_outputs)
+    with_params = [i for i, m in enumerate(net) if any(True for _ in m.parameters())]
+    if freeze == "all_but_last":
+        return with_params[:-1]
+    items = freeze.split(",") if isinstance(freeze, str) else list(freeze)
+    try:
+        indices = [int(i) for i in items]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"freeze={freeze!r}: give layer indices or 'all_but_last'") from exc
+    bad = [i for i in indices if i not in with_params]
+    if bad:
+        raise InputError(
+            f"freeze={freeze!r}: layer(s) {bad} have no weights; layers with weights: {with_params}"
+        )
+    return indices
 
 
 def _spec(model: Any) -> dict[str, Any]:

@@ -35,16 +35,18 @@ def create_model(
     encoding: str,
     options: dict[str, Any],
     query: str,
+    parent: str | None = None,
 ) -> None:
     """Insert the model row with status ``training``."""
     conn.execute(
         text(
             f"INSERT INTO {backend.table('models')} (name, version, status, spec, encoding,"
-            " options, query, history) VALUES (:name, :version, 'training', :spec, :encoding,"
-            " :options, :query, '[]')"
+            " options, query, history, parent) VALUES (:name, :version, 'training', :spec,"
+            " :encoding, :options, :query, '[]', :parent)"
         ),
         {
             **key,
+            "parent": parent,
             "spec": json.dumps(spec),
             "encoding": encoding,
             "options": json.dumps(options, default=str),
@@ -193,7 +195,8 @@ def read_model(
     row = (
         conn.execute(
             text(
-                f"SELECT m.name, m.version, m.status, m.spec, m.encoding, m.options, m.query,"
+                f"SELECT m.name, m.version, m.status, m.parent, m.spec, m.encoding, m.options,"
+                " m.query,"
                 f" m.history, m.error, c.iteration FROM {models} AS m"
                 f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
                 f" AND c.iteration = coalesce(m.model_iteration, (SELECT max(c2.iteration)"
@@ -224,7 +227,7 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     rows = (
         conn.execute(
             text(
-                f"SELECT m.name, m.version, m.status, m.created_at, m.updated_at,"
+                f"SELECT m.name, m.version, m.status, m.parent, m.created_at, m.updated_at,"
                 f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
                 f" AS checkpoints, (SELECT sum(c.logical_bytes) FROM {ck} AS c"
                 "  WHERE c.name = m.name AND c.version = m.version) AS logical_bytes,"
@@ -241,6 +244,7 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
         "name",
         "version",
         "status",
+        "parent",
         "created_at",
         "updated_at",
         "checkpoints",

@@ -148,7 +148,7 @@ class Backend(ABC):
         conn: Connection,
         key: dict[str, Any],
         iteration: int,
-        parent: int | None,
+        parent: tuple[str, int, int] | None,
         block_bytes: int,
         deltas: bool,
     ) -> dict[str, Any]:

@@ -363,19 +363,22 @@ class PostgresBackend(Backend):
         conn: Connection,
         key: dict[str, Any],
         iteration: int,
-        parent: int | None,
+        parent: tuple[str, int, int] | None,
         block_bytes: int,
         deltas: bool,
     ) -> dict[str, Any]:
+        parent_name, parent_version, parent_iteration = parent or (None, None, None)
         out = conn.execute(
             text(
-                "SELECT dbdl.archive_checkpoint(:name, :version, :iteration, :parent,"
-                " :block_bytes, :deltas)"
+                "SELECT dbdl.archive_checkpoint(:name, :version, :iteration, :parent_name,"
+                " :parent_version, :parent_iteration, :block_bytes, :deltas)"
             ),
             {
                 **key,
                 "iteration": iteration,
-                "parent": parent,
+                "parent_name": parent_name,
+                "parent_version": parent_version,
+                "parent_iteration": parent_iteration,
                 "block_bytes": block_bytes,
                 "deltas": deltas,
             },

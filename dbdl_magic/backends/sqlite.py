@@ -236,7 +236,7 @@ class SQLiteBackend(Backend):
                     " version INTEGER NOT NULL,"
                     " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
                     " options TEXT NOT NULL, query TEXT NOT NULL,"
-                    " history TEXT NOT NULL DEFAULT '[]', model_iteration INTEGER,"
+                    " history TEXT NOT NULL DEFAULT '[]', model_iteration INTEGER, parent TEXT,"
                     " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
                     " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
                     " PRIMARY KEY (name, version))"

@@ -175,10 +175,14 @@ class Archiver:
     block_bytes: int = DEFAULT_BLOCK_BYTES
     deltas: bool = True
 
-    def archive(self, name: str, version: int, iteration: int, parent: int | None) -> dict:
+    def archive(
+        self, name: str, version: int, iteration: int, parent: Sequence[Any] | None
+    ) -> dict:
         """Store checkpoint ``iteration`` (whose state is in ``checkpoints.state``) as blocks.
 
-        ``parent`` is the iteration whose blocks serve as delta bases. Returns byte counts.
+        ``parent`` = ``(name, version, iteration)`` of the checkpoint whose blocks serve as
+        delta bases (the previous iteration, or the model a fine-tune started from); blocks
+        are matched by label (tensor and row range). Returns byte counts.
         """
         t = self.tables
         rows = self.run(
@@ -188,17 +192,17 @@ class Archiver:
         )
         state = bytes(rows[0][0])
         blocks = split_state(state, self.block_bytes)
-        bases: dict[int, tuple[bytes, bytes]] = {}
+        bases: dict[str, tuple[bytes, bytes]] = {}
         if parent is not None and self.deltas:
-            for ord_, base_hash, base_data in self.run(
-                "SELECT cb.ord, b.hash AS base_hash, b.data AS base_data"
+            for label, base_hash, base_data in self.run(
+                "SELECT cb.label, b.hash AS base_hash, b.data AS base_data"
                 f" FROM {t['checkpoint_blocks']} AS cb"
                 f" JOIN {t['blocks']} AS b ON b.hash = (SELECT CASE WHEN x.encoding = 0 THEN"
                 f" x.hash ELSE x.base END FROM {t['blocks']} AS x WHERE x.hash = cb.hash)"
                 " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3",
-                [name, version, parent],
+                list(parent),
             ):
-                bases[int(ord_)] = (bytes(base_hash), bytes(base_data))
+                bases[str(label)] = (bytes(base_hash), bytes(base_data))
         known = (
             {
                 bytes(r[0])
@@ -214,7 +218,7 @@ class Archiver:
         stored = 0
         for block in blocks:
             if block.hash not in known:
-                base = bases.get(block.ord)
+                base = bases.get(block.label)
                 delta = None
                 if base is not None and base[0] != block.hash:
                     delta = encode_delta(block.raw, base[1])

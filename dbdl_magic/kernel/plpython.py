@@ -179,12 +179,15 @@ def archive(
     name: str,
     version: int,
     iteration: int,
-    parent: int | None,
+    parent_name: str | None,
+    parent_version: int | None,
+    parent_iteration: int | None,
     block_bytes: int,
     deltas: bool,
 ) -> str:
     """Store a checkpoint as content-addressed blocks; JSON byte counts."""
     archiver = _archiver(plpy, GD, block_bytes=block_bytes, deltas=deltas)
+    parent = None if parent_name is None else (parent_name, parent_version, parent_iteration)
     return json.dumps(archiver.archive(name, version, iteration, parent))
 
 

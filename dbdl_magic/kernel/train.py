@@ -121,6 +121,20 @@ def initial_state(config: dict[str, Any]) -> bytes:
     return encode_state(TrainState(tensors, meta=meta))
 
 
+def warm_start_state(config: dict[str, Any], source: bytes) -> tuple[bytes, list[str]]:
+    """A fresh seeded model whose tensors are copied from ``source`` wherever name and shape
+    match (a new output head keeps its fresh initialisation). Returns the state and the
+    names of the tensors that were copied. Optimizer state starts empty."""
+    torch.manual_seed(int(config.get("seed", 0)))
+    net = network_for(config)
+    fresh = net.state_dict()
+    donor = decode_state(source).model_tensors()
+    copied = [k for k, v in fresh.items() if k in donor and donor[k].shape == v.shape]
+    tensors = {f"model.{k}": (donor[k] if k in copied else v) for k, v in fresh.items()}
+    meta = {"kernel_version": KERNEL_VERSION, "device": "cpu"}
+    return encode_state(TrainState(tensors, meta=meta)), copied
+
+
 class Trainer:
     """A live network and optimizer, kept between buffers of one aggregate call."""
 
@@ -133,7 +147,11 @@ class Trainer:
         self.net = network_for(config)
         self.net.load_state_dict(decoded.model_tensors())
         self.net.to(self.device)
-        self.optimizer = make_optimizer(self.net.parameters(), config.get("optimizer", {}))
+        self.frozen = [self.net[int(i)] for i in config.get("freeze") or []]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(trainable, config.get("optimizer", {}))
         saved = decoded.optimizer_tensors()
         if saved:
             current = self.optimizer.state_dict()
@@ -166,6 +184,8 @@ class Trainer:
         batch = int(cfg.get("batch_size", 64))
         net, opt, loss_fn = self.net, self.optimizer, self.loss_fn
         net.train()
+        for module in self.frozen:  # frozen layers keep their weights and statistics
+            module.eval()
         total = torch.zeros((), device=self.device)
         last = time.monotonic()
         for start in range(0, n, batch):

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS dbdl.models (
     query text NOT NULL,
     history text NOT NULL DEFAULT '[]',
     model_iteration integer,  -- the checkpoint that is the model (NULL: the last one)
+    parent text,              -- "name:version" of the model a warm start began from
     error text,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
@@ -136,11 +137,12 @@ CREATE INDEX IF NOT EXISTS checkpoint_blocks_hash ON dbdl.checkpoint_blocks (has
 
 -- Storage routines: they use SPI, so they are PARALLEL UNSAFE and only ever called on their own.
 CREATE OR REPLACE FUNCTION dbdl.archive_checkpoint(
-    name text, version integer, iteration integer, parent integer, block_bytes integer,
-    deltas boolean)
+    name text, version integer, iteration integer, parent_name text, parent_version integer,
+    parent_iteration integer, block_bytes integer, deltas boolean)
 RETURNS text LANGUAGE plpython3u PARALLEL UNSAFE AS $$
 from dbdl_magic.kernel import plpython
-return plpython.archive(plpy, GD, name, version, iteration, parent, block_bytes, deltas)
+return plpython.archive(plpy, GD, name, version, iteration, parent_name, parent_version,
+                        parent_iteration, block_bytes, deltas)
 $$;
 
 CREATE OR REPLACE FUNCTION dbdl.materialize_checkpoint(
