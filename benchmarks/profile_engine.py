@@ -106,16 +106,16 @@ def profile_sqlite(url: str, model: str, epochs: int) -> list[str]:
     )
     lines = [
         f"SQLite, {model}, mean of epochs 2..{len(per_epoch)} (seconds per epoch):",
-        f"  aggregate query (train_seconds)          {mean['train_seconds']:8.3f}",
-        f"    SGD loop (train_buffer − decode)       {sgd:8.3f}",
+        f"  aggregate query (train_seconds)               {mean['train_seconds']:8.3f}",
+        f"    SGD loop (train_buffer − decode)            {sgd:8.3f}",
     ]
     for key in keys:
         if key != "Trainer.train_buffer (incl. buffer_tensors)":
-            lines.append(f"    {key:<39s}{mean[key]:8.3f}")
+            lines.append(f"    {key:<44s}{mean[key]:8.3f}")
     evaluation = mean["seconds"] - mean["train_seconds"]
     lines += [
-        f"    SQLite itself (query − kernel calls)   {mean['train_seconds'] - kernel:8.3f}",
-        f"  evaluation etc. (seconds − train)        {evaluation:8.3f}",
+        f"    SQLite itself (query − kernel calls)        {mean['train_seconds'] - kernel:8.3f}",
+        f"  evaluation, checkpoint (seconds − train)      {evaluation:8.3f}",
     ]
     return lines
 
@@ -148,10 +148,8 @@ def spy_on_training_backend(conninfo: str, out: Path, native: bool) -> Iterator[
                         "raw",
                         "-o",
                         str(out),
-                        "--nonblocking",
                     ]
-                    if native:
-                        cmd.append("--native")
+                    cmd.append("--native" if native else "--nonblocking")
                     procs.append(
                         subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                     )

@@ -18,6 +18,7 @@ _API = {
     "list_models",
     "predict_in_database",
     "delete_model",
+    "predict",
     "Database",
 }
 

@@ -113,6 +113,32 @@ def list_models(con: str | Engine | Database | None = None) -> pd.DataFrame:
         return store.list_models(conn, db.backend)
 
 
+def predict(
+    con: str | Engine | Database | None,
+    name: str,
+    query: str,
+    *,
+    into: str | None = None,
+    proba: bool = False,
+    version: int | None = None,
+    keys: list[str] | None = None,
+    params: dict[str, Any] | None = None,
+    replace: bool = False,
+) -> pd.DataFrame | int:
+    """Score the rows of ``query`` with stored model ``name``, inside the database.
+
+    Writes the query's key columns (default: every column that is not a feature) plus
+    ``prediction`` (and ``proba_<class>`` with ``proba``) to table ``into`` and returns the row
+    count, or returns them as a DataFrame when ``into`` is None. Missing or mistyped feature
+    columns raise :class:`InputError` naming them.
+    """
+    from .predicting import predict as run_prediction
+
+    db = connect(con, check=False)
+    return run_prediction(db.backend, name, query, into=into, proba=proba, version=version,
+                          keys=keys, params=params, replace=replace)
+
+
 def delete_model(con: str | Engine | Database | None, name: str, version: int | None = None) -> int:
     """Delete a model (all versions, or one) and garbage-collect its unshared weight blocks.
 

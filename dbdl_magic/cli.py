@@ -1,10 +1,12 @@
-"""The ``dbdl`` command: ``dbdl demo``, ``dbdl install URL``, ``dbdl models [URL]``."""
+"""The ``dbdl`` command: ``dbdl demo``, ``dbdl install URL``, ``dbdl models [URL]``,
+``dbdl report NOTEBOOK``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DATASETS = ("digits", "breast_cancer")
 
@@ -59,6 +61,26 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .reports import NotebookReportError, executed_notebook_path, render_notebook_report
+
+    try:
+        html = render_notebook_report(
+            args.notebook,
+            args.output,
+            hide_input=args.hide_input,
+            timeout=args.timeout,
+            cwd=args.cwd,
+        )
+    except NotebookReportError as exc:
+        print(f"dbdl report: {exc}", file=sys.stderr)
+        print(f"dbdl report: the error is shown in {exc.html} and {exc.notebook}", file=sys.stderr)
+        return 1
+    executed = executed_notebook_path(Path(args.notebook), html)
+    print(f"dbdl report: wrote {html} (executed notebook: {executed})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbdl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list stored models")
     models.add_argument("url", nargs="?", default=None)
     models.set_defaults(func=_models)
+    report = sub.add_parser("report", help="execute a notebook headless and save it as HTML")
+    report.add_argument("notebook", help="the .ipynb to run")
+    report.add_argument("-o", "--output", help="HTML file (default: NOTEBOOK.html beside it)")
+    report.add_argument("--hide-input", action="store_true", help="show outputs only, no code")
+    report.add_argument("--timeout", type=int, default=600, help="seconds per cell (600)")
+    report.add_argument("--cwd", help="working directory of the cells (default: the notebook's)")
+    report.set_defaults(func=_report)
     return parser
 
 

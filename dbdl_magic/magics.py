@@ -130,6 +130,33 @@ class DbdlMagic(Magics, Configurable):
         print(f"dbdl: kernels installed in {db.url}")
 
     @magic_arguments()
+    @argument("name", help="the stored model to score with")
+    @argument("--into", help="write key columns + predictions to this table")
+    @argument("--proba", action="store_true", help="add one probability column per class")
+    @argument("--version", type=int, help="model version (default: latest)")
+    @argument("--keys", help="comma-separated key columns to keep (default: non-features)")
+    @argument("--replace", action="store_true", help="replace the --into table if it exists")
+    @argument("-o", "--out", help="variable for the DataFrame (without --into)")
+    @argument("--con", help="connection alias (default: current)")
+    @cell_magic
+    def dbpredict(self, line: str, cell: str) -> Any:
+        """Score the cell's SQL with a stored model inside the database."""
+        args = parse_argstring(self.dbpredict, line)
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        result = api.predict(
+            self.connections.get(args.con), args.name, cell,
+            into=args.into, proba=args.proba, version=args.version, keys=keys,
+            params=bind_parameters(cell, self.shell.user_ns), replace=args.replace,
+        )
+        if args.into:
+            print(f"dbdl: wrote {result} prediction(s) to {args.into}")
+            return None
+        if args.out:
+            self.shell.user_ns[args.out] = result
+            return None
+        return result
+
+    @magic_arguments()
     @argument("--con", help="connection alias (default: current)")
     @line_magic
     def dbmodels(self, line: str) -> Any:

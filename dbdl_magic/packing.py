@@ -347,6 +347,25 @@ def encode_sql(
     backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
 ) -> tuple[list[tuple[str, bool]], str]:
     """SQL pieces encoding one row's features, and the target expression (params filled in)."""
+    pieces = feature_sql(backend, encoding, params, alias)
+    t = encoding.target
+    tcol = f"{alias}.{backend.q(t.name)}"
+    if t.task == "classification":
+        whens = []
+        for j, cls in enumerate(t.classes):
+            params[f"y_c{j}"] = cls
+            whens.append(f"WHEN {tcol} = :y_c{j} THEN {j}")
+        y_sql = f"(CASE {' '.join(whens)} ELSE -1 END)"
+    else:
+        params["y_m"], params["y_s"] = t.mean, t.std
+        y_sql = f"(({backend.to_float(tcol)} - :y_m) / :y_s)"
+    return pieces, y_sql
+
+
+def feature_sql(
+    backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
+) -> list[tuple[str, bool]]:
+    """SQL pieces ``(expression, is_bytes)`` encoding one row's features; params filled in."""
     pieces: list[tuple[str, bool]] = []
     for i, f in enumerate(encoding.features):
         col = f"{alias}.{backend.q(f.name)}"
@@ -364,18 +383,7 @@ def encode_sql(
         else:
             params[f"f{i}_m"], params[f"f{i}_s"] = f.mean, f.std
             pieces.append((backend.array_piece(col, f"f{i}_m", f"f{i}_s", f.width), True))
-    t = encoding.target
-    tcol = f"{alias}.{backend.q(t.name)}"
-    if t.task == "classification":
-        whens = []
-        for j, cls in enumerate(t.classes):
-            params[f"y_c{j}"] = cls
-            whens.append(f"WHEN {tcol} = :y_c{j} THEN {j}")
-        y_sql = f"(CASE {' '.join(whens)} ELSE -1 END)"
-    else:
-        params["y_m"], params["y_s"] = t.mean, t.std
-        y_sql = f"(({backend.to_float(tcol)} - :y_m) / :y_s)"
-    return pieces, y_sql
+    return pieces
 
 
 def choose_rows_per_buffer(n_train: int, width: int, batch_size: int, n_parameters: int = 0) -> int:

@@ -39,12 +39,22 @@ class ThisPythonKernelManager(AsyncKernelManager):
 
     With no kernel directories, jupyter_client falls back to ipykernel's built-in ``python3``
     spec, whose command is this Python; a user-level ``python3`` kernelspec pointing at another
-    environment is therefore never picked up.
+    environment is therefore never picked up. Kernel traffic is CurveZMQ-encrypted when the
+    installed jupyter_client and pyzmq support it.
     """
 
     @default("kernel_spec_manager")
     def _default_kernel_spec_manager(self) -> KernelSpecManager:
         return KernelSpecManager(parent=self, kernel_dirs=[])
+
+    if "transport_encryption" in AsyncKernelManager.class_trait_names():  # jupyter_client >= 8.7
+
+        @default("transport_encryption")
+        def _default_transport_encryption(self) -> str:
+            """CurveZMQ between client and kernel when pyzmq supports it (and no warning)."""
+            import zmq
+
+            return "auto" if zmq.has("curve") else "disabled"
 
 
 def executed_notebook_path(source: Path, html: Path) -> Path:

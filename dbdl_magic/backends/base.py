@@ -135,6 +135,31 @@ class Backend(ABC):
     ) -> bytes:
         """Run the predict kernel in the database on one packed feature buffer."""
 
+    # -- prediction ------------------------------------------------------------------------------
+    @abstractmethod
+    def table_exists(self, conn: Connection, table: str) -> bool:
+        """Whether the (quoted) table exists."""
+
+    @abstractmethod
+    def predict_into(
+        self,
+        conn: Connection,
+        stage: str,
+        packed: str,
+        result: str,
+        pieces: list[tuple[str, bool]],
+        params: dict[str, Any],
+        keys: list[str],
+        outputs: list[str],
+        classes: list[Any],
+        config: dict[str, Any],
+        key: dict[str, Any],
+        rows_per_buffer: int,
+        with_rn: bool,
+    ) -> None:
+        """Create ``result``: the key columns of ``stage`` plus ``outputs`` (``prediction``,
+        then ``proba_<class>``), scored inside the database with checkpoint ``key``."""
+
     # -- block store -----------------------------------------------------------------------------
     @abstractmethod
     def runner(self, conn: Connection) -> Run:

@@ -348,6 +348,61 @@ class PostgresBackend(Backend):
             ).scalar_one()
         )
 
+    def table_exists(self, conn: Connection, table: str) -> bool:
+        return bool(conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar())
+
+    def predict_into(
+        self,
+        conn: Connection,
+        stage: str,
+        packed: str,
+        result: str,
+        pieces: list[tuple[str, bool]],
+        params: dict[str, Any],
+        keys: list[str],
+        outputs: list[str],
+        classes: list[Any],
+        config: dict[str, Any],
+        key: dict[str, Any],
+        rows_per_buffer: int,
+        with_rn: bool,
+    ) -> None:
+        rn = self.q("__dbdl_rn")
+        row_bytes = " || ".join(
+            sql if is_bytes else f"float4send(CAST({sql} AS real))" for sql, is_bytes in pieces
+        )
+        conn.execute(
+            text(
+                f"CREATE UNLOGGED TABLE {packed} AS SELECT (s.{rn} - 1) / :rpb AS buffer_id,"
+                f" min(s.{rn}) AS first_rn,"
+                f" string_agg({row_bytes}, CAST('' AS bytea) ORDER BY s.{rn}) AS x"
+                f" FROM {stage} AS s GROUP BY 1"
+            ),
+            {**params, "rpb": rows_per_buffer},
+        )
+        values: dict[str, Any] = {**key, "config": json.dumps(config)}
+        if config["task"] == "classification":
+            whens = []
+            for j, cls in enumerate(classes):
+                values[f"c{j}"] = cls
+                whens.append(f"WHEN {j} THEN :c{j}")
+            selected = [f"CASE r.label {' '.join(whens)} END AS prediction"]
+            selected += [f"r.proba[{j + 1}] AS {self.q(c)}" for j, c in enumerate(outputs[1:])]
+        else:
+            selected = ["r.value AS prediction"]
+        columns = ([f"s.{rn}"] if with_rn else []) + [f"s.{self.q(k)}" for k in keys]
+        ck = self.table("checkpoints")
+        conn.execute(
+            text(
+                f"CREATE TABLE {result} AS SELECT {', '.join(columns + selected)}"
+                f" FROM {packed} AS p CROSS JOIN LATERAL dbdl.predict_rows(p.x,"
+                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
+                "  AND c.iteration = :iteration), :config) AS r"
+                f" JOIN {stage} AS s ON s.{rn} = p.first_rn + r.i"
+            ),
+            values,
+        )
+
     def runner(self, conn: Connection) -> Run:
         def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
             values = {f"p{i + 1}": v for i, v in enumerate(params)}

@@ -171,6 +171,10 @@ class _BlobStats:
         )
 
 
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
 @_kernel
 def _scale_blob(blob: bytes, mean: float, std: float, width: int) -> bytes:
     values = np.frombuffer(blob, dtype="<f4")
@@ -431,6 +435,68 @@ class SQLiteBackend(Backend):
             " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration",
             {**key, "x": x, "config": json.dumps(config)},
         ).scalar_one()
+
+    def table_exists(self, conn: Connection, table: str) -> bool:
+        name = table.split(".")[-1].strip('"').replace('""', '"')
+        found = conn.execute(
+            text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :n"),
+            {"n": name},
+        )
+        return bool(found.scalar())
+
+    def predict_into(
+        self,
+        conn: Connection,
+        stage: str,
+        packed: str,
+        result: str,
+        pieces: list[tuple[str, bool]],
+        params: dict[str, Any],
+        keys: list[str],
+        outputs: list[str],
+        classes: list[Any],
+        config: dict[str, Any],
+        key: dict[str, Any],
+        rows_per_buffer: int,
+        with_rn: bool,
+    ) -> None:
+        # Embedded: the database runs in this process, so the kernel scores buffers of rows
+        # as SQLite encodes them, and writes the predictions back.
+        rn = self.q("__dbdl_rn")
+        kept = ([rn] if with_rn else []) + [self.q(k) for k in keys]
+        columns = kept + [self.q(c) for c in outputs]
+        conn.execute(text(f"CREATE TABLE {result} ({', '.join(columns)})"))
+        state = conn.execute(
+            text(
+                f"SELECT state FROM {self.table('checkpoints')} WHERE name = :name"
+                " AND version = :version AND iteration = :iteration"
+            ),
+            key,
+        ).scalar_one()
+        evaluator = Evaluator(config, bytes(state))
+        selected = [f"s.{c}" for c in kept] + [
+            f"{sql} AS p{i}" for i, (sql, _) in enumerate(pieces)
+        ]
+        rows = conn.execute(
+            text(f"SELECT {', '.join(selected)} FROM {stage} AS s ORDER BY s.{rn}"), params
+        )
+        insert = f"INSERT INTO {result} VALUES ({', '.join('?' * len(columns))})"
+        width = len(kept)
+        labels = np.asarray(classes, dtype=object)
+        while batch := rows.fetchmany(rows_per_buffer):
+            aggregate = _PackAggregate()
+            aggregate.rows = [tuple(r[width:]) for r in batch]
+            out = predict_buffer(evaluator, aggregate.finalize())
+            if config["task"] == "classification":
+                predicted = labels[out.argmax(axis=1)]
+                extra = out.tolist() if len(outputs) > 1 else [[] for _ in batch]
+                values = [
+                    (*r[:width], _plain(p), *e)
+                    for r, p, e in zip(batch, predicted, extra, strict=True)
+                ]
+            else:
+                values = [(*r[:width], float(v)) for r, v in zip(batch, out[:, 0], strict=True)]
+            conn.exec_driver_sql(insert, values)
 
     def runner(self, conn: Connection) -> Run:
         def run(sql: str, params: Any) -> list[tuple[Any, ...]]:

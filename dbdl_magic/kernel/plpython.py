@@ -199,3 +199,16 @@ def materialize(plpy: Any, GD: dict[str, Any], name: str, version: int, iteratio
 def release(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: int | None) -> int:
     """Drop block references of a model version (or one checkpoint) and collect garbage."""
     return _archiver(plpy, GD).release(name, version, iteration)
+
+
+def predict_rows(
+    GD: dict[str, Any], x: bytes, model: bytes, config_text: str
+) -> list[tuple[int, int | None, float, list[float] | None]]:
+    """Rows ``(i, label index, value, probabilities)`` for one packed feature buffer."""
+    config = _config(GD, config_text)
+    out = predict_buffer(_evaluator(GD, model, config), x)
+    if config["task"] == "classification":
+        labels = out.argmax(axis=1)
+        return [(i, int(labels[i]), float(out[i, labels[i]]), out[i].tolist())
+                for i in range(out.shape[0])]
+    return [(i, None, float(out[i, 0]), None) for i in range(out.shape[0])]

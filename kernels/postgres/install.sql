@@ -80,7 +80,15 @@ from dbdl_magic.kernel import plpython
 return plpython.predict(GD, x, model, config)
 $$;
 
--- Model store (grows in later versions; see dbdl_magic/store.py).
+-- Per-row predictions of one packed feature buffer: (row index, class index, value, probas).
+CREATE OR REPLACE FUNCTION dbdl.predict_rows(x bytea, model bytea, config text)
+RETURNS TABLE (i integer, label integer, value double precision, proba real[])
+LANGUAGE plpython3u STRICT PARALLEL SAFE COST 10000 ROWS 8192 AS $$
+from dbdl_magic.kernel import plpython
+return plpython.predict_rows(GD, x, model, config)
+$$;
+
+-- Model store (see dbdl_magic/store.py).
 CREATE TABLE IF NOT EXISTS dbdl.models (
     name text NOT NULL,
     version integer NOT NULL,

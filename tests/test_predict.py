@@ -1,0 +1,94 @@
+"""In-database prediction: API, magic, key columns, errors naming the culprit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from sqlalchemy import text
+
+import dbdl_magic as dl
+from dbdl_magic.datasets import load_table
+
+
+def customers(n: int = 500, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({
+        "id": np.arange(n) + 1000,
+        "plan": rng.choice(["basic", "plus", "pro"], size=n),
+        "age": rng.integers(18, 80, size=n),
+        "spend": rng.normal(50, 15, size=n),
+    })
+    score = (df["plan"] == "pro") * 1.5 + (df["spend"] - 50) / 15
+    df["churned"] = np.where(score > 0.5, "yes", "no")
+    df["price"] = 3 * df["spend"] + df["age"]
+    return df
+
+
+@pytest.fixture
+def trained(db):
+    frame = customers()
+    load_table(db.engine, "customers", frame)
+    model = dl.train(db, "SELECT plan, age, spend, churned FROM customers", name="churn",
+                     target="churned", model="mlp:16", epochs=4, seed=0)
+    return db, model, frame
+
+
+def test_predict_returns_keys_and_matches_the_client_module(trained):
+    db, model, frame = trained
+    out = dl.predict(db, "churn", "SELECT id, plan, age, spend FROM customers", proba=True)
+    assert list(out.columns) == ["id", "prediction", "proba_no", "proba_yes"]
+    assert list(out["id"]) == list(frame["id"])  # query order, keys kept
+    assert np.allclose(out[["proba_no", "proba_yes"]].to_numpy(), model.predict_proba(frame),
+                       atol=1e-5)
+    assert list(out["prediction"]) == list(model.predict(frame))
+
+
+def test_predict_into_a_table(trained):
+    db, model, frame = trained
+    n = dl.predict(db, "churn", "SELECT * FROM customers WHERE age > :a", into="scores",
+                   params={"a": 40}, keys=["id"])
+    assert n == int((frame["age"] > 40).sum())
+    with db.engine.connect() as conn:
+        stored = pd.read_sql(text("SELECT * FROM scores ORDER BY id"), conn)
+    assert list(stored.columns) == ["id", "prediction"]
+    expected = model.predict(frame[frame["age"] > 40])
+    assert list(stored["prediction"]) == list(expected)
+    with pytest.raises(dl.InputError, match="already exists"):
+        dl.predict(db, "churn", "customers", into="scores")
+    assert dl.predict(db, "churn", "customers", into="scores", replace=True) == len(frame)
+
+
+def test_regression_prediction(db):
+    frame = customers(300)
+    load_table(db.engine, "customers", frame)
+    model = dl.train(db, "SELECT age, spend, price FROM customers", name="price",
+                     target="price", task="regression", model="linear", epochs=30, lr=0.05)
+    out = dl.predict(db, "price", "SELECT id, age, spend FROM customers")
+    assert np.allclose(out["prediction"], model.predict(frame), rtol=1e-4, atol=1e-3)
+
+
+def test_missing_and_mistyped_features_are_named(trained):
+    db, _, _ = trained
+    with pytest.raises(dl.InputError, match="'spend'"):
+        dl.predict(db, "churn", "SELECT id, plan, age FROM customers")
+    with pytest.raises(dl.InputError, match="'age'"):
+        dl.predict(db, "churn", "SELECT id, plan, plan AS age, spend FROM customers")
+    with pytest.raises(dl.InputError, match="no model 'ghost'"):
+        dl.predict(db, "ghost", "customers")
+
+
+def test_dbpredict_magic(trained, tmp_path, monkeypatch):
+    db, model, frame = trained
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("reload_ext", "dbdl_magic")
+    ip.user_ns["engine"] = db.engine
+    ip.run_line_magic("dbconnect", "engine")
+    ip.user_ns["min_age"] = 70
+    out = ip.run_cell_magic("dbpredict", "churn --proba",
+                            "SELECT id, plan, age, spend FROM customers WHERE age >= :min_age")
+    assert len(out) == int((frame["age"] >= 70).sum()) and "proba_yes" in out.columns
+    ip.run_cell_magic("dbpredict", "churn --into magic_scores --keys id", "customers")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM magic_scores")).scalar_one() == len(frame)
