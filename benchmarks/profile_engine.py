@@ -170,26 +170,40 @@ def spy_on_training_backend(conninfo: str, out: Path, native: bool) -> Iterator[
                 print(err.decode(errors="replace")[-2000:], file=sys.stderr)
 
 
-def summarise_raw(path: Path, top: int = 25) -> list[str]:
-    """Share of samples per function (inclusive) from a py-spy ``raw`` (collapsed) file."""
+DBDL_FILES = ("plpython.py", "train.py", "state.py", "evaluate.py", "predict.py", "blockstore.py")
+
+
+def _frame(raw: str) -> tuple[str, str]:
+    """``"fn (path/file.py:12)"`` → ``("fn", "file.py")``."""
+    name, _, where = raw.rpartition(" (")
+    return (name or raw), where.rstrip(")").split(":")[0].rsplit("/", 1)[-1]
+
+
+def summarise_raw(path: Path, top: int = 12) -> list[str]:
+    """Shares of samples from a py-spy ``raw`` (collapsed stacks) file.
+
+    Inclusive shares of the dbdl kernel functions, the share with no Python frame at all (the
+    server's own C code: executor, detoasting, copying the state datum), and the top leaves.
+    """
     inclusive: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
-    total = 0
+    no_python = total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        frames = [
-            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-            for f in stack.split(";")
-        ]
-        for frame in set(frames):
-            inclusive[frame] += n
-        leaf[frames[-1]] += n
-    lines = [f"{total} samples; inclusive share per function (top {top}):"]
-    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
-    lines += [f"leaf (self) share (top {top // 2}):"]
-    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in leaf.most_common(top // 2)]
+        frames = [_frame(f) for f in stack.split(";")]
+        if not any(where.endswith(".py") or where == "<string>" for _, where in frames):
+            no_python += n
+        for name, where in set(frames):
+            if where in DBDL_FILES:
+                inclusive[f"{name} ({where})"] += n
+        leaf["{} ({})".format(*frames[-1])] += n
+    lines = [f"{total} samples; dbdl kernel functions, inclusive share:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(2 * top)]
+    lines += [f"  {100 * no_python / total:5.1f}%  (no Python frame: server C code)"]
+    lines += [f"leaf (self) share, top {top}:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in leaf.most_common(top)]
     return lines
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,7 +82,7 @@ def test_missing_and_mistyped_features_are_named(trained):
 
 
 def test_dbpredict_magic(trained, tmp_path, monkeypatch):
-    db, model, frame = trained
+    db, _, frame = trained
     ip = InteractiveShell.instance()
     ip.run_line_magic("reload_ext", "dbdl_magic")
     ip.user_ns["engine"] = db.engine
@@ -92,3 +94,36 @@ def test_dbpredict_magic(trained, tmp_path, monkeypatch):
     ip.run_cell_magic("dbpredict", "churn --into magic_scores --keys id", "customers")
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM magic_scores")).scalar_one() == len(frame)
+
+
+def test_plain_sql_prediction_function(trained):
+    db, model, frame = trained
+    if db.backend.name == "postgresql":
+        sql = ("SELECT c.id, dbdl.predict('churn', to_jsonb(c)) AS label,"
+               " dbdl.predict_proba('churn', to_jsonb(c)) AS proba FROM customers c ORDER BY id")
+    else:
+        sql = ("SELECT id, dbdl_predict('churn', json_object('plan', plan, 'age', age,"
+               " 'spend', spend)) AS label, dbdl_predict_proba('churn', json_object('plan',"
+               " plan, 'age', age, 'spend', spend)) AS proba FROM customers ORDER BY id")
+    with db.engine.connect() as conn:
+        rows = conn.execute(text(sql)).all()
+    assert [r.label for r in rows] == list(model.predict(frame))
+    proba = np.array([r.proba if isinstance(r.proba, list) else json.loads(r.proba)
+                      for r in rows])
+    assert np.allclose(proba, model.predict_proba(frame), atol=1e-5)
+
+
+def test_plain_sql_numeric_variadic_form(pg_db):
+    frame = customers(300)
+    load_table(pg_db.engine, "customers", frame)
+    model = dl.train(pg_db, "SELECT age, spend, price FROM customers", name="price",
+                     target="price", task="regression", model="linear", epochs=20, lr=0.05)
+    with pg_db.engine.connect() as conn:
+        values = conn.execute(text(
+            "SELECT dbdl.predict_value('price', jsonb_build_object('age', age, 'spend', spend)),"
+            " dbdl.predict('price', age, spend) FROM customers ORDER BY id")).all()
+        with pytest.raises(Exception, match="missing feature"):
+            conn.execute(text("SELECT dbdl.predict_value('price', '{\"age\": 3}')")).all()
+    expected = model.predict(frame)
+    assert np.allclose([v[0] for v in values], expected, rtol=1e-4)
+    assert np.allclose([float(v[1]) for v in values], expected, rtol=1e-4)

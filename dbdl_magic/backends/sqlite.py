@@ -25,6 +25,7 @@ from ..kernel.blockstore import Run
 from ..kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
 from ..kernel.plpython import kernel_info
 from ..kernel.predict import predict_buffer
+from ..kernel.rowpredict import RowPredictor
 from ..kernel.state import state_info
 from ..kernel.train import Trainer, mix_seed
 from .base import Backend, ColumnKind, ProgressSink
@@ -209,7 +210,37 @@ def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
     c.create_function("dbdl_mix", 2, lambda a, b: mix_seed(a, b) >> 1, deterministic=True)
     c.create_function("dbdl_scale_blob", 4, _scale_blob, deterministic=True)
     c.create_function("dbdl_predict_buffer", 3, _predict_buffer)
+    _register_row_predict(c)
     c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # effective for new database files
+
+
+SQLITE_TABLES = {t: f'"dbdl_{t}"' for t in ("blocks", "checkpoint_blocks", "checkpoints", "models")}
+
+
+def _register_row_predict(c: sqlite3.Connection) -> None:
+    """``dbdl_predict(model, json_object(...))`` and friends, reading models through ``c``."""
+
+    def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
+        return c.execute(_DOLLAR.sub(r"?\1", sql), tuple(params)).fetchall()
+
+    predictor = RowPredictor(run, SQLITE_TABLES)
+
+    def make(mode: str) -> Callable[..., Any]:
+        @_kernel
+        def row(model: str, features: str) -> Any:
+            label, value, proba = predictor.outputs(model, json.loads(features))
+            if mode == "label":
+                return _plain(label)
+            return value if mode == "value" else json.dumps(proba)
+
+        return row
+
+    for mode, name in (
+        ("label", "dbdl_predict"),
+        ("value", "dbdl_predict_value"),
+        ("proba", "dbdl_predict_proba"),
+    ):
+        c.create_function(name, 2, make(mode))
 
 
 class SQLiteBackend(Backend):

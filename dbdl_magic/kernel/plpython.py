@@ -131,7 +131,7 @@ def kernel_info() -> str:
 
 
 # -- storage routines (SPI; called only from PARALLEL UNSAFE functions, never in parallel plans)
-PG_TABLES = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints")}
+PG_TABLES = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints", "models")}
 
 
 def _pg_type(value: Any) -> str:
@@ -209,6 +209,22 @@ def predict_rows(
     out = predict_buffer(_evaluator(GD, model, config), x)
     if config["task"] == "classification":
         labels = out.argmax(axis=1)
-        return [(i, int(labels[i]), float(out[i, labels[i]]), out[i].tolist())
-                for i in range(out.shape[0])]
+        return [
+            (i, int(labels[i]), float(out[i, labels[i]]), out[i].tolist())
+            for i in range(out.shape[0])
+        ]
     return [(i, None, float(out[i, 0]), None) for i in range(out.shape[0])]
+
+
+def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: str) -> Any:
+    """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array."""
+    from .rowpredict import RowPredictor
+
+    predictor = GD.get("dbdl_rows")
+    if predictor is None:
+        predictor = GD["dbdl_rows"] = RowPredictor(spi_runner(plpy, GD), PG_TABLES)
+    values = json.loads(features) if isinstance(features, str) else list(features)
+    label, value, proba = predictor.outputs(model, values)
+    if mode == "label":
+        return str(label)
+    return value if mode == "value" else proba

@@ -88,6 +88,33 @@ from dbdl_magic.kernel import plpython
 return plpython.predict_rows(GD, x, model, config)
 $$;
 
+-- Row-at-a-time prediction from SQL (reads the stored model once per process; SPI, so
+-- PARALLEL UNSAFE):  SELECT id, dbdl.predict('churn', to_jsonb(c)) FROM customers c;
+--                    SELECT id, dbdl.predict('churn', age, tenure) FROM customers;  (numeric)
+CREATE OR REPLACE FUNCTION dbdl.predict(model text, features jsonb) RETURNS text
+LANGUAGE plpython3u STABLE PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.row_predict(plpy, GD, model, features, "label")
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.predict(model text, VARIADIC features double precision[])
+RETURNS text LANGUAGE plpython3u STABLE PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.row_predict(plpy, GD, model, features, "label")
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.predict_value(model text, features jsonb)
+RETURNS double precision LANGUAGE plpython3u STABLE PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.row_predict(plpy, GD, model, features, "value")
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.predict_proba(model text, features jsonb)
+RETURNS double precision[] LANGUAGE plpython3u STABLE PARALLEL UNSAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.row_predict(plpy, GD, model, features, "proba")
+$$;
+
 -- Model store (see dbdl_magic/store.py).
 CREATE TABLE IF NOT EXISTS dbdl.models (
     name text NOT NULL,
