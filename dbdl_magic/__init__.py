@@ -19,6 +19,7 @@ _API = {
     "predict_in_database",
     "delete_model",
     "predict",
+    "serving_copy",
     "Database",
 }
 

@@ -139,6 +139,31 @@ def predict(
                           keys=keys, params=params, replace=replace)
 
 
+def serving_copy(
+    con: str | Engine | Database | None,
+    name: str,
+    validation_query: str,
+    *,
+    budget: float = 0.01,
+    version: int | None = None,
+    into: str | None = None,
+    max_distance: float = 0.5,
+    params: dict[str, Any] | None = None,
+) -> tuple[DBModel, pd.DataFrame]:
+    """Approximate dedup (opt-in): a serving copy of ``name`` whose weight blocks are replaced
+    by similar stored blocks while accuracy on ``validation_query`` drops by at most ``budget``.
+
+    Returns the serving model (stored as ``into`` or ``<name>_serving``) and the log of
+    replacements. The canonical model is not changed.
+    """
+    from .approx import serving_copy as build
+
+    db = connect(con, check=False)
+    key, log = build(db.backend, name, validation_query, version=version, budget=budget,
+                     max_distance=max_distance, into=into, params=params)
+    return load_model(db, key["name"], key["version"]), log
+
+
 def delete_model(con: str | Engine | Database | None, name: str, version: int | None = None) -> int:
     """Delete a model (all versions, or one) and garbage-collect its unshared weight blocks.
 

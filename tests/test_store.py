@@ -129,3 +129,33 @@ def test_delete_collects_unshared_blocks(digits_db):
     assert dl.list_models(db).empty
     with pytest.raises(dl.InputError, match="no model 'a'"):
         dl.delete_model(db, "a")
+
+
+def test_approximate_dedup_serving_copy(digits_db):
+    db = digits_db
+    features = ", ".join(f"p{i}" for i in range(64))
+    dl.train(db, f"SELECT {features}, digit FROM digits", name="base", target="digit",
+             model="mlp:128", epochs=4, seed=0)
+    tuned = dl.train(db, f"SELECT {features}, digit FROM digits", name="tuned",
+                     target="digit", model="mlp:128", epochs=1, lr=1e-5, seed=1,
+                     init_from="base")
+    before = [p.detach().clone() for p in tuned.parameters()]
+    serving, log = dl.serving_copy(db, "tuned", f"SELECT {features}, digit FROM digits",
+                                   budget=0.02)
+    assert len(log) > 0 and (log["relative_distance"] <= 0.5).all()
+    frame = digits_frame()
+    acc_tuned = (tuned.predict(frame) == frame["digit"]).mean()
+    acc_serving = (serving.predict(frame) == frame["digit"]).mean()
+    assert acc_tuned - acc_serving <= 0.02 + 1e-9
+    # the canonical model is untouched and still loads bit-exact
+    reloaded = dl.load_model(db, "tuned")
+    for a, b in zip(before, reloaded.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # replaced blocks are shared, so the serving copy stores fewer new bytes than it holds
+    listing = dl.list_models(db).set_index("name")
+    assert listing.loc["tuned_serving", "parent"] == "tuned:1"
+    with db.engine.connect() as conn:
+        new_bytes = conn.execute(text(
+            f"SELECT new_bytes FROM {db.backend.table('checkpoints')} "
+            "WHERE name = 'tuned_serving'")).scalar_one()
+    assert new_bytes < listing.loc["tuned_serving", "logical_bytes"]
