@@ -71,10 +71,11 @@ class Encoding:
 
     @property
     def input_shape(self) -> list[int]:
-        """Shape of one encoded row: ``[C, H, W]``/``[C, L]`` for a lone array, else flat."""
+        """Shape of one encoded row: ``[1, H, W]`` for a lone 2-D array (an image; ``[C, H, W]``
+        stays as given), else flat."""
         if len(self.features) == 1 and self.features[0].kind == ARRAY:
             shape = self.features[0].shape
-            return [1, *shape] if len(shape) in (1, 2) else list(shape)
+            return [1, *shape] if len(shape) == 2 else list(shape)
         return [self.width]
 
     def to_json(self) -> str:

@@ -194,6 +194,9 @@ class DbdlMagic(Magics, Configurable):
     @argument("--monitor", help="metric for early stopping (default val_loss)")
     @argument("--min-delta", type=float)
     @argument("--no-restore-best", action="store_true")
+    @argument("--resume", action="store_true", help="continue NAME's interrupted run")
+    @argument("--init-from", help="warm start from a stored model: name[:version]")
+    @argument("--freeze", help="layer indices to freeze (e.g. 0,2) or all_but_last")
     @argument("--con", help="connection alias (default: current)")
     @argument("--display", choices=["auto", "widgets", "text", "none"])
     @cell_magic
@@ -211,6 +214,12 @@ class DbdlMagic(Magics, Configurable):
             options["nesterov"] = True
         if args.no_restore_best:
             options["restore_best"] = False
+        if args.resume:
+            options["resume"] = True
+        if args.init_from:
+            options["init_from"] = args.init_from
+        if args.freeze:
+            options["freeze"] = args.freeze
         if args.features:
             options["features"] = [f.strip() for f in args.features.split(",") if f.strip()]
         if args.image_shape:

@@ -27,7 +27,7 @@ def synthetic(n: int, width: int = 32, seed: int = 0) -> pd.DataFrame:
 
 
 def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
-    load_table(db.engine, "big", synthetic(40_000))
+    load_table(db.engine, "big", synthetic(20_000))
     started: dict[str, float] = {}
 
     def on_iteration(row):

@@ -42,9 +42,11 @@ def test_kernels_follow_the_parallel_rules(pg_db):
         ("train", "s", "bytea"),
     ]
     assert all(r[1] != "-" for r in agg)  # both have a combine function
-    storage = {"archive_checkpoint", "materialize_checkpoint", "release_blocks"}
+    # these use SPI (storage routines, per-row prediction that reads the stored model):
+    storage = {"archive_checkpoint", "materialize_checkpoint", "release_blocks", "predict",
+               "predict_value", "predict_proba"}
     for name, parallel, source in functions:
-        if name in storage:  # these use SPI: never allowed in a parallel plan
+        if name in storage:  # never allowed in a parallel plan
             assert parallel == "u", name
             continue
         assert parallel == "s", name

@@ -77,7 +77,7 @@ def input_shape(enc: dict[str, Any]) -> list[int]:
     features = enc["features"]
     if len(features) == 1 and features[0]["kind"] == "array":
         shape = features[0]["shape"]
-        return [1, *shape] if len(shape) in (1, 2) else list(shape)
+        return [1, *shape] if len(shape) == 2 else list(shape)
     return [sum(_width(f) for f in features)]
 
 
