@@ -245,7 +245,14 @@ class PostgresBackend(Backend):
             ),
             {**params, "rpb": int(rows_per_buffer)},
         )
+        if self._has_citus(conn):  # spread the buffers over the Citus workers (shards)
+            conn.execute(text("SELECT create_distributed_table(:t, 'buffer_id')"),
+                         {"t": packed})
         conn.execute(text(f"ANALYZE {packed}"))
+
+    def _has_citus(self, conn: Connection) -> bool:
+        return bool(conn.execute(
+            text("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")).scalar())
 
     # -- iterations -----------------------------------------------------------------------------
     def _parallel_settings(self, conn: Connection, packed: str, workers: int) -> None:
