@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -41,45 +42,65 @@ VENV_BIN = Path(sys.executable).parent
 
 # -- SQLite: exact timers around the kernel steps -------------------------------------------------
 class Timers:
-    """Seconds and calls per wrapped function."""
+    """Wall and CPU seconds (all threads of this process) per wrapped function."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.calls: dict[str, int] = collections.defaultdict(int)
+        self.wall: dict[str, float] = collections.defaultdict(float)
+        self.cpu: dict[str, float] = collections.defaultdict(float)
 
     def wrap(self, owner: Any, attr: str, label: str) -> None:
-        original = getattr(owner, attr)
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - started
-                self.calls[label] += 1
+                self.wall[label] += time.perf_counter() - wall
+                self.cpu[label] += time.process_time() - cpu
 
         setattr(owner, attr, timed)
 
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
+    def take(self) -> dict[str, tuple[float, float]]:
+        out = {k: (self.wall[k], self.cpu[k]) for k in self.wall}
+        self.wall.clear()
+        self.cpu.clear()
+        return out
 
 
-def profile_sqlite(url: str, model: str, epochs: int) -> list[str]:
+SQLITE_STEPS = [
+    # (owner, attribute, label); nesting is shown by indentation of the label
+    ("backend", "train_iteration", "aggregate query (train_iteration)"),
+    (ktrain.Trainer, "__init__", "  Trainer.__init__ (decode state, build net)"),
+    (ktrain.Trainer, "train_buffer", "  Trainer.train_buffer"),
+    (ktrain, "buffer_tensors", "    buffer_tensors (bytes → tensors)"),
+    (ktrain.Trainer, "to_bytes", "  Trainer.to_bytes (serialise state)"),
+    ("backend", "state_info", "state_info"),
+    ("backend", "evaluate", "evaluate query"),
+    (kevaluate.Evaluator, "score_buffer", "  Evaluator.score_buffer"),
+    ("backend", "archive", "archive checkpoint"),
+]
+
+
+def profile_sqlite(url: str, model: str, epochs: int, data: tuple) -> list[str]:
+    """Per-epoch wall/CPU seconds of each kernel step, next to one plain epoch per iteration."""
+    from dbdl_magic.backends.sqlite import SQLiteBackend
+
     timers = Timers()
-    timers.wrap(ktrain.Trainer, "__init__", "Trainer.__init__ (decode state, build net)")
-    timers.wrap(ktrain, "buffer_tensors", "buffer_tensors (bytes → tensors)")
-    timers.wrap(ktrain.Trainer, "train_buffer", "Trainer.train_buffer (incl. buffer_tensors)")
-    timers.wrap(ktrain.Trainer, "to_bytes", "Trainer.to_bytes (serialise state)")
-    timers.wrap(kevaluate.Evaluator, "__init__", "Evaluator.__init__")
-    timers.wrap(kevaluate.Evaluator, "score_buffer", "Evaluator.score_buffer")
-    per_epoch: list[dict[str, float]] = []
+    for owner, attr, label in SQLITE_STEPS:
+        timers.wrap(SQLiteBackend if owner == "backend" else owner, attr, label)
+    plain = bench.PlainLoop(model, data)
+    per_epoch: list[dict[str, tuple[float, float]]] = []
 
     def on_iteration(row: dict[str, Any]) -> None:
-        per_epoch.append(
-            {**timers.seconds, "train_seconds": row["train_seconds"], "seconds": row["seconds"]}
-        )
-        timers.reset()
+        steps = timers.take()
+        steps["iteration (history 'seconds')"] = (row["seconds"], float("nan"))
+        wall, cpu = time.perf_counter(), time.process_time()
+        plain.epoch()
+        steps["plain epoch (reference)"] = (time.perf_counter() - wall, time.process_time() - cpu)
+        per_epoch.append(steps)
 
     dl.train(
         url,
@@ -88,35 +109,16 @@ def profile_sqlite(url: str, model: str, epochs: int) -> list[str]:
         **bench.train_options(model, epochs),
     )
     steady = per_epoch[1:] or per_epoch
-    keys = [k for k in steady[0] if k not in ("train_seconds", "seconds")]
-    mean = {
-        k: sum(e.get(k, 0.0) for e in steady) / len(steady)
-        for k in [*keys, "train_seconds", "seconds"]
-    }
-    sgd = mean["Trainer.train_buffer (incl. buffer_tensors)"] - mean.get(
-        "buffer_tensors (bytes → tensors)", 0.0
-    )
-    kernel = sum(
-        mean.get(k, 0.0)
-        for k in (
-            "Trainer.__init__ (decode state, build net)",
-            "Trainer.train_buffer (incl. buffer_tensors)",
-            "Trainer.to_bytes (serialise state)",
-        )
-    )
+    labels = [label for _, _, label in SQLITE_STEPS if label in steady[0]]
+    labels += ["iteration (history 'seconds')", "plain epoch (reference)"]
     lines = [
-        f"SQLite, {model}, mean of epochs 2..{len(per_epoch)} (seconds per epoch):",
-        f"  aggregate query (train_seconds)               {mean['train_seconds']:8.3f}",
-        f"    SGD loop (train_buffer − decode)            {sgd:8.3f}",
+        f"SQLite, {model}, median of epochs 2..{len(per_epoch)}, seconds per epoch:",
+        f"  {'step':<48s}{'wall':>9s}{'CPU':>9s}",
     ]
-    for key in keys:
-        if key != "Trainer.train_buffer (incl. buffer_tensors)":
-            lines.append(f"    {key:<44s}{mean[key]:8.3f}")
-    evaluation = mean["seconds"] - mean["train_seconds"]
-    lines += [
-        f"    SQLite itself (query − kernel calls)        {mean['train_seconds'] - kernel:8.3f}",
-        f"  evaluation, checkpoint (seconds − train)      {evaluation:8.3f}",
-    ]
+    for label in labels:
+        wall = bench.median([e[label][0] for e in steady if label in e])
+        cpu = bench.median([e[label][1] for e in steady if label in e])
+        lines.append(f"  {label:<48s}{wall:9.3f}{cpu:9.3f}")
     return lines
 
 
@@ -212,17 +214,27 @@ def profile_postgres(targets: bench.Targets, model: str, epochs: int, native: bo
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "spy.txt"
         os.chmod(tmp, 0o777)
-        history: list[dict[str, Any]] = []
+        marks = [bench.server_cpu(targets.pg_postmaster)]
+
+        def on_iteration(_row: dict[str, Any]) -> None:
+            marks.append(bench.server_cpu(targets.pg_postmaster))
+
         with spy_on_training_backend(targets.pg_conninfo, out, native):
             trained = dl.train(
-                targets.pg_url, f"SELECT * FROM {bench.TABLE}", **bench.train_options(model, epochs)
+                targets.pg_url,
+                f"SELECT * FROM {bench.TABLE}",
+                callbacks=bench.Callbacks(on_iteration=on_iteration),
+                **bench.train_options(model, epochs),
             )
-            history = trained.history.to_dict("records")
+        history = trained.history.to_dict("records")
+        cpu = [b - a for a, b in itertools.pairwise(marks)]
         lines = [
-            f"PostgreSQL, {model}: train_seconds per epoch "
+            f"PostgreSQL, {model}, per epoch: train_seconds "
             + ", ".join(f"{h['train_seconds']:.2f}" for h in history)
             + "; seconds "
             + ", ".join(f"{h['seconds']:.2f}" for h in history)
+            + "; server CPU s "
+            + ", ".join(f"{c:.2f}" for c in cpu)
         ]
         if out.exists():
             lines += summarise_raw(out)
@@ -247,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         targets.load(x, y)
         report: list[str] = []
         if args.backend in ("sqlite", "both"):
-            report += profile_sqlite(targets.sqlite_url, args.model, args.epochs)
+            data = bench.split_plain(x, y)
+            report += profile_sqlite(targets.sqlite_url, args.model, args.epochs, data)
         if args.backend in ("postgresql", "both"):
             report += profile_postgres(targets, args.model, args.epochs, args.native)
     print("\n".join(report))

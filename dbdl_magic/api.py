@@ -50,6 +50,8 @@ def connect(target: str | Engine | Database | None = None, *, check: bool = True
     asked to import torch; failures raise :class:`InstallError` saying what to do.
     """
     if isinstance(target, Database):
+        if check and not target.info:  # connected earlier without a successful check
+            target.info = target.backend.check()
         return target
     engine = target if isinstance(target, Engine) else create_engine(target or default_url())
     db = Database(engine, backend_for(engine))
@@ -87,7 +89,10 @@ def train(
     """
     db = connect(con)
     opts = TrainOptions.from_kwargs(target=target, **options)
-    run = TrainingRun(db.backend, query, opts, name or generated_name(), callbacks or Callbacks())
+    run = TrainingRun(
+        db.backend, query, opts, name or generated_name(), callbacks or Callbacks(),
+        server=db.info,
+    )
     return run.execute()
 
 

@@ -20,11 +20,16 @@ class ConnectionRegistry:
     def connect(
         self, target: str | Engine | api.Database, alias: str | None = None
     ) -> api.Database:
-        """Connect (checking the kernels) and make it current under ``alias``."""
-        db = api.connect(target)
+        """Connect and make it current under ``alias``.
+
+        The kernels are checked; when they are missing the connection is still kept (so that
+        ``%dbinstall`` can install them) and the :class:`InstallError` is raised.
+        """
+        db = api.connect(target, check=False)
         name = alias or _default_alias(db)
         self.databases[name] = db
         self.current = name
+        db.info = db.backend.check()
         return db
 
     def use(self, alias: str) -> api.Database:

@@ -17,7 +17,7 @@ from traitlets.config import Configurable
 
 from . import api
 from .connections import ConnectionRegistry
-from .errors import DbdlError, InputError
+from .errors import DbdlError, InputError, InstallError
 from .monitor import make_monitor
 
 # Same rule as SQLAlchemy's text(): ``:name`` not preceded by ``:`` or a word character.
@@ -113,7 +113,13 @@ class DbdlMagic(Magics, Configurable):
                     f"{target!r} is neither a connection URL, a known alias, nor a variable "
                     "holding an Engine"
                 )
-            db = self.connections.connect(target, alias=args.alias)
+            try:
+                db = self.connections.connect(target, alias=args.alias)
+            except InstallError as exc:
+                db = self.connections.get()
+                print(f"dbdl: connected to {db.url} as {self.connections.current!r}, but the "
+                      f"kernels are not usable there: {exc}\nRun %dbinstall (as a superuser).")
+                return None
         print(f"dbdl: connected to {db.url} ({db.backend.name}) as {self.connections.current!r}")
         return None
 

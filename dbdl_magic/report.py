@@ -98,6 +98,8 @@ def curves_png(history: pd.DataFrame, title: str, alert: bool = False) -> bytes:
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(x):  # whole-epoch ticks even with a single point
+            ax.set_xlim(float(x.min()) - 0.5, float(x.max()) + 0.5)
         ax.grid(alpha=0.3)
         if columns:
             ax.legend(fontsize=8)

@@ -50,6 +50,7 @@ class TrainingRun:
     options: TrainOptions
     name: str
     callbacks: Callbacks = field(default_factory=Callbacks)
+    server: dict[str, Any] = field(default_factory=dict)  # the kernel's facts (cuda, torch, ...)
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -275,7 +276,9 @@ class TrainingRun:
                 "workers": self.options.parallel,
                 "epochs": self.options.epochs,
                 "first_epoch": first_epoch,
-                "device": self.options.db_device,
+                "device": "cuda"
+                if self.options.db_device != "cpu" and self.server.get("cuda")
+                else "cpu",
             }
         )
 

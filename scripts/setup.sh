@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: PostgreSQL 15 + PL/Python (as root), the venv with a CPU torch and this
-# package, and directory permissions so the server's `postgres` OS user can import from here.
+# Idempotent set-up: PostgreSQL 15 + PL/Python and Chromium (as root), the venv with a CPU torch
+# and this package, and directory permissions so the server's `postgres` OS user can import from here.
 # Fast when everything is already in place.
 set -euo pipefail
 
@@ -31,6 +31,20 @@ if is_root && command -v pg_lsclusters >/dev/null 2>&1 \
         && pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" '$1==v && $2=="main" && $4=="online" {f=1} END {exit !f}'; then
     log "stopping the Debian ${PG_VERSION}/main cluster (unused)"
     pg_ctlcluster "$PG_VERSION" main stop || true
+fi
+
+# --- Chromium for the browser tests (tests/test_browser.py drives it through Playwright) -------
+# Debian's package; `playwright install` needs a download that is not always possible. Optional:
+# without it the browser tests skip locally (and fail on CI).
+if [ ! -x /usr/bin/chromium ]; then
+    if is_root; then
+        log "installing chromium (for the browser tests)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || log "WARNING: could not install chromium; browser tests will be skipped (fail on CI)"
+    else
+        log "WARNING: /usr/bin/chromium missing and not root; browser tests will be skipped" \
+            "(or fail on CI)"
+    fi
 fi
 
 # --- virtualenv --------------------------------------------------------------------------------

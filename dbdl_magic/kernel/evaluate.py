@@ -89,7 +89,7 @@ def metrics_from_stats(data: bytes | None, config: dict[str, Any]) -> dict[str, 
         return {"n": 0}
     acc = stats_from_bytes(data)
     n = acc[0]
-    out: dict[str, Any] = {"n": int(n), "loss": acc[1] / n if n else None}
+    out: dict[str, Any] = {"n": int(n), "loss": float(acc[1] / n) if n else None}
     if config["task"] == "classification":
         k = int(config["n_outputs"])
         cm = acc[2:].reshape(k, k)
@@ -103,8 +103,8 @@ def metrics_from_stats(data: bytes | None, config: dict[str, Any]) -> dict[str, 
         out["f1"] = float(f1[1]) if k == 2 else float(f1.mean())
     else:
         sse, sae, sy, syy = acc[2:6]
-        out["mse"] = sse / n if n else None
-        out["mae"] = sae / n if n else None
+        out["mse"] = float(sse / n) if n else None
+        out["mae"] = float(sae / n) if n else None
         ss_tot = syy - sy * sy / n if n else 0.0
         out["r2"] = float(1 - sse / ss_tot) if ss_tot > 0 else None
     return out

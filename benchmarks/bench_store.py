@@ -1,0 +1,1110 @@
+"""Model-store benchmark: deduplication ratios, load times and in-database prediction throughput.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_store.py --quick          # < 2 min, writes nothing
+    .venv/bin/python benchmarks/bench_store.py --quick --write  # ... and updates RESULTS.md
+    .venv/bin/python benchmarks/bench_store.py --full           # ~15-30 min, updates RESULTS.md
+
+Three measurements in one run, on synthetic data (32 numeric features, 4 classes from a seeded
+nonlinear rule; fine-tunes see a *drifted* rule), Adam lr 1e-3, batch 256, 2 torch threads
+for the timed parts (training, which is not timed, uses 1):
+
+1. ``storage``: bytes the block store keeps ÷ naive bytes (every checkpoint stored in full,
+   i.e. the sum of the checkpoints' ``logical_bytes``) for (a) the per-iteration checkpoints
+   of one run, with lossless deltas off and on; (b-d) head-only, last-two-layers and full
+   fine-tunes of a base model, counting only the fine-tune's own new blocks (``new_bytes``),
+   with exact dedup only (``deltas=False``) and with deltas; plus an approximate serving copy
+   (``dl.serving_copy``, accuracy budget 0.01) of each fine-tune. Every variant gets its own
+   SQLite file (copied from one template holding the base model), so no variant can
+   deduplicate against another. The block store code is the same on PostgreSQL (it runs in
+   PL/Python there), so this part runs on SQLite only.
+2. ``load``: ``dl.load_model`` from the store (SQLite and PostgreSQL) vs the same weights
+   from a safetensors file (``safetensors.torch.load_file``) and from
+   ``torch.load(weights_only=True)`` of a ``state_dict``, for a ~1M and a ~10M parameter MLP;
+   medians of repeats that rotate through the sources (warm caches for all of them).
+3. ``predict``: ``dl.predict(db, name, query, into="scores")`` vs ``pandas.read_sql`` + torch
+   in the client (``model.predict``) and, separately, writing the client's predictions back
+   (executemany / binary COPY), on ≥ 1M rows × 32 features (quick: 100k). The database
+   variant's time is split by SQL statement (SQLAlchemy cursor events) to show where it goes.
+
+A throwaway PostgreSQL server with PL/Python is started with ``tests/pgserver.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from bench_engine import fmt_params, machine_facts, table, wait_quiet
+from safetensors.torch import load_file, save_file
+from sqlalchemy import event, text
+
+import dbdl_magic as dl
+from dbdl_magic import store
+from dbdl_magic.api import Database
+from dbdl_magic.kernel.blockstore import block_hash, split_state
+from dbdl_magic.kernel.netbuild import build_network
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- store:begin -->", "<!-- store:end -->"
+N_FEATURES = 32
+N_CLASSES = 4
+THREADS = 2
+SEED = 0
+STORE_MODEL = "mlp:256,128"  # layers 0, 2, 4 hold weights
+BUDGET = 0.01
+FEATURES = [f"f{i}" for i in range(N_FEATURES)]
+COMMON = {
+    "target": "label",
+    "batch_size": 256,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    # Training speed is not measured here: one thread avoids OpenMP threads spinning against
+    # other processes on a busy two-core machine. Training in SQLite runs in this process and
+    # sets its torch threads, so measurements reset them to THREADS (see ``setup_done``).
+    "threads": 1,
+    "validation": 0.2,
+    "device": "cpu",
+}
+#: name, freeze option, layers frozen (indices into the Sequential)
+FINE_TUNES = [
+    ("head only", "all_but_last", [0, 2]),
+    ("last two layers", [0], [0]),
+    ("full", None, []),
+]
+
+
+@dataclass
+class Mode:
+    """Sizes of one benchmark mode."""
+
+    name: str
+    store_rows: int  # rows of the training and fine-tuning tables
+    run_epochs: int  # checkpoints of the per-iteration run (plus the initial one)
+    base_epochs: int
+    ft_epochs: int
+    load_models: list[str]
+    load_repeats: int
+    predict_rows: int
+    predict_repeats: int
+    quiet: float  # seconds to wait at most for an idle machine before a timed measurement
+
+
+QUICK = Mode(
+    "quick",
+    store_rows=5_000,
+    run_epochs=5,
+    base_epochs=2,
+    ft_epochs=2,
+    load_models=["mlp:1024,1024"],
+    load_repeats=5,
+    predict_rows=100_000,
+    predict_repeats=1,
+    quiet=0.0,
+)
+FULL = Mode(
+    "full",
+    store_rows=20_000,
+    run_epochs=20,
+    base_epochs=10,
+    ft_epochs=5,
+    load_models=["mlp:1024,1024", "mlp:3072,3072"],
+    load_repeats=7,
+    predict_rows=1_000_000,
+    predict_repeats=3,
+    quiet=20.0,
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+# -- data -----------------------------------------------------------------------------------------
+def make_features(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, N_FEATURES))
+
+
+def make_labels(x: np.ndarray, drift: float = 0.0, seed: int = SEED) -> np.ndarray:
+    """Argmax of a seeded random tanh network of ``x``; ``drift`` perturbs its first layer
+    (the fine-tuning data follows a related but different rule)."""
+    rule = np.random.default_rng(seed + 1)
+    w1 = rule.standard_normal((N_FEATURES, 16)) / np.sqrt(N_FEATURES) * 2.0
+    w2 = rule.standard_normal((16, N_CLASSES))
+    w1 = w1 + drift * np.random.default_rng(seed + 2).standard_normal(w1.shape) / np.sqrt(
+        N_FEATURES
+    )
+    return (np.tanh(x @ w1) @ w2).argmax(axis=1).astype(np.int64)
+
+
+def labelled(rows: int, seed: int, drift: float = 0.0) -> dict[str, np.ndarray]:
+    x = make_features(rows, seed)
+    return {**{c: x[:, i] for i, c in enumerate(FEATURES)}, "label": make_labels(x, drift)}
+
+
+def unlabelled(rows: int, seed: int) -> dict[str, np.ndarray]:
+    x = make_features(rows, seed)
+    return {"id": np.arange(rows, dtype=np.int64), **{c: x[:, i] for i, c in enumerate(FEATURES)}}
+
+
+def write_sqlite(path: Path, name: str, columns: dict[str, np.ndarray]) -> None:
+    """(Re)create table ``name`` with executemany in chunks (int64 → INTEGER, else REAL)."""
+    decl = ", ".join(
+        f"{c} {'INTEGER' if v.dtype.kind == 'i' else 'REAL'}" for c, v in columns.items()
+    )
+    marks = ", ".join("?" * len(columns))
+    n = len(next(iter(columns.values())))
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+        con.execute(f"CREATE TABLE {name} ({decl})")
+        for start in range(0, n, 100_000):
+            parts = [v[start : start + 100_000].tolist() for v in columns.values()]
+            con.executemany(f"INSERT INTO {name} VALUES ({marks})", zip(*parts, strict=True))
+        con.commit()
+
+
+def write_postgres(conninfo: str, name: str, columns: dict[str, np.ndarray]) -> None:
+    """(Re)create table ``name`` with one binary COPY built by numpy (int64 → bigint)."""
+    import psycopg
+
+    fields: list[tuple[str, str]] = [("count", ">i2")]
+    for c in columns:
+        fields += [(f"len_{c}", ">i4"), (c, ">i8" if columns[c].dtype.kind == "i" else ">f8")]
+    decl = ", ".join(
+        f"{c} {'bigint' if v.dtype.kind == 'i' else 'double precision'}" for c, v in columns.items()
+    )
+    n = len(next(iter(columns.values())))
+    with psycopg.connect(conninfo) as con:
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+        con.execute(f"CREATE TABLE {name} ({decl})")
+        with con.cursor() as cur, cur.copy(f"COPY {name} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8)
+            for start in range(0, n, 100_000):
+                stop = min(start + 100_000, n)
+                rec = np.empty(stop - start, dtype=np.dtype(fields))
+                rec["count"] = len(columns)
+                for c, v in columns.items():
+                    rec[f"len_{c}"] = 8
+                    rec[c] = v[start:stop]
+                copy.write(rec.tobytes())
+            copy.write(b"\xff\xff")
+        con.execute(f"ANALYZE {name}")
+
+
+def fresh_sqlite(path: Path) -> str:
+    """A new SQLite file with the kernels installed; returns its URL."""
+    url = f"sqlite:///{path}"
+    dl.install(url).engine.dispose()  # sets the 64 KiB page size first
+    return url
+
+
+def copy_sqlite(src: Path, dst: Path) -> str:
+    """Copy a SQLite database file with the backup API; returns the copy's URL."""
+    with (
+        contextlib.closing(sqlite3.connect(src)) as source,
+        contextlib.closing(sqlite3.connect(dst)) as copy,
+    ):
+        source.backup(copy)
+    return f"sqlite:///{dst}"
+
+
+@dataclass
+class Targets:
+    """The SQLite file and PostgreSQL database of the load and predict benchmarks."""
+
+    sqlite_path: Path
+    pg_url: str | None
+    pg_conninfo: str | None
+    tmp: Path
+
+    def urls(self) -> dict[str, str]:
+        out = {"sqlite": f"sqlite:///{self.sqlite_path}"}
+        if self.pg_url:
+            out["postgresql"] = self.pg_url
+        return out
+
+    def load(self, name: str, columns: dict[str, np.ndarray]) -> None:
+        started = time.perf_counter()
+        write_sqlite(self.sqlite_path, name, columns)
+        if self.pg_conninfo:
+            write_postgres(self.pg_conninfo, name, columns)
+        rows = len(next(iter(columns.values())))
+        log(f"loaded {rows:,} rows into {name} ({time.perf_counter() - started:.1f} s)")
+
+
+@contextlib.contextmanager
+def databases(use_postgres: bool) -> Iterator[Targets]:
+    """A temporary directory with a SQLite file and (optionally) a throwaway PostgreSQL server."""
+    with tempfile.TemporaryDirectory(prefix="dbdl-store-bench-") as tmp:
+        path = Path(tmp) / "bench.db"
+        fresh_sqlite(path)
+        if not use_postgres:
+            yield Targets(path, None, None, Path(tmp))
+            return
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pgserver import PostgresServer, server_pythonpath, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise SystemExit(f"PostgreSQL unavailable ({reason}); use --no-postgres")
+        with PostgresServer.start(server_pythonpath()) as server:
+            url = server.create_database("bench")
+            dl.install(url).engine.dispose()
+            yield Targets(path, url, server.conninfo("bench"), Path(tmp))
+
+
+# -- store accounting -----------------------------------------------------------------------------
+def scalar(db: Database, sql: str, **params: Any) -> Any:
+    with db.engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar_one()
+
+
+def checkpoint_bytes(db: Database, name: str) -> dict[str, Any]:
+    """Naive (logical), newly stored and hot-copy bytes of every checkpoint of ``name``."""
+    ck = db.backend.table("checkpoints")
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                f"SELECT iteration, logical_bytes, new_bytes, coalesce(length(state), 0)"
+                f" FROM {ck} WHERE name = :n ORDER BY iteration"
+            ),
+            {"n": name},
+        ).all()
+    listed = dl.list_models(db).set_index("name").loc[name]
+    later = [new / logical for _, logical, new, _ in rows[1:]]  # after the initial state
+    return {
+        "checkpoints": len(rows),
+        "naive": sum(r[1] for r in rows),
+        "new": sum(r[2] for r in rows),
+        "hot": sum(r[3] for r in rows),
+        "listed_stored": int(listed["stored_bytes"]),
+        "per_checkpoint": median(later),
+    }
+
+
+def blocks_beyond(db: Database, name: str, iteration: int, other: str, prefix: str = "") -> int:
+    """Bytes of the blocks of ``name``'s checkpoint ``iteration`` (labels starting with
+    ``prefix``) that ``other`` does not reference: what keeping it costs on top of ``other``."""
+    b, cb = db.backend.table("blocks"), db.backend.table("checkpoint_blocks")
+    return int(
+        scalar(
+            db,
+            f"SELECT coalesce(sum(length(b.data)), 0) FROM {b} AS b WHERE b.hash IN"
+            f" (SELECT hash FROM {cb} WHERE name = :n AND iteration = :i AND label LIKE :p)"
+            f" AND b.hash NOT IN (SELECT hash FROM {cb} WHERE name = :o)",
+            n=name,
+            i=iteration,
+            p=prefix + "%",
+            o=other,
+        )
+    )
+
+
+def logical_of(db: Database, name: str, iteration: int, prefix: str = "") -> int:
+    """Raw bytes of ``name``'s checkpoint ``iteration`` (labels starting with ``prefix``)."""
+    b, cb = db.backend.table("blocks"), db.backend.table("checkpoint_blocks")
+    return int(
+        scalar(
+            db,
+            f"SELECT coalesce(sum(b.raw_size), 0) FROM {cb} AS cb JOIN {b} AS b"
+            " ON b.hash = cb.hash WHERE cb.name = :n AND cb.iteration = :i AND cb.label LIKE :p",
+            n=name,
+            i=iteration,
+            p=prefix + "%",
+        )
+    )
+
+
+def frozen_sharing(db: Database, name: str, base: str, layers: list[int]) -> tuple[int, int]:
+    """(blocks of frozen layers also referenced by ``base``, blocks of frozen layers)."""
+    if not layers:
+        return 0, 0
+    cb = db.backend.table("checkpoint_blocks")
+    like = " OR ".join(f"label LIKE 'model.{i}.%'" for i in layers)
+    with db.engine.connect() as conn:
+        mine = {
+            bytes(r[0])
+            for r in conn.execute(
+                text(f"SELECT hash FROM {cb} WHERE name = :n AND ({like})"), {"n": name}
+            )
+        }
+        theirs = {
+            bytes(r[0])
+            for r in conn.execute(text(f"SELECT hash FROM {cb} WHERE name = :n"), {"n": base})
+        }
+    return len(mine & theirs), len(mine)
+
+
+# -- benchmark 1: storage -------------------------------------------------------------------------
+def bench_storage(mode: Mode, tmp: Path) -> dict[str, list[dict[str, Any]]]:
+    train_data = labelled(mode.store_rows, SEED)
+    runs = []
+    for deltas in (False, True):
+        path = tmp / f"run_deltas_{deltas}.db"
+        url = fresh_sqlite(path)
+        write_sqlite(path, "store_data", train_data)
+        db = dl.connect(url)
+        started = time.perf_counter()
+        model = dl.train(
+            db,
+            "SELECT * FROM store_data",
+            name="run",
+            model=STORE_MODEL,
+            epochs=mode.run_epochs,
+            deltas=deltas,
+            seed=SEED,
+            **COMMON,
+        )
+        wall = time.perf_counter() - started
+        history = model.history
+        row = {
+            "deltas": deltas,
+            "model": STORE_MODEL,
+            "params": sum(p.numel() for p in model.parameters()),
+            "train_wall": wall,
+            "archive_share": float((history["seconds"] - history["train_seconds"]).sum()) / wall,
+            "accuracy": float(history["val_accuracy"].iloc[-1]),
+            **checkpoint_bytes(db, "run"),
+        }
+        db.engine.dispose()
+        log(
+            f"run deltas={deltas}: {row['checkpoints']} checkpoints, naive {mb(row['naive'])} MB,"
+            f" stored {mb(row['new'])} MB ({row['new'] / row['naive']:.3f})"
+        )
+        runs.append(row)
+
+    # one template with the base model; every fine-tune variant gets its own copy
+    template = tmp / "ft_template.db"
+    url = fresh_sqlite(template)
+    write_sqlite(template, "store_data", train_data)
+    write_sqlite(template, "ft_data", labelled(mode.store_rows, SEED + 10, drift=0.6))
+    write_sqlite(template, "ft_holdout", labelled(5_000, SEED + 20, drift=0.6))
+    db = dl.connect(url)
+    dl.train(
+        db,
+        "SELECT * FROM store_data",
+        name="base",
+        model=STORE_MODEL,
+        epochs=mode.base_epochs,
+        seed=SEED,
+        **COMMON,
+    )
+    base_holdout = float(
+        (
+            dl.load_model(db, "base", device="cpu").predict(
+                pd.read_sql("SELECT * FROM ft_holdout", db.engine)
+            )
+            == pd.read_sql("SELECT label FROM ft_holdout", db.engine)["label"].to_numpy()
+        ).mean()
+    )
+    db.engine.dispose()
+    log(
+        f"base model: {mode.base_epochs} epochs, accuracy on the drifted hold-out"
+        f" {base_holdout:.4f}"
+    )
+
+    finetunes = []
+    for label, freeze, frozen in FINE_TUNES:
+        for deltas in (False, True):
+            path = tmp / f"ft_{label.replace(' ', '_')}_{deltas}.db"
+            db = dl.connect(copy_sqlite(template, path))
+            tuned = dl.train(
+                db,
+                "SELECT * FROM ft_data",
+                name="ft",
+                model=STORE_MODEL,
+                epochs=mode.ft_epochs,
+                init_from="base",
+                freeze=freeze,
+                deltas=deltas,
+                seed=SEED + 1,
+                **COMMON,
+            )
+            stats = checkpoint_bytes(db, "ft")
+            shared, total = frozen_sharing(db, "ft", "base", frozen)
+            final = stats["checkpoints"] - 1
+            row = {
+                "variant": label,
+                "frozen": frozen,
+                "deltas": deltas,
+                "accuracy": float(tuned.history["val_accuracy"].iloc[-1]),
+                "frozen_shared": shared,
+                "frozen_blocks": total,
+                "final_beyond_base": blocks_beyond(db, "ft", final, "base"),
+                "final_logical": logical_of(db, "ft", final),
+                "final_weights_beyond_base": blocks_beyond(db, "ft", final, "base", "model."),
+                "final_weights": logical_of(db, "ft", final, "model."),
+                **stats,
+            }
+            if not deltas:  # the serving copy does not depend on how the fine-tune was stored
+                row["serving"] = serving_stats(db, "ft", "base")
+            db.engine.dispose()
+            log(
+                f"fine-tune {label} deltas={deltas}: naive {mb(row['naive'])} MB, new"
+                f" {mb(row['new'])} MB ({row['new'] / row['naive']:.3f}), frozen blocks shared"
+                f" {shared}/{total}"
+            )
+            finetunes.append(row)
+    return {"runs": runs, "finetunes": finetunes, "base": [{"holdout": base_holdout}]}
+
+
+def replacement_origins(
+    db: Database, prefixes: list[str], base: str, name: str, serving: str
+) -> dict[str, int]:
+    """Which stored model each replacement block came from (by its address prefix)."""
+    with db.engine.connect() as conn:
+        refs = conn.execute(
+            text(
+                f"SELECT name, hash FROM {db.backend.table('checkpoint_blocks')} WHERE name <> :s"
+            ),
+            {"s": serving},
+        ).all()
+    owners: dict[str, set[str]] = defaultdict(set)
+    for owner, address in refs:
+        owners[bytes(address).hex()[:16]].add(owner)
+    counts: dict[str, int] = defaultdict(int)
+    for prefix in prefixes:
+        found = owners.get(prefix, set())
+        kind = "base" if base in found else f"{name} history" if name in found else "other"
+        counts[kind] += 1
+    return dict(counts)
+
+
+def serving_stats(db: Database, name: str, base: str) -> dict[str, Any]:
+    """Build ``<name>_serving`` with the accuracy budget; bytes and accuracy change."""
+    started = time.perf_counter()
+    _model, replacements = dl.serving_copy(db, name, "SELECT * FROM ft_holdout", budget=BUDGET)
+    seconds = time.perf_counter() - started
+    serving = f"{name}_serving"
+    with db.engine.connect() as conn:
+        info = store.read_model(conn, db.backend, serving, with_state=False)["options"]
+    approx = info["approximate_dedup"]
+    tensor_blocks = int(
+        scalar(
+            db,
+            f"SELECT count(*) FROM {db.backend.table('checkpoint_blocks')}"
+            " WHERE name = :n AND label LIKE 'model.%'",
+            n=serving,
+        )
+    )
+    stats = checkpoint_bytes(db, serving)
+    origin = replacement_origins(db, list(replacements["replaced_by"]), base, name, serving)
+    out = {
+        "seconds": seconds,
+        "replaced": len(replacements),
+        "weight_blocks": tensor_blocks,
+        "logical": stats["naive"],
+        "new": stats["new"],
+        "beyond_base": blocks_beyond(db, serving, 0, base),
+        "weights_beyond_base": blocks_beyond(db, serving, 0, base, "model."),
+        "weights": logical_of(db, serving, 0, "model."),
+        "original_accuracy": approx["original_accuracy"],
+        "accuracy": approx["accuracy"],
+        "labels": sorted({str(label).split("[")[0][6:] for label in replacements["label"]}),
+        "origin": origin,
+    }
+    log(
+        f"  serving copy: {out['replaced']}/{out['weight_blocks']} weight blocks replaced,"
+        f" accuracy {out['original_accuracy']:.4f} → {out['accuracy']:.4f}"
+    )
+    return out
+
+
+# -- benchmark 2: load time -----------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def setup_done(dbs: dict[str, Database]) -> dict[str, Database]:
+    """After training: fresh connections (new PostgreSQL backends, default torch threads) and
+    this process's torch threads back to THREADS (SQLite's kernels ran here with 1)."""
+    torch.set_num_threads(THREADS)
+    for db in dbs.values():
+        db.engine.dispose()
+    return {backend: dl.connect(db.engine) for backend, db in dbs.items()}
+
+
+def bench_load(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    targets.load("load_data", labelled(1_000, SEED))
+    dbs = {backend: dl.connect(url) for backend, url in targets.urls().items()}
+    results = []
+    for spec in mode.load_models:
+        name = f"load_{spec.replace(':', '_').replace(',', '_')}"
+        for db in dbs.values():  # one epoch: the weights are what matters, not their quality
+            dl.train(
+                db, "SELECT * FROM load_data", name=name, model=spec, epochs=1, seed=SEED, **COMMON
+            )
+        model = dl.load_model(dbs["sqlite"], name, device="cpu")
+        dbs = setup_done(dbs)
+        weights = {k: v.contiguous() for k, v in model.net.state_dict().items()}
+        st_path, pt_path = targets.tmp / f"{name}.safetensors", targets.tmp / f"{name}.pt"
+        save_file(weights, st_path)
+        torch.save(weights, pt_path)
+
+        def module(tensors: dict[str, torch.Tensor], arch: dict = model.spec) -> torch.nn.Module:
+            net = build_network(arch, [N_FEATURES], N_CLASSES)
+            net.load_state_dict(tensors)
+            return net
+
+        def read_state(db: Database, name: str = name) -> bytes:
+            with db.engine.connect() as conn:
+                return store.read_model(conn, db.backend, name)["state"]
+
+        sources: dict[str, dict[str, Callable[[], Any]]] = {
+            f"{backend} store": {
+                "read": lambda db=db: read_state(db),
+                "module": lambda db=db, name=name: dl.load_model(db, name, device="cpu"),
+            }
+            for backend, db in dbs.items()
+        }
+        sources["safetensors file"] = {
+            "read": lambda p=st_path: load_file(p),
+            "module": lambda p=st_path: module(load_file(p)),
+        }
+        sources["torch.load file"] = {
+            "read": lambda p=pt_path: torch.load(p, weights_only=True),
+            "module": lambda p=pt_path: module(torch.load(p, weights_only=True)),
+        }
+        times: dict[tuple[str, str], list[float]] = defaultdict(list)
+        order = list(sources)
+        for repeat in range(mode.load_repeats + 1):  # the first round warms caches; dropped
+            wait_quiet(mode.quiet)
+            for source in order[repeat % len(order) :] + order[: repeat % len(order)]:
+                for what, fn in sources[source].items():
+                    seconds = timed(fn)
+                    if repeat:
+                        times[source, what].append(seconds)
+        state = read_state(dbs["sqlite"])
+        blocks = split_state(state)
+        hashing = min(
+            timed(lambda blocks=blocks: [block_hash(b.dtype, b.raw) for b in blocks])
+            for _ in range(3)
+        )
+        build = min(
+            timed(lambda arch=model.spec: build_network(arch, [N_FEATURES], N_CLASSES))
+            for _ in range(3)
+        )
+        weight_bytes = sum(v.numel() * v.element_size() for v in weights.values())
+        sizes = {
+            "safetensors file": st_path.stat().st_size,
+            "torch.load file": pt_path.stat().st_size,
+        }
+        st_module = median(times["safetensors file", "module"])
+        for source in sources:
+            row = {
+                "model": spec,
+                "params": sum(v.numel() for v in weights.values()),
+                "source": source,
+                "bytes": sizes.get(source, len(state)),
+                "read": median(times[source, "read"]),
+                "module": median(times[source, "module"]),
+                "module_min": min(times[source, "module"]),
+                "repeats": len(times[source, "module"]),
+                "vs_safetensors": median(times[source, "module"]) / st_module,
+                "weight_bytes": weight_bytes,
+                "blocks": len(blocks),
+                "hashing": hashing,
+                "build": build,
+            }
+            log(
+                f"load {spec} from {source}: read {row['read'] * 1e3:.1f} ms,"
+                f" → module {row['module'] * 1e3:.1f} ms ({row['vs_safetensors']:.1f}×)"
+            )
+            results.append(row)
+    for db in dbs.values():
+        db.engine.dispose()
+    return results
+
+
+# -- benchmark 3: prediction throughput -----------------------------------------------------------
+class StatementTimer:
+    """Sums the time of each kind of SQL statement run on an engine (cursor events)."""
+
+    KINDS: ClassVar[list[tuple[re.Pattern[str], str]]] = [
+        (re.compile(r"row_number\(\) OVER", re.I), "stage query"),
+        (re.compile(r"sum\(typeof\(", re.I), "check column types (full scan)"),
+        (re.compile(r"string_agg\(", re.I), "pack buffers"),
+        (re.compile(r"predict_rows\(", re.I), "score + write"),
+        (re.compile(r"^\s*INSERT INTO", re.I), "write predictions"),
+        (re.compile(r"^\s*SELECT .* AS p0", re.I | re.S), "encode query (execute)"),
+    ]
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._started: list[float] = []
+
+    def _before(self, *_args: Any) -> None:
+        self._started.append(time.perf_counter())
+
+    def _after(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        kind = next((k for rx, k in self.KINDS if rx.search(statement)), "other SQL")
+        self.seconds[kind] += time.perf_counter() - self._started.pop()
+
+    def __enter__(self) -> StatementTimer:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+def write_back(backend: str, targets: Targets, ids: np.ndarray, predictions: np.ndarray) -> None:
+    """The client's predictions into table ``client_scores`` (executemany / binary COPY)."""
+    columns = {"id": ids.astype(np.int64), "prediction": predictions.astype(np.int64)}
+    if backend == "sqlite":
+        write_sqlite(targets.sqlite_path, "client_scores", columns)
+    else:
+        assert targets.pg_conninfo
+        write_postgres(targets.pg_conninfo, "client_scores", columns)
+
+
+def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    targets.load("predict_train", labelled(mode.store_rows, SEED))
+    targets.load("pred_data", unlabelled(mode.predict_rows, SEED + 30))
+    query = f"SELECT id, {', '.join(FEATURES)} FROM pred_data"
+    dbs = {backend: dl.connect(url) for backend, url in targets.urls().items()}
+    for db in dbs.values():
+        dl.train(
+            db,
+            "SELECT * FROM predict_train",
+            name="scorer",
+            model=STORE_MODEL,
+            epochs=3,
+            seed=SEED,
+            **COMMON,
+        )
+    dbs = setup_done(dbs)
+    # The first call in a fresh connection pays for importing torch and the kernels into the
+    # database process (PostgreSQL) and decoding the model: timed once here, on 1,000 rows,
+    # and left out of the throughput below.
+    cold = {}
+    for backend, db in dbs.items():
+        cold[backend] = timed(lambda db=db: dl.predict(db, "scorer", f"{query} LIMIT 1000"))
+        log(f"predict {backend}: first call (1,000 rows) {cold[backend]:.2f} s")
+    runs: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    agree: dict[str, float] = {}
+    for repeat in range(mode.predict_repeats):
+        backends = list(dbs.items())
+        if repeat % 2:
+            backends.reverse()
+        for backend, db in backends:
+            wait_quiet(mode.quiet)
+            with StatementTimer(db.engine) as timer:
+                started = time.perf_counter()
+                n = dl.predict(db, "scorer", query, into="scores", replace=True)
+                total = time.perf_counter() - started
+            assert n == mode.predict_rows, n
+            split = dict(timer.seconds)
+            split["outside SQL (client Python)"] = total - sum(split.values())
+            runs[backend, "database"].append({"total": total, **split})
+            log(f"predict {backend} in database: {total:.1f} s ({n / total:,.0f} rows/s)")
+
+            wait_quiet(mode.quiet)
+            started = time.perf_counter()
+            model = dl.load_model(db, "scorer", device="cpu")
+            frame = pd.read_sql(query, db.engine)
+            read = time.perf_counter() - started
+            predictions = np.concatenate(
+                [model.predict(frame.iloc[i : i + 65_536]) for i in range(0, len(frame), 65_536)]
+            )
+            scored = time.perf_counter() - started
+            write_back(backend, targets, frame["id"].to_numpy(), np.asarray(predictions))
+            total = time.perf_counter() - started
+            runs[backend, "client"].append(
+                {
+                    "read": read,
+                    "predict": scored - read,
+                    "write": total - scored,
+                    "total": scored,
+                    "total_with_write": total,
+                }
+            )
+            log(
+                f"predict {backend} in client: read {read:.1f} s, predict {scored - read:.1f} s,"
+                f" write back {total - scored:.1f} s"
+            )
+            if backend not in agree:
+                inside = pd.read_sql("SELECT id, prediction FROM scores ORDER BY id", db.engine)
+                agree[backend] = float(
+                    (
+                        inside["prediction"].to_numpy()
+                        == np.asarray(predictions)[np.argsort(frame["id"].to_numpy())]
+                    ).mean()
+                )
+            del frame
+    results = []
+    for (backend, variant), samples in runs.items():
+        keys = samples[0].keys()
+        row = {k: median([s[k] for s in samples]) for k in keys}
+        row.update(
+            backend=backend,
+            variant=variant,
+            rows=mode.predict_rows,
+            repeats=len(samples),
+            agree=agree.get(backend, float("nan")),
+            cold=cold[backend] if variant == "database" else float("nan"),
+        )
+        results.append(row)
+    for db in dbs.values():
+        db.engine.dispose()
+    return results
+
+
+# -- report ---------------------------------------------------------------------------------------
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "–"
+
+
+def render(mode: Mode, facts: dict[str, str], results: dict[str, Any]) -> str:
+    parts = [
+        "## Model store",
+        "",
+        f"`benchmarks/bench_store.py --{mode.name}`",
+        "",
+        "\n".join(f"- {k}: {v}" for k, v in facts.items()),
+        "",
+        f"Common settings: {N_FEATURES} float features, {N_CLASSES} classes (seeded nonlinear"
+        " rule), Adam lr 1e-3, batch 256, 20% validation. Training (not timed here) uses 1 torch"
+        f" thread; loading and prediction are timed with {THREADS} (client and database). A"
+        " checkpoint holds the weights *and* Adam's two moment tensors (≈ 3× the weights), as"
+        " the store keeps resumable training states.",
+    ]
+    storage = results.get("storage")
+    if storage:
+        parts += render_storage(mode, storage)
+    if results.get("load"):
+        parts += render_load(mode, results["load"])
+    if results.get("predict"):
+        parts += render_predict(mode, results["predict"])
+    return "\n".join(parts) + "\n"
+
+
+def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
+    runs, fts = storage["runs"], storage["finetunes"]
+    r0 = runs[0]
+    out = [
+        "",
+        f"### 1a. Per-iteration checkpoints of one run ({STORE_MODEL},"
+        f" {fmt_params(r0['params'])} params, {mode.store_rows:,} rows, {mode.run_epochs} epochs)",
+        "",
+        "*naive* = Σ `logical_bytes` of the checkpoints (each stored in full); *stored* = Σ"
+        " `new_bytes` (bytes the store added per checkpoint; equals `list_models().stored_bytes`"
+        " here, each variant having its own database). *per checkpoint* = median of"
+        " new ÷ logical over checkpoints 1..N. *hot copy* = the one full state kept beside the"
+        " blocks for the next iteration (`checkpoints.state`), not counted in *stored*."
+        " *archive share* = (iteration seconds − training seconds) ÷ wall time: evaluation plus"
+        " archiving.",
+        "",
+        table(
+            [
+                "deltas",
+                "checkpoints",
+                "naive MB",
+                "stored MB",
+                "stored ÷ naive",
+                "per checkpoint",
+                "list_models stored MB",
+                "hot copy MB",
+                "train wall s",
+                "archive share",
+                "val acc",
+            ],
+            [
+                [
+                    "on" if r["deltas"] else "off (exact dedup only)",
+                    r["checkpoints"],
+                    mb(r["naive"]),
+                    mb(r["new"]),
+                    f"**{ratio(r['new'], r['naive'])}**",
+                    f"{r['per_checkpoint']:.3f}",
+                    mb(r["listed_stored"]),
+                    mb(r["hot"]),
+                    f"{r['train_wall']:.1f}",
+                    f"{r['archive_share']:.2f}",
+                    f"{r['accuracy']:.4f}",
+                ]
+                for r in runs
+            ],
+        ),
+        "",
+        f"### 1b-d. Fine-tunes of a base model ({mode.base_epochs} epochs) on drifted data,"
+        f" {mode.ft_epochs} epochs each",
+        "",
+        "Only the fine-tune's own checkpoints count (checkpoint 0 = the warm start, then one per"
+        " epoch): *naive* = their Σ `logical_bytes`, *new* = their Σ `new_bytes` (blocks the"
+        " base already stored cost nothing). *frozen shared* = blocks of frozen layers that"
+        " are byte-identical to blocks of the base model. *final beyond base* = bytes of the"
+        " final checkpoint's blocks the base does not reference ÷ its logical bytes (all"
+        " tensors / weights only).",
+        "",
+        table(
+            [
+                "fine-tune",
+                "frozen layers",
+                "storage",
+                "checkpoints",
+                "naive MB",
+                "new MB",
+                "new ÷ naive",
+                "per checkpoint",
+                "frozen shared",
+                "final beyond base (all / weights)",
+                "val acc",
+            ],
+            [
+                [
+                    r["variant"],
+                    ",".join(map(str, r["frozen"])) or "none",
+                    "exact + deltas" if r["deltas"] else "exact dedup",
+                    r["checkpoints"],
+                    mb(r["naive"]),
+                    mb(r["new"]),
+                    f"**{ratio(r['new'], r['naive'])}**",
+                    f"{r['per_checkpoint']:.3f}",
+                    f"{r['frozen_shared']}/{r['frozen_blocks']}" if r["frozen_blocks"] else "–",
+                    f"{ratio(r['final_beyond_base'], r['final_logical'])} /"
+                    f" {ratio(r['final_weights_beyond_base'], r['final_weights'])}",
+                    f"{r['accuracy']:.4f}",
+                ]
+                for r in fts
+            ],
+        ),
+        "",
+        f"### 1e. Approximate dedup: `dl.serving_copy(…, budget={BUDGET})` of each fine-tune",
+        "",
+        "Validated on 5,000 held-out rows of the drifted rule (the base model alone scores"
+        f" {storage['base'][0]['holdout']:.4f} on them). *new ÷ logical* = bytes the store"
+        " added for the serving copy ÷ its logical bytes — 0 whenever the canonical fine-tune"
+        " is still stored, since every block of the copy is then either the canonical's or a"
+        " replacement taken from the store. The meaningful figure is *beyond base*: the"
+        " serving copy's blocks the base model does not reference ÷ its logical bytes (what"
+        " serving it costs if only the base and the copy are kept), next to the same for the"
+        " canonical fine-tune.",
+        "",
+        table(
+            [
+                "fine-tune",
+                "weight blocks replaced",
+                "taken from",
+                "new ÷ logical",
+                "beyond base: canonical",
+                "beyond base: serving copy",
+                "weights beyond base: canonical / serving",
+                "accuracy canonical → serving",
+                "Δ accuracy",
+                "seconds",
+            ],
+            [
+                [
+                    r["variant"],
+                    f"{s['replaced']}/{s['weight_blocks']}"
+                    + (f" ({', '.join(s['labels'])})" if s["labels"] else ""),
+                    ", ".join(f"{k} ×{v}" for k, v in s["origin"].items()) or "–",
+                    ratio(s["new"], s["logical"]),
+                    ratio(r["final_beyond_base"], r["final_logical"]),
+                    f"**{ratio(s['beyond_base'], s['logical'])}**",
+                    f"{ratio(r['final_weights_beyond_base'], r['final_weights'])} /"
+                    f" {ratio(s['weights_beyond_base'], s['weights'])}",
+                    f"{s['original_accuracy']:.4f} → {s['accuracy']:.4f}",
+                    f"{s['accuracy'] - s['original_accuracy']:+.4f}",
+                    f"{s['seconds']:.1f}",
+                ]
+                for r in fts
+                if (s := r.get("serving"))
+            ],
+        ),
+    ]
+    return out
+
+
+def render_load(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
+    by_model: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], r)
+    notes = "; ".join(
+        f"{fmt_params(r['params'])}: weights {mb(r['weight_bytes'])} MB, checkpoint"
+        f" {mb(next(x['bytes'] for x in rows if x['model'] == m and 'store' in x['source']))} MB"
+        f" in {r['blocks']} blocks, BLAKE2b of all blocks {r['hashing'] * 1e3:.0f} ms, building"
+        f" the module (random init) {r['build'] * 1e3:.0f} ms"
+        for m, r in by_model.items()
+    )
+    return [
+        "",
+        f"### 2. Load time: block store vs files (median of {rows[0]['repeats']} rotating repeats,"
+        " warm caches)",
+        "",
+        "*read* = store: `store.read_model` (fetch blocks, verify every BLAKE2b address,"
+        " reassemble the checkpoint); files: `load_file` / `torch.load(weights_only=True)` →"
+        " tensors. *→ module* = a ready `nn.Module`: `dl.load_model(db, name, device='cpu')`;"
+        " files: build the network + `load_state_dict`. *÷ safetensors* compares *→ module*."
+        " The store reads the whole checkpoint (weights + Adam moments), the files only the"
+        f" weights. {notes}.",
+        "",
+        table(
+            [
+                "model (params)",
+                "source",
+                "bytes read MB",
+                "read ms",
+                "→ module ms",
+                "→ module min ms",
+                "÷ safetensors",
+            ],
+            [
+                [
+                    f"{r['model']} ({fmt_params(r['params'])})",
+                    r["source"],
+                    mb(r["bytes"]),
+                    f"{r['read'] * 1e3:.1f}",
+                    f"{r['module'] * 1e3:.1f}",
+                    f"{r['module_min'] * 1e3:.1f}",
+                    f"**{r['vs_safetensors']:.2f}**",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+
+
+def render_predict(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
+    n = rows[0]["rows"]
+    out = [
+        "",
+        f"### 3. Prediction throughput ({n:,} rows × {N_FEATURES} features, {STORE_MODEL},"
+        f" median of {rows[0]['repeats']})",
+        "",
+        "*database* = `dl.predict(db, 'scorer', query, into='scores', replace=True)`: the"
+        " predictions end up in a table. *client* = `dl.load_model` + `pandas.read_sql(query)`"
+        " + `model.predict` in 65,536-row chunks (the predictions end up in client memory);"
+        " *+ write back* also stores them in a table (SQLite executemany, PostgreSQL binary"
+        " COPY), i.e. the same end state as the database variant. *agree* = share of rows"
+        " where the database's and the client's predicted labels are equal. Throughput is"
+        " warm: *first call* = a `dl.predict` of 1,000 rows in a fresh connection, not"
+        " included in the throughput (PostgreSQL imports torch and the kernels into the backend).",
+        "",
+        table(
+            [
+                "backend",
+                "variant",
+                "seconds",
+                "rows/s",
+                "seconds incl. write back",
+                "rows/s incl. write back",
+                "agree",
+                "first call s",
+            ],
+            [
+                [
+                    r["backend"],
+                    r["variant"],
+                    f"{r['total']:.2f}",
+                    f"**{n / r['total']:,.0f}**",
+                    f"{r.get('total_with_write', r['total']):.2f}",
+                    f"**{n / r.get('total_with_write', r['total']):,.0f}**",
+                    f"{r['agree']:.4f}",
+                    f"{r['cold']:.2f}" if r["variant"] == "database" else "–",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        "Where the time goes (seconds, medians): database variant by SQL statement kind;"
+        " *outside SQL* = client-side Python between statements (for SQLite that includes"
+        " fetching the encoded rows, the predict kernel and building the inserted rows, which"
+        " all run in this process); client variant by step.",
+        "",
+    ]
+    lines = []
+    for r in rows:
+        skip = {"backend", "variant", "rows", "repeats", "agree", "cold", "total"}
+        skip.add("total_with_write")
+        parts = [f"{k} {v:.2f}" for k, v in r.items() if k not in skip and isinstance(v, float)]
+        lines.append(f"- {r['backend']} {r['variant']}: " + ", ".join(parts))
+    return out + lines
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the marked store section of ``path`` (or append it); other sections stay."""
+    block = f"{BEGIN}\n{body}{END}\n"
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
+    new = (
+        pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    )
+    path.write_text(new)
+
+
+# -- main -----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="small sizes (default), < 2 min")
+    group.add_argument("--full", action="store_true", help="full sizes; updates RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="update RESULTS.md in quick mode")
+    parser.add_argument("--no-write", action="store_true", help="never update RESULTS.md")
+    parser.add_argument(
+        "--only", default="storage,load,predict", help="comma list of storage, load, predict"
+    )
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
+    args = parser.parse_args(argv)
+
+    mode = FULL if args.full else QUICK
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    write = (args.full or args.write) and not args.no_write
+    started = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    results: dict[str, Any] = {}
+    with databases(not args.no_postgres) as targets:
+        facts = machine_facts(targets)
+        if "storage" in only:
+            results["storage"] = bench_storage(mode, targets.tmp)
+        if "load" in only:
+            results["load"] = bench_load(mode, targets)
+        if "predict" in only:
+            results["predict"] = bench_predict(mode, targets)
+    facts["benchmark wall time"] = f"{time.perf_counter() - started:.0f} s"
+    body = render(mode, facts, results)
+    print(body)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"facts": facts, "results": results}, indent=1, default=str)
+        )
+    if write:
+        write_section(RESULTS, body)
+        log(f"updated {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
