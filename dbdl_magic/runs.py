@@ -29,6 +29,7 @@ from .kernel.train import initial_state, warm_start_state
 from .model import DBModel, model_from_stored
 from .options import TrainOptions
 from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
+from .policies import EarlyStopping, frozen_layers, warm_encoding
 from .spec import parse_spec
 
 
@@ -75,7 +76,7 @@ class TrainingRun:
             data = self._pack(spec, stage, vstage, packed_table, source)
             enc = data.encoding
             config = self._config(spec, enc)
-            config["freeze"] = _frozen_layers(opts.freeze, spec, enc)
+            config["freeze"] = frozen_layers(opts.freeze, spec, enc)
             stored_options = {**opts.to_json_dict(), "work_token": self.token}
             first_epoch = 0
             with backend.engine.begin() as conn:
@@ -215,7 +216,7 @@ class TrainingRun:
             stage_query(backend, conn, self.query, opts.params, stage)
             encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
             if source is not None:  # encode the new rows exactly as the source model did
-                encoding = _warm_encoding(
+                encoding = warm_encoding(
                     encoding, Encoding.from_json(source["encoding"]), str(opts.init_from)
                 )
             pack_opts.n_parameters = _check_spec_fits(spec, encoding)
@@ -334,72 +335,6 @@ class TrainingRun:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
             store.set_status(conn, self.backend, key, status, self.history, str(exc)[:2000])
-
-
-class EarlyStopping:
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` iterations."""
-
-    def __init__(self, opts: TrainOptions) -> None:
-        self.monitor, self.patience, self.min_delta = opts.monitor, opts.patience, opts.min_delta
-        self.maximize = not any(w in self.monitor for w in ("loss", "mse", "mae"))
-        self.best: float | None = None
-        self.best_iteration = -1
-        self.waited = 0
-
-    def update(self, row: dict[str, Any]) -> bool:
-        """Record an iteration's row; True when training should stop."""
-        if self.monitor not in row:
-            metrics = [k for k in row if k.startswith(("val_", "train_"))]
-            raise InputError(
-                f"monitor={self.monitor!r} is not a metric of this run; use one of "
-                f"{', '.join(metrics)}"
-            )
-        value = float(row[self.monitor])
-        sign = 1.0 if self.maximize else -1.0
-        if self.best is None or sign * (value - self.best) > self.min_delta:
-            self.best, self.best_iteration, self.waited = value, int(row["epoch"]), 0
-            return False
-        self.waited += 1
-        return self.waited >= (self.patience or 0)
-
-
-def _warm_encoding(new: Encoding, source: Encoding, init_from: str) -> Encoding:
-    """The source model's feature encoding (and its target, when the labels are the same)."""
-    missing = [f for f in source.feature_names() if f not in new.feature_names()]
-    if missing:
-        raise InputError(
-            f"init_from={init_from!r}: the query lacks the source model's feature column(s) "
-            f"{', '.join(map(repr, missing))}"
-        )
-    same_target = (
-        new.target.task == source.target.task and new.target.classes == source.target.classes
-    )
-    return Encoding(
-        features=source.features,
-        target=source.target if same_target else new.target,
-        impute=source.impute,
-    )
-
-
-def _frozen_layers(freeze: Any, spec: dict[str, Any], enc: Encoding) -> list[int]:
-    """Layer indices to freeze: a list/"0,2" of indices, or "all_but_last" (the head trains)."""
-    if freeze in (None, "", False, []):
-        return []
-    net = build_network(spec, enc.input_shape, enc.target.n_outputs)
-    with_params = [i for i, m in enumerate(net) if any(True for _ in m.parameters())]
-    if freeze == "all_but_last":
-        return with_params[:-1]
-    items = freeze.split(",") if isinstance(freeze, str) else list(freeze)
-    try:
-        indices = [int(i) for i in items]
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"freeze={freeze!r}: give layer indices or 'all_but_last'") from exc
-    bad = [i for i in indices if i not in with_params]
-    if bad:
-        raise InputError(
-            f"freeze={freeze!r}: layer(s) {bad} have no weights; layers with weights: {with_params}"
-        )
-    return indices
 
 
 def _spec(model: Any) -> dict[str, Any]:
