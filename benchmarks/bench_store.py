@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import signal
 import sqlite3
 import statistics
 import sys
@@ -47,6 +49,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+# As in bench_engine.py: idle OpenMP threads sleep instead of spinning. Read when torch loads
+# (hence before the imports below); the PostgreSQL server inherits it, so the client and the
+# database get the same setting. Export OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pandas as pd
@@ -520,6 +527,7 @@ def serving_stats(db: Database, name: str, base: str) -> dict[str, Any]:
         "weight_blocks": tensor_blocks,
         "logical": stats["naive"],
         "new": stats["new"],
+        "hot": stats["hot"],
         "beyond_base": blocks_beyond(db, serving, 0, base),
         "weights_beyond_base": blocks_beyond(db, serving, 0, base, "model."),
         "weights": logical_of(db, serving, 0, "model."),
@@ -649,11 +657,11 @@ class StatementTimer:
 
     KINDS: ClassVar[list[tuple[re.Pattern[str], str]]] = [
         (re.compile(r"row_number\(\) OVER", re.I), "stage query"),
-        (re.compile(r"sum\(typeof\(", re.I), "check column types (full scan)"),
+        (re.compile(r"^\s*SELECT .* AS p0", re.I | re.S), "encode query (execute)"),
+        (re.compile(r"typeof\(", re.I), "check column types (scan)"),
         (re.compile(r"string_agg\(", re.I), "pack buffers"),
         (re.compile(r"predict_rows\(", re.I), "score + write"),
         (re.compile(r"^\s*INSERT INTO", re.I), "write predictions"),
-        (re.compile(r"^\s*SELECT .* AS p0", re.I | re.S), "encode query (execute)"),
     ]
 
     def __init__(self, engine: Any) -> None:
@@ -676,6 +684,28 @@ class StatementTimer:
     def __exit__(self, *_exc: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self._before)
         event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+@contextlib.contextmanager
+def sqlite_kernel_timer(seconds: dict[str, float]) -> Iterator[None]:
+    """Time SQLite's predict kernel, which runs in this process between the SQL statements, by
+    wrapping it (PostgreSQL runs it inside the ``predict_rows`` statement)."""
+    from dbdl_magic.backends import sqlite as module
+
+    original = module.predict_buffer
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds["predict kernel (torch, in process)"] += time.perf_counter() - started
+
+    module.predict_buffer = wrapped
+    try:
+        yield
+    finally:
+        module.predict_buffer = original
 
 
 def write_back(backend: str, targets: Targets, ids: np.ndarray, predictions: np.ndarray) -> None:
@@ -719,13 +749,13 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             backends.reverse()
         for backend, db in backends:
             wait_quiet(mode.quiet)
-            with StatementTimer(db.engine) as timer:
+            with StatementTimer(db.engine) as timer, sqlite_kernel_timer(timer.seconds):
                 started = time.perf_counter()
                 n = dl.predict(db, "scorer", query, into="scores", replace=True)
                 total = time.perf_counter() - started
             assert n == mode.predict_rows, n
             split = dict(timer.seconds)
-            split["outside SQL (client Python)"] = total - sum(split.values())
+            split["rest (client Python)"] = total - sum(split.values())
             runs[backend, "database"].append({"total": total, **split})
             log(f"predict {backend} in database: {total:.1f} s ({n / total:,.0f} rows/s)")
 
@@ -865,7 +895,8 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
         " base already stored cost nothing). *frozen shared* = blocks of frozen layers that"
         " are byte-identical to blocks of the base model. *final beyond base* = bytes of the"
         " final checkpoint's blocks the base does not reference ÷ its logical bytes (all"
-        " tensors / weights only).",
+        " tensors / weights only). *hot copy* = the full state of the latest checkpoint kept in"
+        " `checkpoints.state` beside its blocks (not in *new*).",
         "",
         table(
             [
@@ -879,6 +910,7 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
                 "per checkpoint",
                 "frozen shared",
                 "final beyond base (all / weights)",
+                "hot copy MB",
                 "val acc",
             ],
             [
@@ -894,6 +926,7 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
                     f"{r['frozen_shared']}/{r['frozen_blocks']}" if r["frozen_blocks"] else "–",
                     f"{ratio(r['final_beyond_base'], r['final_logical'])} /"
                     f" {ratio(r['final_weights_beyond_base'], r['final_weights'])}",
+                    mb(r["hot"]),
                     f"{r['accuracy']:.4f}",
                 ]
                 for r in fts
@@ -909,7 +942,11 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
         " replacement taken from the store. The meaningful figure is *beyond base*: the"
         " serving copy's blocks the base model does not reference ÷ its logical bytes (what"
         " serving it costs if only the base and the copy are kept), next to the same for the"
-        " canonical fine-tune.",
+        " canonical fine-tune. *taken from* = which stored model held each replacement block"
+        " (*ft history* = the fine-tune's own earlier checkpoints). *hot copy* = the full state"
+        " the copy also keeps in `checkpoints.state` (every model's latest checkpoint has one),"
+        " outside the block store. Accuracies are on the validation rows the copy was built"
+        " with.",
         "",
         table(
             [
@@ -919,6 +956,7 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
                 "new ÷ logical",
                 "beyond base: canonical",
                 "beyond base: serving copy",
+                "hot copy ÷ logical",
                 "weights beyond base: canonical / serving",
                 "accuracy canonical → serving",
                 "Δ accuracy",
@@ -933,6 +971,7 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
                     ratio(s["new"], s["logical"]),
                     ratio(r["final_beyond_base"], r["final_logical"]),
                     f"**{ratio(s['beyond_base'], s['logical'])}**",
+                    ratio(s["hot"], s["logical"]),
                     f"{ratio(r['final_weights_beyond_base'], r['final_weights'])} /"
                     f" {ratio(s['weights_beyond_base'], s['weights'])}",
                     f"{s['original_accuracy']:.4f} → {s['accuracy']:.4f}",
@@ -1038,10 +1077,10 @@ def render_predict(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
             ],
         ),
         "",
-        "Where the time goes (seconds, medians): database variant by SQL statement kind;"
-        " *outside SQL* = client-side Python between statements (for SQLite that includes"
-        " fetching the encoded rows, the predict kernel and building the inserted rows, which"
-        " all run in this process); client variant by step.",
+        "Where the time goes (seconds, medians): database variant by SQL statement kind (cursor"
+        " execute time) plus, for SQLite, the predict kernel, which runs in this process;"
+        " *rest* = the remaining client-side Python (for SQLite: fetching the encoded rows,"
+        " packing them into buffers and building the inserted rows); client variant by step.",
         "",
     ]
     lines = []
@@ -1079,6 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
     args = parser.parse_args(argv)
 
+    # a kill (nohup runs) unwinds the context managers: the PostgreSQL server and temp files go
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = FULL if args.full else QUICK
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     write = (args.full or args.write) and not args.no_write

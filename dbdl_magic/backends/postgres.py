@@ -246,13 +246,13 @@ class PostgresBackend(Backend):
             {**params, "rpb": int(rows_per_buffer)},
         )
         if self._has_citus(conn):  # spread the buffers over the Citus workers (shards)
-            conn.execute(text("SELECT create_distributed_table(:t, 'buffer_id')"),
-                         {"t": packed})
+            conn.execute(text("SELECT create_distributed_table(:t, 'buffer_id')"), {"t": packed})
         conn.execute(text(f"ANALYZE {packed}"))
 
     def _has_citus(self, conn: Connection) -> bool:
-        return bool(conn.execute(
-            text("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")).scalar())
+        return bool(
+            conn.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")).scalar()
+        )
 
     # -- iterations -----------------------------------------------------------------------------
     def _parallel_settings(self, conn: Connection, packed: str, workers: int) -> None:
@@ -387,6 +387,8 @@ class PostgresBackend(Backend):
             ),
             {**params, "rpb": rows_per_buffer},
         )
+        conn.execute(text(f"ANALYZE {stage}"))  # row estimates for the join back to the keys
+        config = {**config, "proba": len(outputs) > 1}
         values: dict[str, Any] = {**key, "config": json.dumps(config)}
         if config["task"] == "classification":
             whens = []

@@ -209,9 +209,9 @@ def predict_rows(
     out = predict_buffer(_evaluator(GD, model, config), x)
     if config["task"] == "classification":
         labels = out.argmax(axis=1)
+        proba = out.tolist() if config.get("proba", True) else [None] * out.shape[0]
         return [
-            (i, int(labels[i]), float(out[i, labels[i]]), out[i].tolist())
-            for i in range(out.shape[0])
+            (i, int(labels[i]), float(out[i, labels[i]]), proba[i]) for i in range(out.shape[0])
         ]
     return [(i, None, float(out[i, 0]), None) for i in range(out.shape[0])]
 
