@@ -46,6 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Idle OpenMP threads sleep instead of spinning (read when torch loads; the PostgreSQL server and
+# the e2e subprocesses inherit it). On a shared two-core machine spinning threads make an epoch
+# up to 10-20x slower whenever another process runs; both sides of every comparison get the same
+# setting. Export OMP_WAIT_POLICY yourself to override (ACTIVE spins the most).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 
@@ -86,7 +92,7 @@ class Mode:
 
 QUICK = Mode(
     "quick",
-    rows=30_000,
+    rows=20_000,
     epochs={SMALL_MODEL: 4, LARGE_MODEL: 3},
     e2e_rows=[100_000],
     e2e_epochs=1,
@@ -267,6 +273,7 @@ class Targets:
     pg_url: str | None
     pg_conninfo: str | None
     pg_postmaster: int | None = None  # pid, to account the server's CPU time
+    _databases: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sqlite_url(self) -> str:
@@ -277,6 +284,13 @@ class Targets:
         if self.pg_url:
             out["postgresql"] = self.pg_url
         return out
+
+    def database(self, backend: str) -> Any:
+        """A connected ``dl.Database``, kept for the whole run: its pooled connection (and so,
+        on PostgreSQL, the server process with torch already imported) is reused."""
+        if backend not in self._databases:
+            self._databases[backend] = dl.connect(self.urls()[backend])
+        return self._databases[backend]
 
     def load(self, x: np.ndarray, y: np.ndarray, table: str = TABLE) -> None:
         started = time.perf_counter()
@@ -293,7 +307,8 @@ def databases(use_postgres: bool) -> Iterator[Targets]:
         path = Path(tmp) / "bench.db"
         dl.install(f"sqlite:///{path}").engine.dispose()  # sets the 64 KiB page size first
         if not use_postgres:
-            yield Targets(path, None, None)
+            with _disposing(Targets(path, None, None)) as targets:
+                yield targets
             return
         sys.path.insert(0, str(ROOT / "tests"))
         from pgserver import PostgresServer, server_pythonpath, unavailable_reason
@@ -305,7 +320,17 @@ def databases(use_postgres: bool) -> Iterator[Targets]:
             url = server.create_database("bench")
             dl.install(url).engine.dispose()
             postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
-            yield Targets(path, url, server.conninfo("bench"), postmaster)
+            with _disposing(Targets(path, url, server.conninfo("bench"), postmaster)) as targets:
+                yield targets
+
+
+@contextlib.contextmanager
+def _disposing(targets: Targets) -> Iterator[Targets]:
+    try:
+        yield targets
+    finally:
+        for db in targets._databases.values():
+            db.engine.dispose()
 
 
 # -- benchmark 1: database epoch / plain epoch ----------------------------------------------------
@@ -313,7 +338,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def cpu_busy(seconds: float = 0.5) -> float:
+def cpu_busy(seconds: float = 0.25) -> float:
     """Fraction of the machine's CPU time spent busy over ``seconds`` (from /proc/stat)."""
 
     def snapshot() -> tuple[int, int]:
@@ -369,7 +394,7 @@ def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
 
 def ratio_run(
     backend: str,
-    url: str,
+    db: Any,
     model: str,
     epochs: int,
     data: tuple,
@@ -409,7 +434,7 @@ def ratio_run(
         mark = cpu_mark()
 
     trained = dl.train(
-        url,
+        db,
         f"SELECT * FROM {TABLE}",
         callbacks=Callbacks(on_iteration=after_db_epoch),
         **train_options(model, epochs),
@@ -455,13 +480,14 @@ def ratio_run(
 def bench_ratio(mode: Mode, targets: Targets, data: tuple) -> list[dict[str, Any]]:
     rows = []
     for i, model in enumerate(mode.epochs):
-        backends = list(targets.urls().items())
+        backends = list(targets.urls())
         if i % 2:
             backends.reverse()  # alternate which backend goes first
-        for backend, url in backends:
+        for backend in backends:
+            db = targets.database(backend)
             postmaster = targets.pg_postmaster if backend == "postgresql" else None
             rows.append(
-                ratio_run(backend, url, model, mode.epochs[model], data, mode.quiet, postmaster)
+                ratio_run(backend, db, model, mode.epochs[model], data, mode.quiet, postmaster)
             )
     return rows
 
@@ -557,6 +583,7 @@ def bench_e2e(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
         for backend, url in targets.urls().items():
             for variant in ("database", "pandas"):
                 args = {"variant": variant, "url": url, "table": table, "epochs": mode.e2e_epochs}
+                wait_quiet(mode.quiet)
                 result = {"backend": backend, "variant": variant, "rows": rows, **run_child(args)}
                 log(
                     f"e2e {backend:10s} {variant:8s} {rows:>9,} rows: {result['wall']:.1f}s,"
@@ -583,7 +610,7 @@ def bench_parallel(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
                 marks.append(server_cpu(targets.pg_postmaster))
 
             trained = dl.train(
-                targets.pg_url,
+                targets.database("postgresql"),
                 f"SELECT * FROM {TABLE}",
                 callbacks=Callbacks(on_iteration=on_iteration),
                 **options,
@@ -883,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     with databases(not args.no_postgres) as targets:
         facts = machine_facts(targets)
+        facts["CPUs busy with other work at start"] = f"{cpu_busy(1.0):.0%}"
         if only & {"ratio", "parallel"}:
             x, y = make_data(mode.rows)
             targets.load(x, y)
@@ -893,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["parallel"] = bench_parallel(mode, targets)
         if "e2e" in only:
             results["e2e"] = bench_e2e(mode, targets)
+    facts["CPUs busy with other work at end"] = f"{cpu_busy(1.0):.0%}"
     facts["benchmark wall time"] = f"{time.perf_counter() - started:.0f} s"
     body = render(mode, facts, results)
     print(body)

@@ -3,30 +3,31 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/profile_engine.py [--rows 200000] [--epochs 4]
-        [--model mlp:1024,1024] [--backend sqlite|postgresql|both] [--native]
+        [--model mlp:1024,1024] [--backend sqlite|postgresql|both] [--native] [--snapshot]
 
 SQLite runs the kernels in this process, so the per-buffer kernel steps are timed exactly by
 wrapping them (``Trainer.__init__``, ``buffer_tensors``, the SGD loop, ``Trainer.to_bytes``,
 the evaluator); what remains of the aggregate query is SQLite's own work (reading and sorting
-the buffers, storing the checkpoint). PostgreSQL runs them in a server process, which is
-sampled with py-spy (``pip install py-spy``; ``--native`` adds C frames such as detoasting) and
-summarised as the share of samples per function, inclusive.
+the buffers, storing the checkpoint); one plain torch epoch per iteration is timed alongside
+for reference. PostgreSQL runs them in a server process, which is sampled with py-spy (``pip
+install py-spy``; ``--native`` adds C frames, but stops the process for every sample) from the
+end of the warm-up epoch on, and summarised as the share of samples per dbdl function
+(inclusive), the share outside Python (the server's C code) and the top leaf functions; the
+server's CPU seconds per iteration are printed too. ``--snapshot`` profiles the committed
+HEAD, as in ``bench_engine.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,53 +124,43 @@ def profile_sqlite(url: str, model: str, epochs: int, data: tuple) -> list[str]:
 
 
 # -- PostgreSQL: py-spy on the server process -----------------------------------------------------
-@contextlib.contextmanager
-def spy_on_training_backend(conninfo: str, out: Path, native: bool) -> Iterator[None]:
-    """Attach py-spy to the server process that runs the training query, once it appears."""
-    import psycopg
+class Spy:
+    """py-spy on the server processes serving ``dbname``'s clients, started on demand."""
 
-    stop = threading.Event()
-    procs: list[subprocess.Popen[bytes]] = []
+    def __init__(self, conninfo: str, out_dir: Path, native: bool) -> None:
+        self.conninfo, self.out_dir, self.native = conninfo, out_dir, native
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def attach() -> None:
-        with psycopg.connect(conninfo, autocommit=True) as con:
-            while not stop.is_set():
-                row = con.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE state = 'active'"
-                    " AND query LIKE 'CREATE UNLOGGED TABLE%' LIMIT 1"
-                ).fetchone()
-                if row:
-                    cmd = [
-                        str(VENV_BIN / "py-spy"),
-                        "record",
-                        "-p",
-                        str(row[0]),
-                        "-r",
-                        "200",
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(out),
-                    ]
-                    cmd.append("--native" if native else "--nonblocking")
-                    procs.append(
-                        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                    )
-                    return
-                time.sleep(0.05)
+    def start(self) -> None:
+        """Attach to every client backend of the database (the training run's connections)."""
+        import psycopg
 
-    thread = threading.Thread(target=attach, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        for proc in procs:
+        with psycopg.connect(self.conninfo, autocommit=True) as con:
+            pids = [
+                r[0]
+                for r in con.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ]
+        for pid in pids:
+            out = self.out_dir / f"spy-{pid}.txt"
+            cmd = [str(VENV_BIN / "py-spy"), "record", "-p", str(pid), "-r", "200"]
+            cmd += ["-f", "raw", "-o", str(out), "--native" if self.native else "--nonblocking"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.procs.append((proc, out))
+
+    def stop(self) -> list[Path]:
+        """Stop sampling; returns the files written."""
+        files = []
+        for proc, out in self.procs:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
-            if not out.exists():
+            if out.exists():
+                files.append(out)
+            else:
                 print(err.decode(errors="replace")[-2000:], file=sys.stderr)
+        return files
 
 
 DBDL_FILES = ("plpython.py", "train.py", "state.py", "evaluate.py", "predict.py", "blockstore.py")
@@ -210,22 +201,27 @@ def summarise_raw(path: Path, top: int = 12) -> list[str]:
 
 
 def profile_postgres(targets: bench.Targets, model: str, epochs: int, native: bool) -> list[str]:
+    """Sample the server from the end of the warm-up epoch to the end of the run."""
     assert targets.pg_url and targets.pg_conninfo
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "spy.txt"
         os.chmod(tmp, 0o777)
+        spy = Spy(targets.pg_conninfo, Path(tmp), native)
         marks = [bench.server_cpu(targets.pg_postmaster)]
 
         def on_iteration(_row: dict[str, Any]) -> None:
+            if len(marks) == 1:
+                spy.start()  # after the warm-up epoch (imports, first optimizer)
             marks.append(bench.server_cpu(targets.pg_postmaster))
 
-        with spy_on_training_backend(targets.pg_conninfo, out, native):
+        try:
             trained = dl.train(
                 targets.pg_url,
                 f"SELECT * FROM {bench.TABLE}",
                 callbacks=bench.Callbacks(on_iteration=on_iteration),
                 **bench.train_options(model, epochs),
             )
+        finally:
+            files = spy.stop()
         history = trained.history.to_dict("records")
         cpu = [b - a for a, b in itertools.pairwise(marks)]
         lines = [
@@ -234,10 +230,13 @@ def profile_postgres(targets: bench.Targets, model: str, epochs: int, native: bo
             + "; seconds "
             + ", ".join(f"{h['seconds']:.2f}" for h in history)
             + "; server CPU s "
-            + ", ".join(f"{c:.2f}" for c in cpu)
+            + ", ".join(f"{c:.2f}" for c in cpu),
+            f"py-spy from the end of epoch 1 on ({len(files)} server process(es) sampled):",
         ]
-        if out.exists():
-            lines += summarise_raw(out)
+        merged = Path(tmp) / "merged.txt"
+        merged.write_text("".join(f.read_text() for f in files))
+        if files:
+            lines += summarise_raw(merged)
         return lines
 
 
