@@ -97,7 +97,7 @@ def curves_png(history: pd.DataFrame, title: str, alert: bool = False) -> bytes:
             ax.plot(x, y, marker="o", markersize=3, label=column)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         if len(x):  # whole-epoch ticks even with a single point
             ax.set_xlim(float(x.min()) - 0.5, float(x.max()) + 0.5)
         ax.grid(alpha=0.3)
