@@ -180,6 +180,7 @@ def summarise_raw(path: Path, top: int = 12) -> list[str]:
     """
     inclusive: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
+    c_leaf: collections.Counter[str] = collections.Counter()
     no_python = total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -188,6 +189,7 @@ def summarise_raw(path: Path, top: int = 12) -> list[str]:
         frames = [_frame(f) for f in stack.split(";")]
         if not any(where.endswith(".py") or where == "<string>" for _, where in frames):
             no_python += n
+            c_leaf["{} ({})".format(*frames[-1])] += n
         for name, where in set(frames):
             if where in DBDL_FILES:
                 inclusive[f"{name} ({where})"] += n
@@ -195,6 +197,11 @@ def summarise_raw(path: Path, top: int = 12) -> list[str]:
     lines = [f"{total} samples; dbdl kernel functions, inclusive share:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(2 * top)]
     lines += [f"  {100 * no_python / total:5.1f}%  (no Python frame: server C code)"]
+    if no_python and any(name.strip() for name in c_leaf):
+        lines += [f"  of which (leaf frames; needs --native), top {top // 2}:"]
+        lines += [
+            f"    {100 * n / total:5.1f}%  {name}" for name, n in c_leaf.most_common(top // 2)
+        ]
     lines += [f"leaf (self) share, top {top}:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in leaf.most_common(top)]
     return lines
