@@ -56,6 +56,7 @@ class PackedData:
     n_val: int
     n_buffers: int
     rows_per_buffer: int
+    n_parameters: int = 0
 
 
 def stage_query(
@@ -462,4 +463,4 @@ def pack(
         params,
     )
     n_buffers = int(conn.execute(text(f"SELECT count(*) FROM {packed}")).scalar_one())
-    return PackedData(packed, encoding, n_train, n_val, n_buffers, rows)
+    return PackedData(packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters)

@@ -264,7 +264,6 @@ class TrainingRun:
     ) -> None:
         if self.callbacks.on_start is None:
             return
-        net = build_network(config["spec"], config["input_shape"], config["n_outputs"])
         self.callbacks.on_start(
             {
                 **key,
@@ -273,7 +272,7 @@ class TrainingRun:
                 "rows": data.n_train,
                 "validation_rows": data.n_val,
                 "buffers": data.n_buffers,
-                "parameters": sum(p.numel() for p in net.parameters()),
+                "parameters": data.n_parameters,
                 "workers": self.options.parallel,
                 "epochs": self.options.epochs,
                 "first_epoch": first_epoch,
