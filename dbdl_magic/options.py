@@ -42,8 +42,16 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     db_device: str = "auto"
-    parallel: int = 1
+    # scale-out: PostgreSQL parallel workers as segments ("auto" estimates the count), weight
+    # averaging more than once per epoch, one model per group, model selection in one pass
+    parallel: int | str = "auto"
+    sync_every: float | None = None
     threads: int | None = None
+    group_by: str | None = None
+    grid: dict[str, Any] | None = None
+    search: str | None = None
+    trials: int | None = None
+    halving: bool = True
     params: dict[str, Any] = field(default_factory=dict)
     # early stopping (on when ``patience`` is set) and what Ctrl-C does
     patience: int | None = None
@@ -122,10 +130,37 @@ class TrainOptions:
         )
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(self.db_device in ("auto", "cpu", "cuda"), "db_device", "must be auto, cpu or cuda")
+        if isinstance(self.parallel, str) and self.parallel.strip().isdigit():
+            self.parallel = int(self.parallel)
         need(
-            isinstance(self.parallel, int) and self.parallel >= 1,
+            self.parallel == "auto" or (isinstance(self.parallel, int) and self.parallel >= 1),
             "parallel",
-            "must be an integer ≥ 1 (the number of segments training in parallel)",
+            "must be 'auto' or an integer ≥ 1 (the number of segments training in parallel)",
+        )
+        need(
+            self.sync_every is None or 0 < self.sync_every <= 1,
+            "sync_every",
+            "must be a fraction of an epoch in (0, 1] (e.g. 0.25 averages 4 times per epoch)",
+        )
+        need(
+            self.group_by is None or bool(self.group_by.strip()),
+            "group_by",
+            "must name the column whose values get one model each",
+        )
+        need(
+            self.search in (None, "grid", "random"),
+            "search",
+            "must be 'grid' or 'random' (with grid={option: values})",
+        )
+        need(
+            self.trials is None or self.trials >= 1,
+            "trials",
+            "must be an integer ≥ 1 (configurations to draw)",
+        )
+        need(
+            not (self.group_by and self.grid),
+            "grid",
+            "cannot be combined with group_by in one run (search first, then train per group)",
         )
         need(
             self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
@@ -231,6 +266,8 @@ class TrainOptions:
         "nesterov",
         "weight_decay",
         "params",
+        "group_by",
+        "sync_every",
     )
 
 

@@ -44,6 +44,10 @@ class PackOptions:
     n_parameters: int = 0
     batch_size: int = 64
     seed: int = 0
+    group_by: str | None = None
+
+
+MAX_GROUPS = 10_000
 
 
 @dataclass
@@ -57,6 +61,8 @@ class PackedData:
     n_buffers: int
     rows_per_buffer: int
     n_parameters: int = 0
+    #: group value → {"train": rows, "validation": rows} when packed per group
+    groups: dict[str, dict[str, int]] | None = None
 
 
 def stage_query(
@@ -140,7 +146,14 @@ def infer_encoding(
     where = f"in the query's columns ({', '.join(kinds)})"
     if opts.target not in kinds:
         raise InputError(f"target column {opts.target!r} is not {where}")
-    names = opts.features or [c for c in kinds if c != opts.target]
+    if opts.group_by is not None:
+        if opts.group_by not in kinds:
+            raise InputError(f"group_by column {opts.group_by!r} is not {where}")
+        if opts.group_by == opts.target or opts.group_by in (opts.features or []):
+            raise InputError(
+                f"group_by column {opts.group_by!r} cannot also be the target or a feature"
+            )
+    names = opts.features or [c for c in kinds if c not in (opts.target, opts.group_by)]
     for name in names:
         if name not in kinds:
             raise InputError(f"feature column {name!r} is not {where}")
@@ -418,13 +431,15 @@ def pack(
     pieces, y_sql = encode_sql(backend, encoding, params)
     selected = ", ".join(f"{sql} AS p{i}" for i, (sql, _) in enumerate(pieces))
     h = backend.row_hash(f"s.{RN}", "seed")
+    grp = f"CAST(s.{backend.q(opts.group_by)} AS TEXT)" if opts.group_by else "CAST(NULL AS TEXT)"
+    h = f"{h} AS h, {grp} AS grp"
     if val_stage is not None:
         n_val = int(conn.execute(text(f"SELECT count(*) FROM {val_stage}")).scalar_one())
         if n_val == 0:
             raise InputError("the validation query returned no rows")
         inner = (
-            f"SELECT 0 AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
-            f" UNION ALL SELECT 1 AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y"
+            f"SELECT 0 AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
+            f" UNION ALL SELECT 1 AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y"
             f" FROM {val_stage} AS s"
         )
         n_train = n_rows
@@ -440,15 +455,17 @@ def pack(
         vh = backend.row_hash(f"s.{RN}", "vseed")
         inner = (
             f"SELECT CASE WHEN row_number() OVER (ORDER BY {vh}, s.{RN}) <= :n_val THEN 1 ELSE 0"
-            f" END AS split, {h} AS h, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
+            f" END AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
         )
     cols = ", ".join(f"e.p{i}" for i in range(len(pieces)))
     rows_sql = (
-        "SELECT e.split AS split, row_number() OVER (PARTITION BY e.split ORDER BY e.h, e.rn) - 1"
-        f" AS ord, {cols}, e.y AS y FROM ({inner}) AS e"
+        "SELECT e.split AS split, e.grp AS grp, row_number() OVER (PARTITION BY e.split, e.grp"
+        f" ORDER BY e.h, e.rn) - 1 AS ord, {cols}, e.y AS y FROM ({inner}) AS e"
     )
+    groups = _group_sizes(conn, stage, val_stage, opts.group_by, backend) if opts.group_by else None
+    per_group = n_train // max(1, len(groups)) if groups else n_train
     rows = opts.rows_per_buffer or choose_rows_per_buffer(
-        n_train, encoding.width, opts.batch_size, opts.n_parameters
+        per_group, encoding.width, opts.batch_size, opts.n_parameters
     )
     if rows < 1:
         raise InputError(f"rows_per_buffer={rows} must be positive")
@@ -463,4 +480,48 @@ def pack(
         params,
     )
     n_buffers = int(conn.execute(text(f"SELECT count(*) FROM {packed}")).scalar_one())
-    return PackedData(packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters)
+    if groups is not None:
+        groups = _packed_group_rows(conn, packed, opts.group_by or "", groups)
+    return PackedData(
+        packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters, groups
+    )
+
+
+def _group_sizes(
+    conn: Connection, stage: str, val_stage: str | None, column: str, backend: Backend
+) -> dict[str, dict[str, int]]:
+    """The group values of the training rows; refuses NULL groups and too many groups."""
+    col = backend.q(column)
+    rows = conn.execute(
+        text(f"SELECT CAST({col} AS TEXT), count(*) FROM {stage} GROUP BY 1 ORDER BY 1")
+    ).all()
+    nulls = sum(n for g, n in rows if g is None)
+    if nulls:
+        raise InputError(
+            f"group_by column {column!r} is NULL in {nulls} row(s); filter them out or "
+            f"COALESCE them to a group value"
+        )
+    if len(rows) > MAX_GROUPS:
+        raise InputError(
+            f"group_by column {column!r} has {len(rows)} distinct values (at most {MAX_GROUPS})"
+        )
+    return {str(g): {"train": 0, "validation": 0} for g, _ in rows}
+
+
+def _packed_group_rows(
+    conn: Connection, packed: str, column: str, groups: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Training/validation rows per group as packed; a group without training rows is refused."""
+    for grp, split, n in conn.execute(
+        text(f"SELECT p.grp, p.split, sum(p.n) FROM {packed} AS p GROUP BY p.grp, p.split")
+    ).all():
+        entry = groups.setdefault(str(grp), {"train": 0, "validation": 0})
+        entry["validation" if split else "train"] += int(n)
+    empty = [g for g, n in groups.items() if n["train"] == 0]
+    if empty:
+        raise InputError(
+            f"group_by column {column!r}: group(s) {', '.join(map(repr, empty[:5]))} have no "
+            "training rows (all their rows went to validation); filter them out or use a "
+            "smaller validation fraction"
+        )
+    return groups

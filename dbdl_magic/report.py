@@ -1,7 +1,8 @@
 """The static summary of a training run: loss and metric curves plus a per-iteration table.
 
-:class:`TrainingReport` renders as HTML (summary line, embedded PNG, metrics table) and as text
-(the deterministic :func:`~dbdl_magic.monitor.summary_line`). Figures are drawn with
+:class:`TrainingReport` renders as HTML (summary line, embedded PNG, metrics table and, for
+cohort runs, the leaderboard of a selection or the per-group table) and as text (the
+deterministic :func:`~dbdl_magic.monitor.summary_line`). Figures are drawn with
 :class:`matplotlib.figure.Figure` on an Agg canvas, so pyplot's global state is never touched.
 """
 
@@ -10,15 +11,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import numbers
 from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 
-from .monitor import summary_line
+from .monitor import format_cell, frame_or_none, is_metric, ranking_metric, summary_line
 
 RED = "#c62828"
+HTML_ROWS = 100  # member / group rows shown in HTML tables, then "… N more"
 _LOSS_LIKE = {"loss", "mse", "mae", "rmse"}
 
 
@@ -34,13 +37,16 @@ def short_error(error: BaseException | str) -> str:
     return first if len(first) <= 300 else first[:299] + "…"
 
 
+def _numeric(series: pd.Series) -> bool:
+    """Numbers or nothing yet; False for columns of lists (cohort ``members``) or strings."""
+    if pd.api.types.is_numeric_dtype(series):
+        return True
+    return all(isinstance(v, numbers.Real) for v in series.dropna())
+
+
 def metric_columns(history: pd.DataFrame) -> list[str]:
-    """The ``train_*`` / ``val_*`` metric columns of a history, in order (no timings)."""
-    return [
-        str(c)
-        for c in history.columns
-        if str(c).startswith(("train_", "val_")) and str(c) != "train_seconds"
-    ]
+    """The numeric ``train_*`` / ``val_*`` metric columns of a history, in order (no timings)."""
+    return [str(c) for c in history.columns if is_metric(c) and _numeric(history[c])]
 
 
 def _table_columns(history: pd.DataFrame) -> list[str]:
@@ -48,27 +54,52 @@ def _table_columns(history: pd.DataFrame) -> list[str]:
     return columns + (["seconds"] if "seconds" in history.columns else [])
 
 
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return html.escape(str(value))
+def table_html(frame: pd.DataFrame, css_class: str, limit: int | None = None) -> str:
+    """An HTML table of ``frame`` (numbers right, text left, floats to 4 places, escaped);
+    with ``limit``, that many rows and a last row "… N more"."""
+    style = "padding:2px 8px;border-bottom:1px solid #ddd;text-align:"
+    styles = [
+        style + ("right" if _numeric(frame.iloc[:, i]) else "left") for i in range(frame.shape[1])
+    ]
+
+    def tr(tag: str, cells: Any) -> str:
+        pairs = zip(cells, styles, strict=True)
+        return "<tr>" + "".join(f'<{tag} style="{st}">{c}</{tag}>' for c, st in pairs) + "</tr>"
+
+    shown = frame if limit is None else frame.head(limit)
+    head = tr("th", (html.escape(str(c)) for c in frame.columns))
+    rows = [
+        tr("td", (html.escape(format_cell(v)) for v in row))
+        for row in shown.astype(object).itertuples(index=False)
+    ]
+    if len(frame) > len(shown):
+        more = len(frame) - len(shown)
+        rows.append(f'<tr><td colspan="{frame.shape[1]}">… {more} more</td></tr>')
+    return (
+        f'<table class="{css_class}" style="border-collapse:collapse;font-family:monospace;'
+        f'font-size:12px"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def metrics_table_html(history: pd.DataFrame) -> str:
     """An HTML table with one row per iteration: epoch, metrics, seconds (4 decimal places)."""
-    columns = _table_columns(history)
-    style = "padding:2px 8px;text-align:right;border-bottom:1px solid #ddd"
-    head = "".join(f'<th style="{style}">{html.escape(c)}</th>' for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f'<td style="{style}">{_cell(v)}</td>' for v in row) + "</tr>"
-        for row in history[columns].astype(object).itertuples(index=False)
-    )
+    return table_html(history[_table_columns(history)], "dbdl-metrics")
+
+
+def cohort_table_html(frame: pd.DataFrame, caption: str, limit: int = HTML_ROWS) -> str:
+    """A captioned members table (a leaderboard, a per-group table), at most ``limit`` rows."""
     return (
-        '<table class="dbdl-metrics" style="border-collapse:collapse;font-family:monospace;'
-        f'font-size:12px"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        f'<div class="dbdl-cohort" style="margin-top:6px"><b>{html.escape(caption)}</b>'
+        f"{table_html(frame, 'dbdl-members', limit)}</div>"
     )
+
+
+def ranked(leaderboard: pd.DataFrame) -> pd.DataFrame:
+    """A leaderboard (sorted best first) with a leading ``rank`` column."""
+    board = leaderboard.reset_index(drop=True)  # a copy
+    if "rank" not in board.columns:
+        board.insert(0, "rank", range(1, len(board) + 1))
+    return board
 
 
 def _panels(history: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -116,8 +147,9 @@ class TrainingReport:
 
     ``TrainingReport(model)`` or ``TrainingReport(history=df, name=..., version=...,
     status="failed", error=exc)``. In a notebook it shows the summary line, the curves and the
-    metrics table (red when the run was interrupted or failed); its text form is the summary
-    line only, which holds no timings, so it is stable across runs.
+    metrics table (red when the run was interrupted or failed), then the ``leaderboard`` of a
+    selection run or the ``group_table`` of a grouped model (model attributes, or given); its
+    text form is the summary line only, which holds no timings, so it is stable across runs.
     """
 
     def __init__(
@@ -129,6 +161,9 @@ class TrainingReport:
         version: int | None = None,
         status: str | None = None,
         error: BaseException | str | None = None,
+        leaderboard: pd.DataFrame | None = None,
+        group_table: pd.DataFrame | None = None,
+        selection_metric: str | None = None,
     ) -> None:
         history = history if history is not None else getattr(model, "history", None)
         self.history = history if history is not None else pd.DataFrame()
@@ -138,6 +173,15 @@ class TrainingReport:
         if error is None and self.status == "failed":
             error = (getattr(model, "info", None) or {}).get("error")
         self.error = short_error(error) if error is not None else None
+        self.leaderboard = frame_or_none(
+            leaderboard if leaderboard is not None else getattr(model, "leaderboard", None)
+        )
+        self.group_table = frame_or_none(
+            group_table if group_table is not None else getattr(model, "group_table", None)
+        )
+        if self.leaderboard is not None and selection_metric is None:
+            selection_metric = ranking_metric(model, self.leaderboard)
+        self.selection_metric = selection_metric
 
     @property
     def alert(self) -> bool:
@@ -149,7 +193,13 @@ class TrainingReport:
         """:func:`~dbdl_magic.monitor.summary_line`, plus the error of a failed run."""
         line = summary_line(
             SimpleNamespace(
-                name=self.name, version=self.version, status=self.status, history=self.history
+                name=self.name,
+                version=self.version,
+                status=self.status,
+                history=self.history,
+                leaderboard=self.leaderboard,
+                group_table=self.group_table,
+                selection_metric=self.selection_metric,
             )
         )
         return f"{line} | {self.error}" if self.error else line
@@ -166,6 +216,16 @@ class TrainingReport:
         """The metrics table: one row per iteration, values to 4 decimal places."""
         return metrics_table_html(self.history)
 
+    def cohort_html(self) -> str:
+        """The leaderboard (ranked) of a selection or the per-group table; "" otherwise."""
+        if self.leaderboard is not None:
+            by = f", ranked by {self.selection_metric}" if self.selection_metric else ""
+            caption = f"leaderboard: {len(self.leaderboard)} configurations{by}"
+            return cohort_table_html(ranked(self.leaderboard), caption)
+        if self.group_table is not None:
+            return cohort_table_html(self.group_table, f"{len(self.group_table)} groups")
+        return ""
+
     def _repr_html_(self) -> str:
         color = RED if self.alert else "#2e7d32"
         parts = [
@@ -177,6 +237,7 @@ class TrainingReport:
             alt = html.escape(f"training curves of {self.name}", quote=True)
             parts.append(f'<img src="data:image/png;base64,{encoded}" alt="{alt}"/>')
             parts.append(self.html_table())
+        parts.append(self.cohort_html())
         return (
             f'<div class="dbdl-report" style="border-left:4px solid {color};padding-left:8px">'
             + "".join(parts)
@@ -191,4 +252,13 @@ class TrainingReport:
         return self.summary
 
 
-__all__ = ["TrainingReport", "curves_png", "metric_columns", "metrics_table_html", "short_error"]
+__all__ = [
+    "TrainingReport",
+    "cohort_table_html",
+    "curves_png",
+    "metric_columns",
+    "metrics_table_html",
+    "ranked",
+    "short_error",
+    "table_html",
+]

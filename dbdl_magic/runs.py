@@ -8,7 +8,7 @@ checkpoint and records its status.
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -20,16 +20,26 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import store
-from .backends.base import Backend
+from .backends.base import Backend, Member
 from .encoding import Encoding
 from .errors import DbdlError, InputError, SpecError, TrainingError
 from .kernel.netbuild import SpecError as KernelSpecError
 from .kernel.netbuild import build_network
 from .kernel.train import initial_state, warm_start_state
-from .model import DBModel, model_from_stored
+from .model import DBModel, load_stored
 from .options import TrainOptions
 from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
 from .policies import EarlyStopping, frozen_layers, warm_encoding
+from .scaling import (
+    MIN_PARALLEL_SECONDS,
+    WorkerPlan,
+    cpu_count,
+    plan_workers,
+    threads_per_worker,
+)
+from .selection import halving_rungs, maximize, rank, trial_options
+from .selection import label as trial_label
+from .selection import trials as search_trials
 from .spec import parse_spec
 
 
@@ -43,17 +53,69 @@ class Callbacks:
 
 
 @dataclass
+class MemberRun:
+    """One model of a run: one per group, one per searched configuration, or the only one."""
+
+    member: int
+    key: dict[str, Any]
+    config: dict[str, Any]
+    options: TrainOptions
+    label: str = ""
+    group: str | None = None
+    trial: dict[str, Any] | None = None
+    status: str = "training"  # training | halved | early-stopped | complete
+    train_rows: int = 0
+    validation_rows: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopper: EarlyStopping | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The member's line in the run's table: status plus its last metrics."""
+        last = self.history[-1] if self.history else {}
+        out: dict[str, Any] = {"member": self.member, "label": self.label, "status": self.status,
+                               "version": self.key["version"], "epoch": last.get("epoch", 0)}
+        out.update({k: v for k, v in last.items() if k.startswith(("train_", "val_"))})
+        out.pop("train_seconds", None)
+        out["samples"] = last.get("samples", 0)
+        return out
+
+    def best_iteration(self) -> int | None:
+        """The checkpoint that is the model when early stopping restores the best one."""
+        if self.stopper is not None and self.options.restore_best:
+            return self.stopper.best_iteration if self.stopper.best_iteration > 0 else None
+        return None
+
+
+@dataclass
 class TrainingRun:
-    """Orchestrates one training run of ``query`` with ``options`` on ``backend``."""
+    """Orchestrates one training run of ``query`` with ``options`` on ``backend``.
+
+    A run trains one model, or several side by side in the same aggregate queries: one per
+    value of ``group_by``, or one per configuration of a ``grid``/random search.
+    """
 
     backend: Backend
     query: str
     options: TrainOptions
     name: str
     callbacks: Callbacks = field(default_factory=Callbacks)
-    server: dict[str, Any] = field(default_factory=dict)  # the kernel's facts (cuda, torch, ...)
+    server: dict[str, Any] = field(default_factory=dict)  # the kernel's facts (cuda, cpus, ...)
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     history: list[dict[str, Any]] = field(default_factory=list)
+    members: list[MemberRun] = field(default_factory=list)
+    _serial_seconds: float | None = None
+    _startup_seconds: float | None = None
+
+    @property
+    def cohort(self) -> str | None:
+        """``"groups"``, ``"selection"`` or None (one model)."""
+        if self.options.group_by:
+            return "groups"
+        return "selection" if self.options.grid else None
+
+    @property
+    def selection_metric(self) -> str:
+        return self.options.monitor
 
     def _tables(self) -> tuple[str, str, str]:
         t = self.token
@@ -66,81 +128,57 @@ class TrainingRun:
     def execute(self) -> DBModel:
         """Run to completion (or early stop / interrupt) and return the trained module."""
         opts, backend = self.options, self.backend
-        spec = _spec(opts.model)
+        if opts.resume and self.cohort:
+            raise InputError("resume=True is not supported for group_by / grid runs yet")
+        trials = search_trials(opts)
+        specs = [_spec(t.get("model", opts.model)) for t in trials] or [_spec(opts.model)]
         stage, vstage, packed_table = self._tables()
-        key: dict[str, Any] | None = None
-        stopper = EarlyStopping(opts) if opts.patience else None
+        first_epoch = 0
         try:
-            resumed = self._resumable(spec) if opts.resume else None
+            resumed = self._resumable(specs[0]) if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
-            data = self._pack(spec, stage, vstage, packed_table, source)
-            enc = data.encoding
-            config = self._config(spec, enc)
-            config["freeze"] = frozen_layers(opts.freeze, spec, enc)
-            stored_options = {**opts.to_json_dict(), "work_token": self.token}
-            first_epoch = 0
+            data = self._pack(specs, stage, vstage, packed_table, source, trials)
             with backend.engine.begin() as conn:
                 if resumed is None:
-                    version = store.next_version(conn, backend, self.name)
-                    key = {"name": self.name, "version": version}
-                    store.create_model(
-                        conn,
-                        backend,
-                        key,
-                        spec=spec,
-                        encoding=enc.to_json(),
-                        options=stored_options,
-                        query=self.query,
-                        parent=f"{source['name']}:{source['version']}" if source else None,
-                    )
-                    if source is None:
-                        first, parent = initial_state(config), None
-                    else:
-                        first, copied = warm_start_state(config, source["state"])
-                        if not copied:
-                            raise InputError(
-                                f"init_from={opts.init_from!r}: no layer of that model fits this "
-                                "architecture (no tensor has the same name and shape)"
-                            )
-                        parent = (source["name"], source["version"], source["iteration"])
-                    store.write_checkpoint(conn, backend, key, 0, first)
-                    backend.archive(conn, key, 0, parent, opts.block_bytes, opts.deltas)
+                    self._create_members(conn, data, trials, source)
                 else:
-                    key = {"name": self.name, "version": resumed["version"]}
-                    first_epoch = int(resumed["iteration"])
-                    self.history = list(resumed["history"][:first_epoch])
-                    store.set_status(conn, backend, key, "training", self.history)
-                    store.set_options(conn, backend, key, stored_options)
-            if stopper is not None:
-                for past in self.history:
-                    stopper.update(past)
-            self._announce(data, config, key, first_epoch)
+                    first_epoch = self._resume_member(conn, data, specs[0], resumed)
+            self._announce(data, first_epoch)
+            rungs = halving_rungs(opts.epochs, len(self.members)) if trials and opts.halving else []
             for epoch in range(first_epoch, opts.epochs):
-                row = self._iteration(data, config, key, epoch)
-                if stopper is not None and stopper.update(row):
+                alive = [m for m in self.members if m.status == "training"]
+                if not alive:
                     break
-            best = stopper.best_iteration if stopper and opts.restore_best else None
+                self._iteration(data, alive, epoch, first=epoch == first_epoch)
+                self._stop_members(alive, epoch + 1, rungs)
             with backend.engine.begin() as conn:
-                store.set_status(conn, backend, key, "complete", self.history, model_iteration=best)
-                if best is not None:
-                    store.ensure_hot_state(conn, backend, key, best)
+                for m in self.members:
+                    if m.status == "training":
+                        m.status = "complete"
+                    best = m.best_iteration()
+                    store.set_status(conn, backend, m.key, "complete", m.history,
+                                     model_iteration=best)
+                    if best is not None:
+                        store.ensure_hot_state(conn, backend, m.key, best)
+                key = self._finish_cohort(conn, data)
         except KeyboardInterrupt as exc:
-            if key is None:
+            if not self.members:
                 raise
-            self._mark_failed(key, exc)
+            self._mark_failed(exc)
             if opts.on_interrupt == "raise":
                 raise
+            key = self.members[0].key if len(self.members) == 1 else None
+            if key is None:
+                raise
         except BaseException as exc:
-            if key is not None:
-                self._mark_failed(key, exc)
+            self._mark_failed(exc)
             raise _translate(exc) from exc
         finally:
             with backend.engine.begin() as conn:
                 for table in (stage, vstage, packed_table):
                     backend.drop_table(conn, table)
         with backend.engine.connect() as conn:
-            row = store.read_model(conn, backend, key["name"], key["version"])
-        return model_from_stored(row, opts.device)
+            return load_stored(conn, backend, key["name"], key["version"], opts.device)
 
     # -- steps ------------------------------------------------------------------------------------
     def _resumable(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -192,11 +230,12 @@ class TrainingRun:
 
     def _pack(
         self,
-        spec: dict[str, Any],
+        specs: list[dict[str, Any]],
         stage: str,
         vstage: str,
         packed: str,
-        source: dict[str, Any] | None = None,
+        source: dict[str, Any] | None,
+        trials: list[dict[str, Any]],
     ) -> PackedData:
         """Stage, encode and pack in one transaction; the staged copies are dropped after."""
         opts, backend = self.options, self.backend
@@ -209,8 +248,9 @@ class TrainingRun:
             max_categories=opts.max_categories,
             image_shape=opts.image_shape,
             rows_per_buffer=opts.rows_per_buffer,
-            batch_size=opts.batch_size,
+            batch_size=max([opts.batch_size] + [t.get("batch_size", 0) for t in trials]),
             seed=opts.seed,
+            group_by=opts.group_by,
         )
         with backend.engine.begin() as conn:
             stage_query(backend, conn, self.query, opts.params, stage)
@@ -219,12 +259,12 @@ class TrainingRun:
                 encoding = warm_encoding(
                     encoding, Encoding.from_json(source["encoding"]), str(opts.init_from)
                 )
-            pack_opts.n_parameters = _check_spec_fits(spec, encoding)
+            pack_opts.n_parameters = max(_check_spec_fits(s, encoding) for s in specs)
             if opts.validation_query:
                 stage_query(
                     backend, conn, opts.validation_query, opts.params, vstage, "validation query"
                 )
-                _check_columns(backend, conn, vstage, encoding)
+                _check_columns(backend, conn, vstage, encoding, opts.group_by)
             data = pack(
                 backend,
                 conn,
@@ -239,10 +279,8 @@ class TrainingRun:
             backend.drop_table(conn, vstage)
             return data
 
-    def _config(self, spec: dict[str, Any], enc: Encoding) -> dict[str, Any]:
-        opts = self.options
-        threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.parallel)
-        return {
+    def _config(self, spec: dict[str, Any], enc: Encoding, opts: TrainOptions) -> dict[str, Any]:
+        config = {
             "spec": spec,
             "input_shape": enc.input_shape,
             "n_outputs": enc.target.n_outputs,
@@ -252,88 +290,321 @@ class TrainingRun:
             "seed": opts.seed,
             "epoch": 0,
             "device": opts.db_device,
-            "threads": threads,
             "byteorder": self.backend.byteorder,
             "target_scale": [enc.target.mean, enc.target.std],
             "run": self.token,
-            "parallel": opts.parallel,
         }
+        config["freeze"] = frozen_layers(opts.freeze, spec, enc)
+        return config
 
-    def _announce(
-        self, data: PackedData, config: dict[str, Any], key: dict[str, Any], first_epoch: int
+    def _member_plan(
+        self, data: PackedData, trials: list[dict[str, Any]]
+    ) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+        """``(label, group, trial)`` of every member, in member order."""
+        if data.groups is not None:
+            return [(f"{self.options.group_by}={g}", g, None) for g in data.groups]
+        if trials:
+            return [(trial_label(t), None, t) for t in trials]
+        return [("", None, None)]
+
+    def _create_members(
+        self,
+        conn: Connection,
+        data: PackedData,
+        trials: list[dict[str, Any]],
+        source: dict[str, Any] | None,
     ) -> None:
+        """A model version and checkpoint 0 for every member."""
+        backend, enc = self.backend, data.encoding
+        first_version = store.next_version(conn, backend, self.name)
+        for i, (label, group, trial) in enumerate(self._member_plan(data, trials)):
+            opts = trial_options(self.options, trial) if trial else self.options
+            spec = _spec(opts.model)
+            key = {"name": self.name, "version": first_version + i}
+            stored_options = {**opts.to_json_dict(), "work_token": self.token}
+            if self.cohort:
+                stored_options.update(member=i, label=label, group=group, trial=trial)
+            store.create_model(
+                conn,
+                backend,
+                key,
+                spec=spec,
+                encoding=enc.to_json(),
+                options=stored_options,
+                query=self.query,
+                parent=f"{source['name']}:{source['version']}" if source else None,
+            )
+            config = {**self._config(spec, enc, opts), "member": i}
+            if source is None:
+                first, parent = initial_state(config), None
+            else:
+                first, copied = warm_start_state(config, source["state"])
+                if not copied:
+                    raise InputError(
+                        f"init_from={self.options.init_from!r}: no layer of that model fits "
+                        "this architecture (no tensor has the same name and shape)"
+                    )
+                parent = (source["name"], source["version"], source["iteration"])
+            store.write_checkpoint(conn, backend, key, 0, first)
+            backend.archive(conn, key, 0, parent, opts.block_bytes, opts.deltas)
+            rows = (data.groups or {}).get(group or "", {})
+            self.members.append(
+                MemberRun(
+                    i, key, config, opts, label, group, trial,
+                    train_rows=rows.get("train", data.n_train),
+                    validation_rows=rows.get("validation", data.n_val),
+                    stopper=EarlyStopping(opts) if opts.patience else None,
+                )
+            )
+
+    def _resume_member(
+        self, conn: Connection, data: PackedData, spec: dict[str, Any], resumed: dict[str, Any]
+    ) -> int:
+        """Continue a stored single-model run; returns the first epoch still to train."""
+        opts = self.options
+        key = {"name": self.name, "version": resumed["version"]}
+        first_epoch = int(resumed["iteration"])
+        member = MemberRun(
+            0, key, {**self._config(spec, data.encoding, opts), "member": 0}, opts,
+            train_rows=data.n_train, validation_rows=data.n_val,
+            history=list(resumed["history"][:first_epoch]),
+            stopper=EarlyStopping(opts) if opts.patience else None,
+        )
+        if member.stopper is not None:
+            for past in member.history:
+                member.stopper.update(past)
+        self.members.append(member)
+        self.history = list(member.history)
+        store.set_status(conn, self.backend, key, "training", member.history)
+        store.set_options(conn, self.backend, key, {**opts.to_json_dict(),
+                                                     "work_token": self.token})
+        return first_epoch
+
+    def _announce(self, data: PackedData, first_epoch: int) -> None:
         if self.callbacks.on_start is None:
             return
-        self.callbacks.on_start(
-            {
-                **key,
-                "database": self.backend.describe(),
-                "backend": self.backend.name,
-                "rows": data.n_train,
-                "validation_rows": data.n_val,
-                "buffers": data.n_buffers,
-                "parameters": data.n_parameters,
-                "workers": self.options.parallel,
-                "epochs": self.options.epochs,
-                "first_epoch": first_epoch,
-                "device": "cuda"
-                if self.options.db_device != "cpu" and self.server.get("cuda")
-                else "cpu",
-            }
+        first = self.members[0]
+        info: dict[str, Any] = {
+            **first.key,
+            "database": self.backend.describe(),
+            "backend": self.backend.name,
+            "rows": data.n_train,
+            "validation_rows": data.n_val,
+            "buffers": data.n_buffers,
+            "parameters": data.n_parameters,
+            "workers": self.options.parallel if self.backend.supports_parallel else 1,
+            "epochs": self.options.epochs,
+            "first_epoch": first_epoch,
+            "device": "cuda"
+            if self.options.db_device != "cpu" and self.server.get("cuda")
+            else "cpu",
+            "cohort": self.cohort,
+        }
+        if self.cohort:
+            info["members"] = [
+                {"member": m.member, "label": m.label, "version": m.key["version"],
+                 "group": m.group, "trial": m.trial}
+                for m in self.members
+            ]
+            info["selection_metric"] = self.selection_metric
+            info["selection_mode"] = "max" if maximize(self.selection_metric) else "min"
+            info["group_by"] = self.options.group_by
+        self.callbacks.on_start(info)
+
+    def _plan(self, data: PackedData, queries: int) -> WorkerPlan:
+        """Workers for the next iteration; measures a worker's start-up when it may pay off."""
+        opts, backend = self.options, self.backend
+        cpus = cpu_count(self.server if backend.supports_parallel else None)
+        if (
+            opts.parallel == "auto"
+            and backend.supports_parallel
+            and self._serial_seconds is not None
+            and self._serial_seconds >= MIN_PARALLEL_SECONDS
+            and self._startup_seconds is None
+        ):
+            with backend.engine.begin() as conn:
+                self._startup_seconds = backend.measure_worker_startup(conn, data.table)
+        return plan_workers(
+            opts.parallel,
+            supports_parallel=backend.supports_parallel,
+            cpus=cpus,
+            serial_seconds=self._serial_seconds,
+            startup_seconds=self._startup_seconds,
+            queries=queries,
         )
 
     def _iteration(
-        self,
-        data: PackedData,
-        config: dict[str, Any],
-        key: dict[str, Any],
-        epoch: int,
-    ) -> dict[str, Any]:
-        """One aggregate query + evaluation, committed with its checkpoint; returns the row."""
-        backend = self.backend
-        config = {**config, "epoch": epoch}
+        self, data: PackedData, alive: list[MemberRun], epoch: int, first: bool = False
+    ) -> None:
+        """One iteration of every live member: the aggregate query (or ``sync_every`` parts),
+        evaluation, checkpoints; committed together."""
+        backend, opts = self.backend, self.options
+        chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
+        plan = self._plan(data, chunks)
+        cpus = cpu_count(self.server if backend.supports_parallel else None)
+        threads = threads_per_worker(cpus, plan.workers, opts.threads)
+        payload = [
+            Member(m.member, m.key["name"], m.key["version"],
+                   {**m.config, "epoch": epoch, "threads": threads, "parallel": plan.workers},
+                   m.group)
+            for m in alive
+        ]
         started = time.perf_counter()
         progress = None
         if self.callbacks.on_progress is not None:
-            sink, total = self.callbacks.on_progress, data.n_train
+            sink, total = self.callbacks.on_progress, sum(m.train_rows for m in alive)
             progress = lambda done: sink(done, total)  # noqa: E731
         with backend.engine.begin() as conn:
-            this = {**key, "iteration": epoch}
-            after = {**key, "iteration": epoch + 1}
-            backend.train_iteration(conn, data.table, this, config, progress)
-            info = backend.state_info(conn, after)
+            infos = backend.train_iteration(
+                conn, data.table, payload, epoch, workers=plan.workers, chunks=chunks,
+                progress=progress, run=self.token,
+            )
             trained = time.perf_counter() - started
-            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": info["loss"]}
             split, prefix = (1, "val_") if data.n_val else (0, "train_")
-            metrics = backend.evaluate(conn, data.table, split, after, config)
-            metrics.pop("n", None)
-            for name, value in metrics.items():
-                row[f"{prefix}{name}"] = value
-            parent = (key["name"], key["version"], epoch)
-            stored = backend.archive(
-                conn, key, epoch + 1, parent, self.options.block_bytes, self.options.deltas
-            )
-            store.clear_hot_states(conn, backend, key, below=epoch + 1)
-            row.update(
-                seconds=time.perf_counter() - started,
-                train_seconds=trained,
-                samples=info["samples"],
-                workers=info.get("workers", 1),
-                combines=info["combines"],
-                db_device=info.get("device"),
-                stored_bytes=stored["new_bytes"],
-            )
-            store.set_checkpoint_metrics(conn, backend, key, epoch + 1, row)
-            self.history.append(row)
-            store.set_status(conn, backend, key, "training", self.history)
+            metrics = backend.evaluate(conn, data.table, split, payload, epoch + 1, plan.workers)
+            rows: dict[int, dict[str, Any]] = {}
+            for m in alive:
+                info = infos.get(m.member, {})
+                row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": info.get("loss")}
+                for name, value in metrics.get(m.member, {}).items():
+                    if name != "n":
+                        row[f"{prefix}{name}"] = value
+                parent = (m.key["name"], m.key["version"], epoch)
+                stored = backend.archive(
+                    conn, m.key, epoch + 1, parent, opts.block_bytes, opts.deltas
+                )
+                store.clear_hot_states(conn, backend, m.key, below=epoch + 1)
+                row.update(
+                    seconds=time.perf_counter() - started,
+                    train_seconds=trained,
+                    samples=info.get("samples", 0),
+                    workers=info.get("workers", 1),
+                    combines=info.get("combines", 0),
+                    db_device=info.get("device"),
+                    stored_bytes=stored["new_bytes"],
+                    parallel_note=plan.note,
+                )
+                store.set_checkpoint_metrics(conn, backend, m.key, epoch + 1, row)
+                m.history.append(row)
+                store.set_status(conn, backend, m.key, "training", m.history)
+                rows[m.member] = row
+            run_row = self._run_row(rows, time.perf_counter() - started, trained)
+            self.history.append(run_row)
+        if plan.workers == 1 and not first:  # the first iteration also pays imports, caches
+            self._serial_seconds = trained
         if self.callbacks.on_iteration is not None:
-            self.callbacks.on_iteration(row)
-        return row
+            self.callbacks.on_iteration(run_row)
 
-    def _mark_failed(self, key: dict[str, Any], exc: BaseException) -> None:
+    def _run_row(
+        self, rows: dict[int, dict[str, Any]], seconds: float, trained: float
+    ) -> dict[str, Any]:
+        """The row a monitor shows: the member's own, or a summary plus every member's line."""
+        if not self.cohort:
+            return dict(next(iter(rows.values())))
+        first = next(iter(rows.values()))
+        out: dict[str, Any] = {"epoch": first["epoch"]}
+        metric_names = [k for k in first if k.startswith(("train_", "val_"))]
+        metric_names = [k for k in metric_names if k != "train_seconds"]
+        if self.cohort == "selection":
+            best = rank(rows, self.selection_metric)[0]
+            out.update({k: rows[best].get(k) for k in metric_names})
+        else:  # groups: means weighted by each group's rows
+            by_member = {m.member: m for m in self.members}
+            for name in metric_names:
+                pairs = [
+                    (r[name], by_member[i].validation_rows if name.startswith("val_")
+                     else by_member[i].train_rows)
+                    for i, r in rows.items() if r.get(name) is not None
+                ]
+                weight = sum(w for _, w in pairs)
+                out[name] = sum(v * w for v, w in pairs) / weight if weight else None
+        out.update(
+            seconds=seconds,
+            train_seconds=trained,
+            samples=sum(r["samples"] for r in rows.values()),
+            workers=max(r["workers"] for r in rows.values()),
+            combines=sum(r["combines"] for r in rows.values()),
+            db_device=first["db_device"],
+            stored_bytes=sum(r["stored_bytes"] for r in rows.values()),
+            parallel_note=first["parallel_note"],
+            members=[m.summary() for m in self.members],
+        )
+        return out
+
+    def _stop_members(self, alive: list[MemberRun], epoch: int, rungs: list[int]) -> None:
+        """Early stopping per member; successive halving of a search's trials at its rungs."""
+        for m in alive:
+            row = m.history[-1]
+            watched = m.stopper is not None and (m.stopper.monitor in row or not self.cohort)
+            if watched and m.stopper.update(row):
+                m.status = "early-stopped"
+        if epoch in rungs:
+            live = [m for m in alive if m.status == "training"]
+            ranked = rank({m.member: m.history[-1] for m in live}, self.selection_metric)
+            keep = set(ranked[: max(1, math.ceil(len(ranked) / 2))])
+            for m in live:
+                if m.member not in keep:
+                    m.status = "halved"
+        if self.cohort and self.history:  # the statuses after this iteration's decisions
+            self.history[-1]["members"] = [m.summary() for m in self.members]
+
+    def _finish_cohort(self, conn: Connection, data: PackedData) -> dict[str, Any]:
+        """The model the run returns: the only member, the best trial stored as the newest
+        version, or the router version of a per-group run."""
+        backend, opts = self.backend, self.options
+        if not self.cohort:
+            return self.members[0].key
+        version = max(m.key["version"] for m in self.members) + 1
+        key = {"name": self.name, "version": version}
+        stored = {**opts.to_json_dict(), "work_token": self.token}
+        if self.cohort == "groups":
+            stored["groups"] = {m.group: m.key["version"] for m in self.members}
+            store.create_model(
+                conn, backend, key, spec=_spec(opts.model), encoding=data.encoding.to_json(),
+                options=stored, query=self.query,
+            )
+            store.set_status(conn, backend, key, "complete", self.history)
+            return key
+        board = self.leaderboard()
+        best = next(m for m in self.members if m.key["version"] == board[0]["version"])
+        iteration = best.best_iteration() or len(best.history)
+        stored.update(
+            selection={"metric": self.selection_metric, "leaderboard": board,
+                       "best_version": best.key["version"]},
+            trial=best.trial, label=best.label,
+        )
+        store.create_model(
+            conn, backend, key, spec=_spec(best.options.model),
+            encoding=data.encoding.to_json(), options=stored, query=self.query,
+            parent=f"{self.name}:{best.key['version']}",
+        )
+        store.copy_checkpoint(conn, backend, best.key, iteration, key)
+        backend.archive(conn, key, iteration, (self.name, best.key["version"], iteration),
+                        opts.block_bytes, opts.deltas)
+        store.set_status(conn, backend, key, "complete", best.history[:iteration],
+                         model_iteration=iteration)
+        return key
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """Trials best first by the selection metric at each one's model checkpoint."""
+        lines = {}
+        for m in self.members:
+            at = m.best_iteration() or len(m.history)
+            line = m.summary()
+            if m.history:
+                row = m.history[at - 1]
+                line.update({k: v for k, v in row.items() if k.startswith(("train_", "val_"))})
+                line.pop("train_seconds", None)
+            line["epochs"] = len(m.history)
+            lines[m.member] = line
+        order = rank(lines, self.selection_metric)
+        return [{"rank": r + 1, **lines[i]} for r, i in enumerate(order)]
+
+    def _mark_failed(self, exc: BaseException) -> None:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
-            store.set_status(conn, self.backend, key, status, self.history, str(exc)[:2000])
+        for m in self.members:
+            with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
+                store.set_status(conn, self.backend, m.key, status, m.history, str(exc)[:2000])
 
 
 def _spec(model: Any) -> dict[str, Any]:
@@ -352,9 +623,12 @@ def _check_spec_fits(spec: dict[str, Any], enc: Encoding) -> int:
         raise SpecError(f"model spec does not fit the data: {exc}") from exc
 
 
-def _check_columns(backend: Backend, conn: Connection, table: str, enc: Encoding) -> None:
+def _check_columns(
+    backend: Backend, conn: Connection, table: str, enc: Encoding, group_by: str | None = None
+) -> None:
     kinds = backend.column_kinds(conn, table)
-    missing = [c for c in [*enc.feature_names(), enc.target.name] if c not in kinds]
+    wanted = [*enc.feature_names(), enc.target.name] + ([group_by] if group_by else [])
+    missing = [c for c in wanted if c not in kinds]
     if missing:
         raise InputError(f"the validation query lacks column(s) {', '.join(map(repr, missing))}")
 
@@ -383,4 +657,4 @@ def generated_name() -> str:
     return time.strftime("model_%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:4]
 
 
-__all__ = ["Callbacks", "TrainingRun", "generated_name", "history_frame"]
+__all__ = ["Callbacks", "MemberRun", "TrainingRun", "generated_name", "history_frame"]

@@ -255,3 +255,29 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     for column in ("logical_bytes", "stored_bytes"):
         frame[column] = frame[column].fillna(0).astype("int64")
     return frame
+
+
+def copy_checkpoint(
+    conn: Connection,
+    backend: Backend,
+    source: dict[str, Any],
+    iteration: int,
+    target: dict[str, Any],
+) -> None:
+    """Copy checkpoint ``iteration`` of ``source`` to ``target`` inside the database (its hot
+    copy is rebuilt from blocks first when needed); archive it to share the source's blocks."""
+    ensure_hot_state(conn, backend, source, iteration)
+    conn.execute(
+        text(
+            f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state)"
+            " SELECT :to_name, :to_version, c.iteration, c.state"
+            f" FROM {backend.table('checkpoints')} AS c WHERE c.name = :name"
+            " AND c.version = :version AND c.iteration = :iteration"
+        ),
+        {
+            **source,
+            "iteration": iteration,
+            "to_name": target["name"],
+            "to_version": target["version"],
+        },
+    )

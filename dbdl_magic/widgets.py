@@ -1,8 +1,10 @@
 """The live Jupyter monitor: one display, updated in place, replaced by a static report.
 
 While the run goes on the display shows a header, a progress bar (moving within an iteration),
-elapsed/ETA, loss and metric curves and a metrics table that grows one row per iteration. When
-the run ends the same display becomes a :class:`~dbdl_magic.report.TrainingReport`.
+elapsed/ETA, loss and metric curves and a metrics table that grows one row per iteration; runs
+that train several models (groups, selection) add a members table below, redrawn once per
+iteration. When the run ends the same display becomes a
+:class:`~dbdl_magic.report.TrainingReport`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import ipywidgets as widgets
 import pandas as pd
 from IPython.display import DisplayHandle, display
 
-from .report import TrainingReport, curves_png, metrics_table_html
+from .monitor import cohort_text, start_members_frame, workers_text
+from .report import TrainingReport, cohort_table_html, curves_png, metrics_table_html
 from .runs import Callbacks
 
 
@@ -58,8 +61,9 @@ class WidgetMonitor:
         self.label = widgets.HTML()
         self.image = widgets.Image(format="png", layout=widgets.Layout(display="none"))
         self.table = widgets.HTML()
+        self.members = widgets.HTML()  # cohort runs: leaderboard / per-group table
         self._bar = widgets.HBox([self.progress, self.label])
-        self.widget = widgets.VBox([self.header, self._bar, self.image, self.table])
+        self.widget = widgets.VBox([self.header, self._bar, self.image, self.table, self.members])
         self.handle: DisplayHandle | None = None
         self.displayed = False
         self._started = self.clock()
@@ -79,11 +83,13 @@ class WidgetMonitor:
         self._started = self.clock()
         i = {k: html.escape(str(v)) for k, v in info.items()}
         name = html.escape(self.title or str(info.get("name", "")))
+        cohort = html.escape(cohort_text(info))
         self.header.value = (
             f"<b>training {name} v{i.get('version', '?')}</b> in {i.get('database', '?')} "
-            f"({i.get('backend', '?')}, {i.get('workers', 1)} worker(s), kernels on "
-            f"{i.get('device', '?')}): {i.get('rows', '?')} training rows, "
+            f"({i.get('backend', '?')}, {html.escape(workers_text(info.get('workers', 1)))}, "
+            f"kernels on {i.get('device', '?')}): {i.get('rows', '?')} training rows, "
             f"{i.get('validation_rows', 0)} validation rows, {i.get('parameters', '?')} parameters"
+            + (f"; {cohort}" if cohort else "")
         )
         self._set_progress(0.0)
         if not self.displayed:
@@ -105,6 +111,7 @@ class WidgetMonitor:
         history = pd.DataFrame(self.rows)
         self._set_progress(self.epochs_done / self.epochs)
         self.table.value = metrics_table_html(history)
+        self._show_members(row)
         now = self.clock()
         interval = max(self.refresh, 1.0, 5 * self._png_seconds)  # drawing costs <= ~20%
         if now - self._last_png >= interval or self.epochs_done >= self.epochs:
@@ -123,12 +130,17 @@ class WidgetMonitor:
         if not self.displayed:
             return  # failed before training started; the caller shows the exception
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        members = self._members_frame(self.rows[-1] if self.rows else {})
+        selection = self.info.get("cohort") == "selection"
         report = TrainingReport(
             history=pd.DataFrame(self.rows),
             name=str(self.info.get("name", self.title or "model")),
             version=self.info.get("version"),
             status=status,
             error=error,
+            leaderboard=members if selection else None,
+            group_table=None if selection else members,
+            selection_metric=self.info.get("selection_metric"),
         )
         self._replace(report)
 
@@ -160,6 +172,26 @@ class WidgetMonitor:
             f"{_hms(elapsed)} elapsed{eta}"
         )
 
+    def _members_frame(self, row: dict[str, Any]) -> pd.DataFrame | None:
+        """The row's members as the shared table (ranked for a selection); None if none."""
+        members = row.get("members")
+        return start_members_frame(self.info, members) if members else None
+
+    def _show_members(self, row: dict[str, Any]) -> None:
+        """Redraw the members table (and the parallel note) from an iteration's row."""
+        frame, note = self._members_frame(row), row.get("parallel_note")
+        parts = [f"<div><i>parallel: {html.escape(str(note))}</i></div>"] if note else []
+        if frame is not None:
+            if self.info.get("cohort") == "selection":
+                metric = self.info.get("selection_metric")
+                better = "higher" if self.info.get("selection_mode") == "max" else "lower"
+                by = f" by {metric} ({better} is better)" if metric and "rank" in frame else ""
+                caption = f"leaderboard after epoch {row.get('epoch')}{by}"
+            else:
+                caption = f"{len(frame)} groups after epoch {row.get('epoch')}"
+            parts.append(cohort_table_html(frame, caption))
+        self.members.value = "".join(parts)
+
     def _replace(self, report: TrainingReport) -> None:
         """Swap the live view for ``report`` in the same output, then release the widgets."""
         if self.handle is not None:
@@ -168,7 +200,8 @@ class WidgetMonitor:
             self.handle = display(report, display_id=True)
             self.displayed = True
         self.image.value = b""  # nbclient keeps closed widgets' last state in the notebook
-        for w in (self.header, self.progress, self.label, self.image, self.table, self._bar):
+        parts = (self.header, self.progress, self.label, self.image, self.table, self.members)
+        for w in (*parts, self._bar):
             for model in (w, w.layout, getattr(w, "style", None)):
                 if model is not None:
                     model.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from collections.abc import Iterator
@@ -13,8 +14,15 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
 
-from dbdl_magic.monitor import summary_line
-from dbdl_magic.report import RED, TrainingReport, short_error
+from dbdl_magic.monitor import TextMonitor, members_frame, summary_line
+from dbdl_magic.report import (
+    RED,
+    TrainingReport,
+    curves_png,
+    metric_columns,
+    metrics_table_html,
+    short_error,
+)
 from dbdl_magic.widgets import WidgetMonitor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -311,3 +319,258 @@ def test_report_and_monitor_on_a_real_trained_model(tmp_path, displays: Captured
     assert final.update and display_ids(displays) == {monitor.display_id}
     assert final.data["text/plain"] == summary_line(model)
     assert "data:image/png;base64," in final.data["text/html"]
+
+
+# -- cohort runs (groups, selection) ------------------------------------------------------------
+CONFIGS = ["lr=0.1 optimizer=sgd", "lr=0.01 optimizer=adam", "lr=0.001 optimizer=adam", "lr=1"]
+
+
+def cohort_info(cohort: str, labels: list[str], **extra: Any) -> dict[str, Any]:
+    """``on_start`` facts of a cohort run (the contract of ``runs.Callbacks``)."""
+    members = [
+        {
+            "member": i,
+            "label": label,
+            "version": 3 + i,
+            "group": label.partition("=")[2] if cohort == "groups" else None,
+            "trial": None if cohort == "groups" else {"label": label},
+        }
+        for i, label in enumerate(labels)
+    ]
+    return {**start_info(), "workers": "auto", "cohort": cohort, "members": members, **extra}
+
+
+def selection_info() -> dict[str, Any]:
+    return cohort_info("selection", CONFIGS, selection_metric="val_loss", selection_mode="min")
+
+
+def member(i: int, label: str, status: str, epoch: int, val_loss: float | None) -> dict[str, Any]:
+    return {
+        "member": i,
+        "label": label,
+        "status": status,
+        "epoch": epoch,
+        "train_loss": 1.5 if val_loss is None else val_loss - 0.1,
+        "val_loss": val_loss,
+        "val_accuracy": None if val_loss is None else 1 - val_loss / 2,
+        "samples": 160,
+    }
+
+
+def selection_row(epoch: int) -> dict[str, Any]:
+    """Epoch 1: all four train; epoch 2: ``lr=1`` and ``lr=0.1`` were halved after epoch 1."""
+    losses = {0: 0.9, 1: 0.5 / epoch, 2: 0.7 / epoch, 3: None}  # lr=1 diverged (no metrics)
+    members = []
+    for i, label in enumerate(CONFIGS):
+        halved = epoch > 1 and i in (0, 3)  # they keep their epoch-1 values
+        status, last = ("halved", 1) if halved else ("training", epoch)
+        members.append(member(i, label, status, last, losses[i]))
+    note = "auto: 1 worker (est. 2 workers 3.1 s vs 1 worker 2.0 s)"
+    return {**iteration_row(epoch), "members": members, "parallel_note": note}
+
+
+def groups_row(epoch: int, n: int) -> dict[str, Any]:
+    members = [
+        member(i, f"bucket={i}", "early-stopped" if i == 3 else "training", epoch, 0.1 * (i + 1))
+        for i in reversed(range(n))  # not in label order
+    ]
+    return {**iteration_row(epoch), "members": members}
+
+
+def leaderboard() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "version": [4, 5, 3, 6],
+            "label": [CONFIGS[1], CONFIGS[2], CONFIGS[0], CONFIGS[3]],
+            "status": ["complete", "complete", "halved", "halved"],
+            "epochs": [3, 3, 1, 1],
+            "val_loss": [0.1234, 0.2345, 0.9, None],
+            "val_accuracy": [0.91, 0.88, 0.55, None],
+        }
+    )
+
+
+def selection_model(status: str = "complete") -> SimpleNamespace:
+    model = fake_model(status=status)
+    model.history = pd.DataFrame([selection_row(e) for e in (1, 2, 3)])
+    model.leaderboard = leaderboard()
+    return model
+
+
+def grouped_model() -> SimpleNamespace:
+    model = fake_model()
+    model.history = pd.DataFrame([groups_row(e, 3) for e in (1, 2, 3)])
+    model.group_table = pd.DataFrame(
+        {
+            "group": ["a", "b", "c"],
+            "version": [3, 4, 5],
+            "status": ["complete", "early-stopped", "complete"],
+            "epochs": [3, 2, 3],
+            "train rows": [60, 50, 50],
+            "val_loss": [0.2, 0.3, 0.4],
+        }
+    )
+    return model
+
+
+def text_run(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    stream = io.StringIO()
+    monitor = TextMonitor(stream=stream)
+    monitor.on_start(info)
+    for row in rows:
+        monitor.on_iteration(row)
+    return stream.getvalue()
+
+
+def test_members_frame_ranks_and_sorts() -> None:
+    members = selection_row(2)["members"]
+    board = members_frame(members, "val_loss", "min")
+    assert list(board["label"]) == [CONFIGS[1], CONFIGS[2], CONFIGS[0], CONFIGS[3]]
+    assert list(board["rank"]) == [1, 2, 3, 4]  # no value (diverged): last
+    assert list(board.columns) == [
+        "rank", "label", "status", "epoch", "train_loss", "val_loss", "val_accuracy", "samples"
+    ]  # fmt: skip
+    best_accuracy = members_frame(members, "val_accuracy", "max")
+    assert list(best_accuracy["label"]) == list(board["label"])
+    by_label = members_frame(groups_row(1, 12)["members"])
+    assert "rank" not in by_label.columns
+    assert list(by_label["label"])[:3] == ["bucket=0", "bucket=1", "bucket=2"]
+    assert list(by_label["label"])[-1] == "bucket=11"  # numbers compare as numbers
+    assert members_frame([]).empty
+
+
+def test_text_monitor_selection_leaderboard() -> None:
+    out = text_run(selection_info(), [selection_row(1), selection_row(2)])
+    lines = out.splitlines()
+    assert "auto workers" in lines[0]
+    assert "4 models (4 configurations, ranked by val_loss, lower is better)" in lines[0]
+    assert lines[1].startswith("epoch   1  train_loss 2.0000")
+    assert "members" not in lines[1] and "[{" not in out  # no list on the iteration line
+    assert out.count("parallel: auto: 1 worker") == 1  # printed when it changes
+    second = lines[lines.index(next(x for x in lines if x.startswith("epoch   2"))) :]
+    ranks = [x.split()[:3] for x in second if re.match(r"\s+\d+\s+lr=", x)]
+    assert ranks == [
+        ["1", "lr=0.01", "optimizer=adam"],
+        ["2", "lr=0.001", "optimizer=adam"],
+        ["3", "lr=0.1", "optimizer=sgd"],
+        ["4", "lr=1", "halved"],
+    ]
+    halved = next(x for x in second if "lr=0.1 " in x)
+    assert "halved" in halved and re.search(r"halved\s+1\s", halved)  # its last epoch, 1
+    assert re.search(r"lr=1\s+halved\s+1\s+1\.5000\s+-\s+-\s+160$", second[-1])
+
+
+def test_text_monitor_groups_sorted_and_capped() -> None:
+    out = text_run(cohort_info("groups", [f"bucket={i}" for i in range(25)]), [groups_row(1, 25)])
+    lines = out.splitlines()
+    assert "25 models (groups by bucket)" in lines[0]
+    header = lines[2].split()
+    assert header[:3] == ["label", "status", "epoch"] and "rank" not in header
+    table = lines[3:]
+    assert [x.split()[0] for x in table[:20]] == [f"bucket={i}" for i in range(20)]
+    assert table[20] == "  ... 5 more" and len(table) == 21
+    assert "early-stopped" in table[3]
+
+
+def test_text_monitor_ordinary_run_unchanged() -> None:
+    out = text_run(start_info(), [iteration_row(1)])
+    assert out.splitlines() == [
+        "training digits v2 in sqlite:///tmp/t.db (sqlite, 1 worker(s), kernels on cpu): "
+        "160 training rows, 40 validation rows, 1 buffers, 650 parameters",
+        "epoch   1  train_loss 2.0000  val_loss 2.2000  val_accuracy 0.6000  val_f1 0.5500  "
+        "seconds 0.1235  stored_bytes 2600",
+    ]
+
+
+def test_history_with_members_column_is_ignored() -> None:
+    history = pd.DataFrame([selection_row(e) for e in (1, 2)])
+    history["val_note"] = "text"  # a non-numeric metric-like column is ignored too
+    assert "members" in history.columns
+    assert metric_columns(history) == ["train_loss", "val_loss", "val_accuracy", "val_f1"]
+    table = metrics_table_html(history)
+    assert body_rows(table) == 2 and "members" not in table and "lr=" not in table
+    assert "val_note" not in table
+    assert curves_png(history, "t").startswith(PNG_MAGIC)
+
+
+def test_widget_shows_the_leaderboard_once_per_iteration(displays: CapturedIO) -> None:
+    monitor = WidgetMonitor(refresh=0.0)
+    monitor.on_start(selection_info())
+    assert "4 models (4 configurations" in monitor.header.value
+    assert "auto workers" in monitor.header.value
+    changes = count_changes(monitor.members)
+    for epoch in (1, 2, 3):
+        monitor.on_iteration(selection_row(epoch))
+    assert len(changes) == 3
+    live = monitor.members.value
+    assert 'class="dbdl-members"' in live and body_rows(live) == 4
+    assert "leaderboard after epoch 3 by val_loss (lower is better)" in live
+    assert "parallel: auto: 1 worker" in live
+    order = [live.index(label) for label in (CONFIGS[1], CONFIGS[2], CONFIGS[0], CONFIGS[3])]
+    assert order == sorted(order) and "halved" in live
+    assert "members" not in monitor.table.value and body_rows(monitor.table.value) == 3
+    assert bytes(monitor.image.value).startswith(PNG_MAGIC)
+
+    model = selection_model()
+    monitor.finish(model)
+    final = displays.outputs[-1]
+    assert final.update and display_ids(displays) == {monitor.display_id}
+    assert final.data["text/plain"] == summary_line(model)
+    html = final.data["text/html"]
+    assert html.index("dbdl-metrics") < html.index("dbdl-members")
+    assert "leaderboard: 4 configurations, ranked by val_loss" in html
+    assert monitor.members.comm is None
+
+
+def test_widget_ordinary_run_has_no_members_table(displays: CapturedIO) -> None:
+    monitor = WidgetMonitor(refresh=0.0)
+    monitor.on_start(start_info())
+    monitor.on_iteration(iteration_row(1))
+    assert monitor.members.value == ""
+    monitor.finish(fake_model(epochs=1))
+    assert "dbdl-members" not in displays.outputs[-1].data["text/html"]
+
+
+def test_widget_fail_keeps_the_last_members(displays: CapturedIO) -> None:
+    monitor = WidgetMonitor(refresh=0.0)
+    monitor.on_start(cohort_info("groups", ["bucket=0", "bucket=1", "bucket=2"]))
+    monitor.on_iteration(groups_row(1, 3))
+    assert "3 groups after epoch 1" in monitor.members.value
+    monitor.fail(KeyboardInterrupt())
+    final = displays.outputs[-1]
+    assert final.data["text/plain"].endswith("| 3 groups | KeyboardInterrupt")
+    html = final.data["text/html"]
+    assert RED in html and body_rows(html[html.index("dbdl-members") :]) == 3
+    assert "bucket=2" in html and "early-stopped" not in html  # only 3 groups: 3 stops later
+
+
+def test_report_selection_summary_and_leaderboard() -> None:
+    model = selection_model()
+    line = summary_line(model)
+    assert line.startswith("dbdl: model digits v2 complete | 3 iteration(s) | train_loss 0.667")
+    assert line.endswith("| best: lr=0.01 optimizer=adam val_loss 0.123")
+    model.info = {"selection_metric": "val_accuracy"}
+    assert summary_line(model).endswith("| best: lr=0.01 optimizer=adam val_accuracy 0.910")
+    report = TrainingReport(selection_model())
+    assert repr(report) == summary_line(selection_model())  # deterministic
+    html = report._repr_html_()
+    board = html[html.index("dbdl-members") :]
+    assert body_rows(board) == 4 and "<th" in board and ">rank</th>" in board
+    assert board.index(CONFIGS[1]) < board.index(CONFIGS[0]) and "halved" in board
+    assert "0.1234" in board
+
+
+def test_report_grouped_model() -> None:
+    model = grouped_model()
+    assert summary_line(model).endswith("| 3 groups")
+    report = TrainingReport(model)
+    assert repr(report) == summary_line(model)
+    html = report._repr_html_()
+    assert html.index("dbdl-metrics") < html.index("dbdl-members")
+    groups = html[html.index("dbdl-members") :]
+    assert body_rows(groups) == 3 and "train rows" in groups and "early-stopped" in groups
+    ordinary = TrainingReport(fake_model())
+    assert ordinary.cohort_html() == "" and "dbdl-members" not in ordinary._repr_html_()
+    assert summary_line(SimpleNamespace(**vars(fake_model()), leaderboard=pd.DataFrame())) == (
+        summary_line(fake_model())
+    )  # an empty leaderboard is no leaderboard

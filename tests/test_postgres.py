@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 import dbdl_magic as dl
+from dbdl_magic.backends.base import Member
 from dbdl_magic.datasets import digits_frame, load_table
 from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.runs import Callbacks
@@ -72,17 +73,18 @@ def test_parallel_workers_run_the_combine_path(pg_db, big_digits):
     assert (h["samples"] == n_train).all()  # every row trained once, across both workers
     assert h["val_accuracy"].iloc[-1] > 0.85
     # The plan really is a parallel partial aggregate with two workers.
-    packed = backend.table("packed_explain")
+    packed, states = backend.table("packed_explain"), backend.table("states_explain")
     with pg_db.engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE {packed} AS SELECT 0 AS split, "
-                          "CAST(1 AS bigint) AS buffer_id, CAST('' AS bytea) AS x, "
-                          "CAST('' AS bytea) AS y FROM generate_series(1, 100)"))
+                          "CAST(NULL AS text) AS grp, CAST(1 AS bigint) AS buffer_id, "
+                          "CAST('' AS bytea) AS x, CAST('' AS bytea) AS y "
+                          "FROM generate_series(1, 100)"))
+        conn.execute(text(f"CREATE TABLE {states} (member integer, state bytea)"))
         backend._parallel_settings(conn, packed, 2)
-        plan = "\n".join(r[0] for r in conn.execute(
-            text("EXPLAIN " + backend.iteration_sql(packed)),
-            {"name": model.name, "version": 1, "iteration": 0, "config": "{}"},
-        ))
+        sql, params = backend.iteration_query(packed, [Member(0, model.name, 1, {})], states)
+        plan = "\n".join(r[0] for r in conn.execute(text("EXPLAIN " + sql), params))
         conn.execute(text(f"DROP TABLE {packed}"))
+        conn.execute(text(f"DROP TABLE {states}"))
     assert "Workers Planned: 2" in plan and "Partial Aggregate" in plan, plan
     assert "Finalize Aggregate" in plan
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import text
@@ -25,11 +27,34 @@ class ColumnKind:
     is_float: bool = False
 
 
+@dataclass
+class Member:
+    """One model trained by an iteration query: its checkpoint key, group value and config."""
+
+    member: int
+    name: str
+    version: int
+    config: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+
+
+def _accumulate(total: dict[str, Any], info: dict[str, Any]) -> None:
+    """Add one query's state header (see :func:`kernel.state.state_info`) to ``total``."""
+    samples = int(info.get("samples") or 0)
+    total["samples"] = total.get("samples", 0) + samples
+    total["loss_sum"] = total.get("loss_sum", 0.0) + (info.get("loss") or 0.0) * samples
+    total["combines"] = total.get("combines", 0) + int(info.get("combines") or 0)
+    total["workers"] = max(total.get("workers", 1), int(info.get("workers") or 1))
+    total["device"] = info.get("device", total.get("device"))
+    total["queries"] = total.get("queries", 0) + 1
+
+
 class Backend(ABC):
     """SQL phrasing, kernel installation and iteration queries for one dialect."""
 
     name: str = "?"
     byteorder: str = "<"  # byte order of packed float32/int32 buffers
+    supports_parallel: bool = False  # whether an iteration can run on several processes
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -107,27 +132,189 @@ class Backend(ABC):
         """
 
     # -- iterations -----------------------------------------------------------------------------
+    # An iteration trains one or more *members* (a model each: one per group, one per
+    # hyper-parameter configuration, or just the one) in the same aggregate query, grouped by
+    # member. ``sync_every`` splits it into several queries over classes of buffer ids, so the
+    # partial models of parallel workers are averaged more often than once per epoch.
+    fn_prefix = "dbdl_"  # kernel function names: dbdl_train (SQLite), dbdl.train (PostgreSQL)
+
     @abstractmethod
+    def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
+        """A FROM item ``m(member, grp, name, version, config)`` listing ``members`` (bound)."""
+
+    @abstractmethod
+    def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
+        """``CREATE TABLE table AS select_sql`` in the form this dialect can run fastest."""
+
+    def buffers_sql(self, packed: str, grouped: bool) -> str:
+        """The FROM item of the training buffers (SQLite shuffles their order per epoch)."""
+        grp = ", p0.grp" if grouped else ""
+        return f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split{grp} FROM {packed} AS p0)"
+
+    def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
+        """Seconds a parallel worker process needs before it can train (None: no workers)."""
+        return None
+
+    def prepare_query(self, conn: Connection, packed: str, workers: int) -> None:  # noqa: B027
+        """Session settings before an aggregate query (PostgreSQL: the parallel plan)."""
+
+    @contextmanager
+    def progress_channel(
+        self, conn: Connection, run: str, sink: ProgressSink | None
+    ) -> Iterator[None]:
+        """Deliver in-iteration progress (samples done in this query) to ``sink``."""
+        yield
+
+    def iteration_query(
+        self,
+        packed: str,
+        members: list[Member],
+        source: str,
+        chunk: int = 0,
+        chunks: int = 1,
+        epoch: int = 0,
+    ) -> tuple[str, dict[str, Any]]:
+        """The aggregate query of one iteration (or one ``sync_every`` part of it).
+
+        ``source`` is a table ``(member, state)`` holding each member's starting state.
+        """
+        params: dict[str, Any] = {"chunk": chunk, "chunks": chunks, "epoch": epoch}
+        part = " AND p.buffer_id % :chunks = :chunk" if chunks > 1 else ""
+        grouped = any(m.group is not None for m in members)
+        call = f"{self.fn_prefix}train(p.x, p.y, p.buffer_id, {{state}}, {{config}})"
+        buffers = self.buffers_sql(packed, grouped)
+        where = f"p.split = 0{part}"
+        return self._per_member(call, "state", buffers, members, source, where, params), params
+
+    def _per_member(
+        self,
+        call: str,
+        alias: str,
+        buffers: str,
+        members: list[Member],
+        source: str,
+        where: str,
+        params: dict[str, Any],
+    ) -> str:
+        """``SELECT member, <call> AS alias`` over ``buffers``, one result row per member.
+
+        ``call`` names the member's state and config as ``{state}`` and ``{config}``. A single
+        ungrouped member gets no GROUP BY (a constant group key would keep PostgreSQL from
+        planning a partial aggregate per worker); several members join their states by id.
+        """
+        if len(members) == 1 and members[0].group is None:
+            only = members[0]
+            params.update(only_member=only.member, only_config=json.dumps(only.config))
+            state = f"(SELECT s.state FROM {source} AS s)"
+            expr = call.format(state=state, config="CAST(:only_config AS TEXT)")
+            return (
+                f"SELECT CAST(:only_member AS INTEGER) AS member, {expr} AS {alias}"
+                f" FROM {buffers} AS p WHERE {where} HAVING count(*) > 0"
+            )
+        on_group = " AND p.grp = m.grp" if any(m.group is not None for m in members) else ""
+        expr = call.format(state="s.state", config="m.config")
+        return (
+            f"SELECT m.member AS member, {expr} AS {alias} FROM {buffers} AS p"
+            f" JOIN {self.members_relation(members, params)} ON {where}{on_group}"
+            f" JOIN {source} AS s ON s.member = m.member GROUP BY m.member, m.config"
+        )
+
     def train_iteration(
         self,
         conn: Connection,
         packed: str,
-        key: dict[str, Any],
-        config: dict[str, Any],
-        progress: ProgressSink | None,
-    ) -> None:
-        """One aggregate query: the state at ``key['iteration']`` → a new checkpoint row."""
+        members: list[Member],
+        iteration: int,
+        *,
+        workers: int = 1,
+        chunks: int = 1,
+        progress: ProgressSink | None = None,
+        run: str = "",
+    ) -> dict[int, dict[str, Any]]:
+        """Train every member from its checkpoint ``iteration`` over the training buffers and
+        store checkpoint ``iteration + 1``; returns each member's header facts (samples, loss,
+        combines, workers, device), summed over the ``chunks`` queries."""
+        source = self._scratch()
+        self.create_scratch(conn, source, *self._states_sql(members, iteration))
+        totals: dict[int, dict[str, Any]] = {}
+        done = 0
+        for chunk in range(chunks):
+            sql, params = self.iteration_query(packed, members, source, chunk, chunks, iteration)
+            target = self._scratch()
+            sink = None if progress is None else (lambda n, base=done: progress(base + n))
+            self.prepare_query(conn, packed, workers)
+            with self.progress_channel(conn, run, sink):
+                self.create_scratch(conn, target, sql, params)
+            for member, info in self._scratch_info(conn, target).items():
+                _accumulate(totals.setdefault(member, {}), info)
+            done = sum(t["samples"] for t in totals.values())
+            # members without buffers in this part keep the state they had
+            conn.execute(
+                text(
+                    f"INSERT INTO {target} (member, state) SELECT s.member, s.state FROM {source}"
+                    f" AS s WHERE s.member NOT IN (SELECT t.member FROM {target} AS t)"
+                )
+            )
+            self.drop_table(conn, source)
+            source = target
+        params = {"iteration": iteration + 1}
+        conn.execute(
+            text(
+                f"INSERT INTO {self.table('checkpoints')} (name, version, iteration, state)"
+                f" SELECT m.name, m.version, :iteration, s.state FROM {source} AS s"
+                f" JOIN {self.members_relation(members, params)} ON m.member = s.member"
+            ),
+            params,
+        )
+        self.drop_table(conn, source)
+        for info in totals.values():
+            info["loss"] = info["loss_sum"] / info["samples"] if info["samples"] else None
+        return totals
 
-    @abstractmethod
     def evaluate(
         self,
         conn: Connection,
         packed: str,
         split: int,
-        key: dict[str, Any],
-        config: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Metrics of the checkpoint ``key`` over buffers of ``split`` (0 train, 1 validation)."""
+        members: list[Member],
+        iteration: int,
+        workers: int = 1,
+    ) -> dict[int, dict[str, Any]]:
+        """Metrics of each member's checkpoint ``iteration`` over the buffers of ``split``
+        (0 train, 1 validation); members without such buffers are absent."""
+        params: dict[str, Any] = {"split": split}
+        f = self.fn_prefix
+        call = f"{f}metrics({f}evaluate(p.x, p.y, {{state}}, {{config}}), {{config}})"
+        states = self._scratch()
+        self.create_scratch(conn, states, *self._states_sql(members, iteration))
+        self.prepare_query(conn, packed, workers)
+        sql = self._per_member(
+            call, "metrics", f"{packed}", members, states, "p.split = :split", params
+        )
+        rows = conn.execute(text(sql), params).all()
+        self.drop_table(conn, states)
+        return {int(member): json.loads(out) for member, out in rows}
+
+    # -- helpers of the iteration -------------------------------------------------------------
+    def _scratch(self) -> str:
+        return self.table(f"iter_{uuid.uuid4().hex[:12]}")
+
+    def _states_sql(self, members: list[Member], iteration: int) -> tuple[str, dict[str, Any]]:
+        """SELECT of ``(member, state)``: each member's checkpoint ``iteration``."""
+        params: dict[str, Any] = {"iteration": iteration}
+        relation = self.members_relation(members, params)
+        sql = (
+            f"SELECT m.member AS member, c.state AS state FROM {relation}"
+            f" JOIN {self.table('checkpoints')} AS c ON c.name = m.name"
+            " AND c.version = m.version AND c.iteration = :iteration"
+        )
+        return sql, params
+
+    def _scratch_info(self, conn: Connection, table: str) -> dict[int, dict[str, Any]]:
+        rows = conn.execute(
+            text(f"SELECT s.member, {self.fn_prefix}state_info(s.state) FROM {table} AS s")
+        ).all()
+        return {int(member): json.loads(info) for member, info in rows}
 
     @abstractmethod
     def predict_buffer(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from ..errors import InstallError
 from ..kernel import KERNEL_VERSION
 from ..kernel.blockstore import Run
-from .base import Backend, ColumnKind, ProgressSink
+from .base import Backend, ColumnKind, Member, ProgressSink
 
 SCHEMA = "dbdl"
 _DOLLAR = re.compile(r"\$(\d+)")
@@ -52,6 +55,7 @@ class PostgresBackend(Backend):
 
     name = "postgresql"
     byteorder = ">"  # float4send / int4send write big-endian
+    supports_parallel = True
 
     def table(self, name: str) -> str:
         return f"{self.q(SCHEMA)}.{self.q(name)}"
@@ -216,7 +220,7 @@ class PostgresBackend(Backend):
     ) -> None:
         conn.execute(
             text(
-                f"CREATE UNLOGGED TABLE {packed} (split integer NOT NULL,"
+                f"CREATE UNLOGGED TABLE {packed} (split integer NOT NULL, grp text,"
                 " buffer_id bigint NOT NULL,"
                 " n integer NOT NULL, x bytea NOT NULL, y bytea NOT NULL, pad text)"
                 " WITH (fillfactor = 10)"
@@ -236,12 +240,12 @@ class PostgresBackend(Backend):
         y_bytes = "int4send(CAST(r.y AS integer))" if y_is_int else "float4send(CAST(r.y AS real))"
         conn.execute(
             text(
-                f"INSERT INTO {packed} (split, buffer_id, n, x, y, pad)"
-                " SELECT r.split, r.ord / :rpb AS buffer_id, count(*),"
+                f"INSERT INTO {packed} (split, grp, buffer_id, n, x, y, pad)"
+                " SELECT r.split, r.grp, r.ord / :rpb AS buffer_id, count(*),"
                 f" string_agg({row_bytes}, CAST('' AS bytea) ORDER BY r.ord),"
                 f" string_agg({y_bytes}, CAST('' AS bytea) ORDER BY r.ord),"
                 f" repeat(' ', {_PAD_BYTES}) FROM ({rows_sql}) AS r"
-                " GROUP BY r.split, r.ord / :rpb"
+                " GROUP BY r.split, r.grp, r.ord / :rpb"
             ),
             {**params, "rpb": int(rows_per_buffer)},
         )
@@ -256,6 +260,8 @@ class PostgresBackend(Backend):
 
     # -- iterations -----------------------------------------------------------------------------
     def _parallel_settings(self, conn: Connection, packed: str, workers: int) -> None:
+        """Plan the next query on ``workers`` parallel workers (the leader only coordinates),
+        or in this process when ``workers`` is 1."""
         workers = int(workers)
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         if workers <= 1:
@@ -271,74 +277,81 @@ class PostgresBackend(Backend):
             conn.execute(text(f"SET LOCAL {setting}"))
         conn.execute(text(f"ALTER TABLE {packed} SET (parallel_workers = {workers})"))
 
-    def iteration_sql(self, packed: str) -> str:
-        """The aggregate query of one iteration (a SELECT; EXPLAIN-able in tests)."""
-        ck = self.table("checkpoints")
-        return (
-            "SELECT dbdl.train(p.x, p.y, p.buffer_id,"
-            f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-            "  AND c.iteration = :iteration), :config) AS state"
-            f" FROM {packed} AS p WHERE p.split = 0"
-        )
+    fn_prefix = "dbdl."
 
-    def train_iteration(
-        self,
-        conn: Connection,
-        packed: str,
-        key: dict[str, Any],
-        config: dict[str, Any],
-        progress: ProgressSink | None,
-    ) -> None:
-        self._parallel_settings(conn, packed, config.get("parallel", 1))
-        scratch = self.table(f"iter_{uuid.uuid4().hex[:12]}")
+    def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
+        rows = []
+        for m in members:
+            i = m.member
+            params.update(
+                {
+                    f"m{i}_id": i,
+                    f"m{i}_grp": m.group,
+                    f"m{i}_name": m.name,
+                    f"m{i}_version": m.version,
+                    f"m{i}_config": json.dumps(m.config),
+                }
+            )
+            rows.append(
+                f"(CAST(:m{i}_id AS integer), CAST(:m{i}_grp AS text), CAST(:m{i}_name AS text),"
+                f" CAST(:m{i}_version AS integer), CAST(:m{i}_config AS text))"
+            )
+        return f"(VALUES {', '.join(rows)}) AS m(member, grp, name, version, config)"
+
+    def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
+        # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does (DESIGN §4.2).
+        conn.execute(text(f"CREATE UNLOGGED TABLE {table} AS {select_sql}"), params)
+
+    def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
+        """The same kernel call (which imports torch) timed in a new parallel worker and in this
+        backend process, where it is already warm; the difference is a worker's start-up."""
+        # a unique text: psycopg prepares repeated statements, and a prepared plan would
+        # ignore the parallel settings below
+        tag = uuid.uuid4().hex
+        sql = text(f"SELECT count(dbdl.kernel_info()), '{tag}' FROM {packed} AS p")
+        self._parallel_settings(conn, packed, 1)
+        conn.execute(sql)  # warm this process
+        started = time.perf_counter()
+        conn.execute(sql)
+        local = time.perf_counter() - started
+        major = int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
+        force = "debug_parallel_query" if major >= 16 else "force_parallel_mode"
+        conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 1"))
+        conn.execute(text(f"SET LOCAL {force} = on"))  # the whole query in one worker
+        started = time.perf_counter()
+        conn.execute(sql)
+        worker = time.perf_counter() - started
+        conn.execute(text(f"SET LOCAL {force} = off"))
+        return max(0.0, worker - local)
+
+    def prepare_query(self, conn: Connection, packed: str, workers: int) -> None:
+        self._parallel_settings(conn, packed, workers)
+
+    @contextmanager
+    def progress_channel(
+        self, conn: Connection, run: str, sink: ProgressSink | None
+    ) -> Iterator[None]:
+        if sink is None:
+            yield
+            return
         raw = conn.connection.driver_connection
-        seen: dict[int, int] = {}
+        seen: dict[tuple[int, int], int] = {}
 
         def on_notice(diag: Any) -> None:
             message = diag.message_primary or ""
-            if progress is None or not message.startswith("dbdl-progress "):
+            if not message.startswith("dbdl-progress "):
                 return
             report = json.loads(message[len("dbdl-progress ") :])
-            seen[report["pid"]] = report["samples"]
-            progress(sum(seen.values()))
+            if report.get("run") != run:
+                return
+            seen[(report["pid"], report.get("member", 0))] = report["samples"]
+            sink(sum(seen.values()))
 
         raw.add_notice_handler(on_notice)
         try:
-            conn.execute(
-                text(f"CREATE UNLOGGED TABLE {scratch} AS {self.iteration_sql(packed)}"),
-                {**key, "config": json.dumps(config)},
-            )
+            yield
         finally:
             raw.remove_notice_handler(on_notice)
-        conn.execute(
-            text(
-                f"INSERT INTO {self.table('checkpoints')} (name, version, iteration, state)"
-                f" SELECT :name, :version, :iteration + 1, s.state FROM {scratch} AS s"
-            ),
-            key,
-        )
-        conn.execute(text(f"DROP TABLE {scratch}"))
-
-    def evaluate(
-        self,
-        conn: Connection,
-        packed: str,
-        split: int,
-        key: dict[str, Any],
-        config: dict[str, Any],
-    ) -> dict[str, Any]:
-        ck = self.table("checkpoints")
-        self._parallel_settings(conn, packed, config.get("parallel", 1))
-        out = conn.execute(
-            text(
-                "SELECT dbdl.metrics(dbdl.evaluate(p.x, p.y,"
-                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-                "  AND c.iteration = :iteration), :config), :config)"
-                f" FROM {packed} AS p WHERE p.split = :split"
-            ),
-            {**key, "config": json.dumps(config), "split": split},
-        ).scalar_one()
-        return json.loads(out)
 
     def predict_buffer(
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]

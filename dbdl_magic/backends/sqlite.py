@@ -12,7 +12,8 @@ import re
 import sqlite3
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,13 @@ from ..kernel.predict import predict_buffer
 from ..kernel.rowpredict import RowPredictor
 from ..kernel.state import state_info
 from ..kernel.train import Trainer, mix_seed
-from .base import Backend, ColumnKind, ProgressSink
+from .base import Backend, ColumnKind, Member, ProgressSink
 
 PAGE_SIZE = 65536
 _DOLLAR = re.compile(r"\$(\d+)")
 
-# run id -> progress sink, set by the backend around an iteration
-_PROGRESS: dict[str, ProgressSink] = {}
+# run id -> progress report(member, samples), set by the backend around an iteration
+_PROGRESS: dict[str, Callable[[int, int], None]] = {}
 # the last exception raised inside a kernel, per thread (sqlite3 only reports "step raised")
 _ERRORS = threading.local()
 
@@ -62,8 +63,8 @@ class _TrainAggregate:
             self.trainer = Trainer(json.loads(config_text), model, fresh=True)
         trainer = self.trainer
         sink = _PROGRESS.get(trainer.config.get("run", ""))
-        base = trainer.samples
-        progress = (lambda done: sink(base + done)) if sink else None
+        base, member = trainer.samples, int(trainer.config.get("member", 0))
+        progress = (lambda done: sink(member, base + done)) if sink else None
         trainer.train_buffer(
             x, y, int(buffer_id), progress, float(trainer.config.get("progress_every", 0.5))
         )
@@ -401,9 +402,10 @@ class SQLiteBackend(Backend):
         cols = ", ".join(f"r.p{i}" for i in range(len(pieces)))
         conn.execute(
             text(
-                f"CREATE TABLE {packed} AS SELECT r.split AS split, r.ord / :rpb AS buffer_id,"
+                f"CREATE TABLE {packed} AS SELECT r.split AS split, r.grp AS grp,"
+                " r.ord / :rpb AS buffer_id,"
                 f" count(*) AS n, dbdl_pack({cols}) AS x, dbdl_pack_y(r.y, :y_is_int) AS y"
-                f" FROM ({rows_sql}) AS r GROUP BY r.split, r.ord / :rpb"
+                f" FROM ({rows_sql}) AS r GROUP BY r.split, r.grp, r.ord / :rpb"
             ),
             {**params, "rpb": int(rows_per_buffer), "y_is_int": int(y_is_int)},
         )
@@ -423,51 +425,54 @@ class SQLiteBackend(Backend):
                 raise TrainingError(f"the SQLite kernel failed: {inner}", detail=tb) from exc
             raise
 
-    def train_iteration(
-        self,
-        conn: Connection,
-        packed: str,
-        key: dict[str, Any],
-        config: dict[str, Any],
-        progress: ProgressSink | None,
-    ) -> None:
-        ck = self.table("checkpoints")
-        run = config.get("run", "")
-        if progress is not None:
-            _PROGRESS[run] = progress
-        try:
-            self._run(
-                conn,
-                f"INSERT INTO {ck} (name, version, iteration, state)"
-                " SELECT :name, :version, :iteration + 1, dbdl_train(p.x, p.y, p.buffer_id,"
-                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-                "  AND c.iteration = :iteration), :config)"
-                f" FROM (SELECT x, y, buffer_id FROM {packed} WHERE split = 0"
-                "  ORDER BY dbdl_mix(buffer_id, :epoch_seed)) AS p",
-                {**key, "config": json.dumps(config), "epoch_seed": config.get("epoch", 0)},
+    def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
+        rows = []
+        for m in members:
+            i = m.member
+            params.update(
+                {
+                    f"m{i}_id": i,
+                    f"m{i}_grp": m.group,
+                    f"m{i}_name": m.name,
+                    f"m{i}_version": m.version,
+                    f"m{i}_config": json.dumps(m.config),
+                }
             )
+            rows.append(f"(:m{i}_id, :m{i}_grp, :m{i}_name, :m{i}_version, :m{i}_config)")
+        return (
+            "(SELECT column1 AS member, column2 AS grp, column3 AS name, column4 AS version,"
+            f" column5 AS config FROM (VALUES {', '.join(rows)})) AS m"
+        )
+
+    def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
+        self._run(conn, f"CREATE TABLE {table} AS {select_sql}", params)
+
+    def buffers_sql(self, packed: str, grouped: bool) -> str:
+        # Buffers in a fresh order every epoch (PostgreSQL's scan order is the packing order).
+        grp = ", p0.grp" if grouped else ""
+        return (
+            f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split{grp} FROM {packed} AS p0"
+            " ORDER BY dbdl_mix(p0.buffer_id, :epoch))"
+        )
+
+    @contextmanager
+    def progress_channel(
+        self, conn: Connection, run: str, sink: ProgressSink | None
+    ) -> Iterator[None]:
+        if sink is None:
+            yield
+            return
+        seen: dict[int, int] = {}
+
+        def report(member: int, samples: int) -> None:
+            seen[member] = samples
+            sink(sum(seen.values()))
+
+        _PROGRESS[run] = report
+        try:
+            yield
         finally:
             _PROGRESS.pop(run, None)
-
-    def evaluate(
-        self,
-        conn: Connection,
-        packed: str,
-        split: int,
-        key: dict[str, Any],
-        config: dict[str, Any],
-    ) -> dict[str, Any]:
-        ck = self.table("checkpoints")
-        text_config = json.dumps(config)
-        out = self._run(
-            conn,
-            "SELECT dbdl_metrics(dbdl_evaluate(p.x, p.y,"
-            f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-            "  AND c.iteration = :iteration), :config), :config)"
-            f" FROM {packed} AS p WHERE p.split = :split",
-            {**key, "config": text_config, "split": split},
-        ).scalar_one()
-        return json.loads(out)
 
     def predict_buffer(
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]

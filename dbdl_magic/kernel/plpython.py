@@ -22,12 +22,23 @@ from .train import Trainer
 Notice = Callable[[str], None]
 
 
+# Live objects are cached per config text: one aggregate query may train several models (one per
+# group or per hyper-parameter configuration), each with its own config, interleaved row by row.
+_CACHE_LIMIT = 256
+
+
+def _cache(GD: dict[str, Any], name: str) -> dict[str, Any]:
+    cache = GD.setdefault(name, {})
+    if len(cache) > _CACHE_LIMIT:  # a new run's configs: forget the old ones
+        cache.clear()
+    return cache
+
+
 def _config(GD: dict[str, Any], text: str) -> dict[str, Any]:
-    cached = GD.get("dbdl_config")
-    if cached is not None and cached[0] == text:
-        return cached[1]
-    config = json.loads(text)
-    GD["dbdl_config"] = (text, config)
+    cache = _cache(GD, "dbdl_configs")
+    config = cache.get(text)
+    if config is None:
+        config = cache[text] = json.loads(text)
     return config
 
 
@@ -43,7 +54,8 @@ def train_transition(
 ) -> bytes:
     """SGD over one buffer. ``state`` is None on the first buffer of each worker."""
     config = _config(GD, config_text)
-    cached = GD.get("dbdl_trainer")
+    trainers = _cache(GD, "dbdl_trainers")
+    cached = trainers.get(config_text)
     if state is None:
         trainer = Trainer(config, model, fresh=True)
     elif cached is not None and cached[0] == state and cached[1].config is config:
@@ -53,13 +65,15 @@ def train_transition(
     progress = None
     if notice is not None and config.get("progress", True):
         base, pid, run = trainer.samples, os.getpid(), config.get("run", "")
+        member = int(config.get("member", 0))
 
         def progress(done: int) -> None:
-            notice(f"dbdl-progress {json.dumps({'run': run, 'pid': pid, 'samples': base + done})}")
+            report = {"run": run, "pid": pid, "member": member, "samples": base + done}
+            notice(f"dbdl-progress {json.dumps(report)}")
 
     trainer.train_buffer(x, y, int(buffer_id), progress, float(config.get("progress_every", 0.5)))
     out = trainer.to_bytes()
-    GD["dbdl_trainer"] = (out, trainer)
+    trainers[config_text] = (out, trainer)
     return out
 
 
@@ -69,11 +83,13 @@ def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
 
 
 def _evaluator(GD: dict[str, Any], model: bytes, config: dict[str, Any]) -> Evaluator:
-    cached = GD.get("dbdl_evaluator")
+    evaluators = _cache(GD, "dbdl_evaluators")
+    key = id(config)  # configs are cached by text, so the same text gives the same object
+    cached = evaluators.get(key)
     if cached is not None and cached[0] == model and cached[1].config is config:
         return cached[1]
     evaluator = Evaluator(config, model)
-    GD["dbdl_evaluator"] = (model, evaluator)
+    evaluators[key] = (model, evaluator)
     return evaluator
 
 
