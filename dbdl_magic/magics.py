@@ -6,6 +6,7 @@ as ``:name`` are bound from the notebook's variables, never pasted into the text
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -42,7 +43,11 @@ _OPTION_FLAGS = (
     "device",
     "db_device",
     "parallel",
+    "sync_every",
     "threads",
+    "group_by",
+    "search",
+    "trials",
     "patience",
     "monitor",
     "min_delta",
@@ -142,6 +147,8 @@ class DbdlMagic(Magics, Configurable):
     @argument("--version", type=int, help="model version (default: latest)")
     @argument("--keys", help="comma-separated key columns to keep (default: non-features)")
     @argument("--replace", action="store_true", help="replace the --into table if it exists")
+    @argument("--fallback", help="per-group model: the model (name[:version]) that scores rows "
+              "of groups it has no model for")
     @argument("-o", "--out", help="variable for the DataFrame (without --into)")
     @argument("--con", help="connection alias (default: current)")
     @cell_magic
@@ -153,6 +160,7 @@ class DbdlMagic(Magics, Configurable):
             self.connections.get(args.con), args.name, cell,
             into=args.into, proba=args.proba, version=args.version, keys=keys,
             params=bind_parameters(cell, self.shell.user_ns), replace=args.replace,
+            **({"fallback": args.fallback} if args.fallback else {}),
         )
         if args.into:
             print(f"dbdl: wrote {result} prediction(s) to {args.into}")
@@ -169,6 +177,15 @@ class DbdlMagic(Magics, Configurable):
         """The models stored in the database, as a DataFrame."""
         args = parse_argstring(self.dbmodels, line)
         return api.list_models(self.connections.get(args.con))
+
+    def _grid(self, text: str) -> dict[str, Any]:
+        """``--grid``: a variable of the notebook, or a dict literal."""
+        if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]  # IPython's argument splitting keeps the quotes
+        value = self.shell.user_ns[text] if text in self.shell.user_ns else _literal(text, "--grid")
+        if not isinstance(value, dict):
+            raise InputError(f"--grid {text!r}: must be a dict of option → list of values")
+        return value
 
     # -- training -------------------------------------------------------------------------------
     @magic_arguments()
@@ -194,8 +211,16 @@ class DbdlMagic(Magics, Configurable):
     @argument("--seed", type=int)
     @argument("--device", choices=["auto", "cpu", "cuda"])
     @argument("--db-device", choices=["auto", "cpu", "cuda"])
-    @argument("--parallel", type=int, help="PostgreSQL parallel workers per iteration")
+    @argument("--parallel", help="PostgreSQL parallel workers per iteration: auto (default) or N")
+    @argument("--sync-every", type=float, help="average the workers' models every this fraction "
+              "of an epoch (e.g. 0.25)")
     @argument("--threads", type=int)
+    @argument("--group-by", help="train one model per value of this column")
+    @argument("--grid", help="model selection: a variable holding {option: [values]} or a dict "
+              "literal, e.g. \"{'lr': [1e-3, 1e-2]}\"")
+    @argument("--search", choices=["grid", "random"])
+    @argument("--trials", type=int, help="configurations to draw (random search)")
+    @argument("--no-halving", action="store_true", help="train every configuration to the end")
     @argument("--patience", type=int, help="early stopping patience (iterations)")
     @argument("--monitor", help="metric for early stopping (default val_loss)")
     @argument("--min-delta", type=float)
@@ -220,6 +245,10 @@ class DbdlMagic(Magics, Configurable):
             options["nesterov"] = True
         if args.no_restore_best:
             options["restore_best"] = False
+        if args.grid:
+            options["grid"] = self._grid(args.grid)
+        if args.no_halving:
+            options["halving"] = False
         if args.resume:
             options["resume"] = True
         if args.init_from:
@@ -263,6 +292,13 @@ class DbdlMagic(Magics, Configurable):
             monitor.finish(model)
         if target_var:
             self.shell.user_ns[target_var] = model
+
+
+def _literal(text: str, what: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise InputError(f"{what} {text!r}: not a variable or a Python literal ({exc})") from exc
 
 
 def _short_traceback(

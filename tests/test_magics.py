@@ -140,3 +140,46 @@ def test_install_magic_is_idempotent(shell, tmp_path):
     _, out2 = run(shell, "%dbinstall")
     assert "kernels installed" in out and "kernels installed" in out2
 
+
+
+def test_dbtrain_grid_search_binds_the_best_model_and_prints_the_leaderboard(shell, tmp_path):
+    url = digits_db(tmp_path)
+    shell.run_line_magic("dbconnect", url)
+    shell.user_ns["space"] = {"lr": [1e-3, 5e-3], "model": ["linear", "mlp:32"]}
+    result, out = run(shell, (
+        "%%dbtrain picked --target digit --grid space --epochs 4 --display text --seed 0\n"
+        "SELECT * FROM digits"
+    ))
+    assert result.success, result.error_in_exec
+    model = shell.user_ns["picked"]
+    board = model.leaderboard
+    assert len(board) == 4 and list(board["rank"]) == [1, 2, 3, 4]
+    assert model.version == 5  # four trials, then the best stored as the newest version
+    best = board.iloc[0]
+    assert model.history["val_loss"].iloc[-1] == pytest.approx(best["val_loss"])
+    assert f"best: {best['label']}" in out and "halved" in out  # leaderboard in the text monitor
+    # a dict literal works too, and --no-halving trains every configuration to the end
+    result, out = run(shell, (
+        "%%dbtrain picked2 --target digit --grid \"{'lr': [1e-3, 5e-3]}\" --no-halving "
+        "--epochs 2 --display none\nSELECT * FROM digits"
+    ))
+    assert result.success, result.error_in_exec
+    assert list(shell.user_ns["picked2"].leaderboard["epochs"]) == [2, 2]
+
+
+def test_dbtrain_scale_out_flags_reach_the_engine(shell, tmp_path):
+    url = digits_db(tmp_path)
+    shell.run_line_magic("dbconnect", url)
+    result, _ = run(shell, (
+        "%%dbtrain synced --target digit --model linear --epochs 2 --sync-every 0.5 "
+        "--parallel auto --display none\nSELECT * FROM digits"
+    ))
+    assert result.success, result.error_in_exec
+    history = shell.user_ns["synced"].history
+    assert (history["samples"] == 480).all()  # 600 rows, 20 % held out: every row once
+    assert history["parallel_note"].str.contains("in-process").all()
+    result, _ = run(shell, (
+        "%%dbtrain bad --target digit --grid not_a_dict_or_literal\nSELECT * FROM digits"
+    ))
+    assert isinstance(result.error_in_exec, InputError)
+    assert "--grid" in str(result.error_in_exec)

@@ -55,7 +55,26 @@ class PostgresBackend(Backend):
 
     name = "postgresql"
     byteorder = ">"  # float4send / int4send write big-endian
-    supports_parallel = True
+    _flavor: str | None = None
+
+    @property
+    def flavor(self) -> str:
+        """``postgresql``, ``citus`` (extension installed) or ``greenplum`` (checked once)."""
+        if self._flavor is None:
+            with self.engine.connect() as conn:
+                if "greenplum" in str(conn.execute(text("SELECT version()")).scalar()).lower():
+                    self._flavor = "greenplum"
+                elif self._has_citus(conn):
+                    self._flavor = "citus"
+                else:
+                    self._flavor = "postgresql"
+        return self._flavor
+
+    @property
+    def supports_parallel(self) -> bool:  # type: ignore[override]
+        """Parallel workers are the segments on plain PostgreSQL; on Citus and Greenplum the
+        shards/segments already are, so iterations run one process per shard/segment."""
+        return self.flavor == "postgresql"
 
     def table(self, name: str) -> str:
         return f"{self.q(SCHEMA)}.{self.q(name)}"
@@ -224,6 +243,7 @@ class PostgresBackend(Backend):
                 " buffer_id bigint NOT NULL,"
                 " n integer NOT NULL, x bytea NOT NULL, y bytea NOT NULL, pad text)"
                 " WITH (fillfactor = 10)"
+                + (" DISTRIBUTED BY (buffer_id)" if self.flavor == "greenplum" else "")
             )
         )
         # Float data does not compress: store it out of line without trying.
@@ -249,8 +269,11 @@ class PostgresBackend(Backend):
             ),
             {**params, "rpb": int(rows_per_buffer)},
         )
-        if self._has_citus(conn):  # spread the buffers over the Citus workers (shards)
+        if self.flavor == "citus":  # spread the buffers over the Citus workers (shards)
             conn.execute(text("SELECT create_distributed_table(:t, 'buffer_id')"), {"t": packed})
+            conn.execute(
+                text("SELECT truncate_local_data_after_distributing_table(:t)"), {"t": packed}
+            )
         conn.execute(text(f"ANALYZE {packed}"))
 
     def _has_citus(self, conn: Connection) -> bool:
@@ -263,6 +286,10 @@ class PostgresBackend(Backend):
         """Plan the next query on ``workers`` parallel workers (the leader only coordinates),
         or in this process when ``workers`` is 1."""
         workers = int(workers)
+        if self.flavor == "citus":
+            # Citus plans multi-shard queries only with bound parameters (custom plans)
+            conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+            return
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         if workers <= 1:
             conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
