@@ -33,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from . import errors
 
         return getattr(errors, name)
+    if name in ("DBModel", "GroupedModel"):
+        from . import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'dbdl_magic' has no attribute {name!r}")
 
 
@@ -43,4 +47,4 @@ def load_ipython_extension(shell: Any) -> None:
     load(shell)
 
 
-__all__ = sorted(_API | {"__version__"})
+__all__ = sorted(_API | {"__version__", "DBModel", "GroupedModel"})

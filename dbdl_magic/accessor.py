@@ -82,14 +82,25 @@ class DLAccessor:
             monitor.finish(trained)
         return trained
 
-    def predict(self, model: Any, proba: bool = False) -> pd.Series | pd.DataFrame:
-        """Predictions aligned with ``df.index`` (``proba=True``: one column per class)."""
+    def predict(
+        self, model: Any, proba: bool = False, fallback: Any = None
+    ) -> pd.Series | pd.DataFrame:
+        """Predictions aligned with ``df.index`` (``proba=True``: one column per class).
+
+        A per-group model (:class:`~dbdl_magic.model.GroupedModel`) routes every row by its
+        ``group_by`` column; ``fallback`` (a module) scores rows of groups it has no model for.
+        """
+        extra = {"fallback": fallback} if fallback is not None else {}
         if proba:
             return pd.DataFrame(
-                model.predict_proba(self._frame), index=self._frame.index, columns=model.classes_
+                model.predict_proba(self._frame, **extra),
+                index=self._frame.index,
+                columns=model.classes_,
             )
         return pd.Series(
-            model.predict(self._frame), index=self._frame.index, name=model.encoding.target.name
+            model.predict(self._frame, **extra),
+            index=self._frame.index,
+            name=model.encoding.target.name,
         )
 
     def evaluate(self, model: Any) -> dict[str, Any]:

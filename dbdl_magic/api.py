@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from . import store
 from .backends import Backend, backend_for
 from .errors import InputError
-from .model import DBModel, model_from_stored
+from .model import DBModel, GroupedModel, group_keys, is_router, load_stored
 from .options import TrainOptions
 from .runs import Callbacks, TrainingRun, generated_name
 
@@ -76,7 +76,7 @@ def train(
     name: str | None = None,
     callbacks: Callbacks | None = None,
     **options: Any,
-) -> DBModel:
+) -> DBModel | GroupedModel:
     """Train a model on the rows of ``query`` inside the database; returns the torch module.
 
     Options (see :class:`~dbdl_magic.options.TrainOptions`): ``model`` ("mlp:64,32", a JSON
@@ -101,14 +101,35 @@ def load_model(
     name: str,
     version: int | None = None,
     device: str = "auto",
-) -> DBModel:
-    """Load a stored model (latest version by default) as a torch module."""
+    *,
+    group: Any = None,
+) -> DBModel | GroupedModel:
+    """Load a stored model (latest version by default) as a torch module.
+
+    A model trained with ``group_by`` comes back as a :class:`~dbdl_magic.model.GroupedModel`
+    (one module per group, routed by the group column); ``group="DE"`` returns that group's
+    own :class:`~dbdl_magic.model.DBModel` instead.
+    """
     db = connect(con, check=False)
     with db.engine.connect() as conn:
-        row = store.read_model(conn, db.backend, name, version)
-    if row["state"] is None:
-        raise InputError(f"model {name!r} version {row['version']} has no checkpoint yet")
-    return model_from_stored(row, device)
+        if group is not None:
+            row = store.read_model(conn, db.backend, name, version, with_state=False)
+            if not is_router(row):
+                raise InputError(
+                    f"model {name!r} version {row['version']} was not trained with group_by; "
+                    "group= selects one group's model of a per-group model"
+                )
+            groups = {str(g): int(v) for g, v in row["options"]["groups"].items()}
+            found = group_keys([group], groups)[0]
+            if found is None:
+                shown = ", ".join(map(repr, sorted(groups)[:10]))
+                raise InputError(
+                    f"model {name!r} version {row['version']} has no model for "
+                    f"{row['options'].get('group_by')}={group!r} (groups: {shown}"
+                    f"{', ...' if len(groups) > 10 else ''})"
+                )
+            version = groups[found]
+        return load_stored(conn, db.backend, name, version, device)
 
 
 def list_models(con: str | Engine | Database | None = None) -> pd.DataFrame:
@@ -129,6 +150,7 @@ def predict(
     keys: list[str] | None = None,
     params: dict[str, Any] | None = None,
     replace: bool = False,
+    fallback: Any = None,
 ) -> pd.DataFrame | int:
     """Score the rows of ``query`` with stored model ``name``, inside the database.
 
@@ -136,12 +158,17 @@ def predict(
     ``prediction`` (and ``proba_<class>`` with ``proba``) to table ``into`` and returns the row
     count, or returns them as a DataFrame when ``into`` is None. Missing or mistyped feature
     columns raise :class:`InputError` naming them.
+
+    A model trained with ``group_by`` scores each row with its group's model (the query must
+    hold the group column; rows are matched by ``CAST(column AS TEXT)``, as in training).
+    Rows of groups without a model raise :class:`InputError` unless ``fallback`` names a
+    stored model (``"name"`` or ``"name:version"``, same features) that scores them.
     """
     from .predicting import predict as run_prediction
 
     db = connect(con, check=False)
     return run_prediction(db.backend, name, query, into=into, proba=proba, version=version,
-                          keys=keys, params=params, replace=replace)
+                          keys=keys, params=params, replace=replace, fallback=fallback)
 
 
 def serving_copy(
@@ -188,10 +215,20 @@ def predict_in_database(
     """Score ``frame`` with the database's predict kernel (probabilities or values).
 
     The frame is encoded client side with the model's stored encoding; the stored weights never
-    leave the database. (Full in-database prediction from a query is a later feature.)
+    leave the database. A per-group model scores each row with its group's checkpoint (the
+    frame must hold the group column). (To score a query's rows, see :func:`predict`.)
     """
     db = connect(con, check=False)
     model = load_model(db, name, version, device="cpu")
+    if isinstance(model, GroupedModel):
+        parts = model._split(frame, None)
+        pieces = [predict_in_database(db, m.name, frame.iloc[pos], m.version) for m, pos in parts]
+        if not pieces:
+            return np.zeros((0, model.encoding.target.n_outputs), dtype=np.float32)
+        out = np.empty((len(frame), pieces[0].shape[1]), dtype=pieces[0].dtype)
+        for (_, pos), piece in zip(parts, pieces, strict=True):
+            out[pos] = piece
+        return out
     x = model.encoding.encode_frame(frame)
     order = db.backend.byteorder
     payload = x.astype(f"{order}f4").tobytes()

@@ -4,6 +4,10 @@ The model's weights never leave the database: the query is staged, its features 
 the model's stored encoding by SQL, packed into buffers in row order, and scored by the predict
 kernel (decoded once per process); the query's key columns plus the predictions are written to
 a table (``into``) or returned as a DataFrame.
+
+A per-group model (``group_by``) routes the staged rows by ``CAST(<group column> AS TEXT)`` to
+one sub-stage per group, scores each with its group's checkpoint (rows of groups without a
+model with ``fallback``, or an error naming them) and puts the union back in query order.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from . import store
 from .backends.base import Backend
 from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
 from .errors import InputError
+from .model import is_router, unknown_groups_message
 from .packing import RN, _quote_dotted, feature_sql, stage_query
 
 ROWS_PER_BUFFER = 8192
+ORIG = "__dbdl_orig_rn"  # a per-group stage's row number in the query (orders the union back)
+MEMBER = "__dbdl_member"  # routed row → index of the group model (-1: the fallback)
+SUB = "__dbdl_sub_rn"  # routed row → its row number within its group (1..n, contiguous)
 
 
 def prediction_columns(encoding: Encoding, proba: bool) -> list[str]:
@@ -72,14 +80,28 @@ def predict(
     keys: list[str] | None = None,
     params: dict[str, Any] | None = None,
     replace: bool = False,
+    fallback: Any = None,
 ) -> pd.DataFrame | int:
     """Score ``query`` with model ``name``; see :func:`dbdl_magic.api.predict`."""
     engine = backend.engine
+    with engine.connect() as conn:
+        row = store.read_model(conn, backend, name, version, with_state=False)
+        if is_router(row):
+            fb_row = _fallback_row(conn, backend, fallback, row, proba) if fallback else None
+            grouped = True
+        elif fallback is not None:
+            raise InputError(
+                f"fallback= applies to per-group models (trained with group_by); model {name!r}"
+                f" version {row['version']} scores every row itself"
+            )
+        else:
+            grouped = False
+    if grouped:
+        return _predict_grouped(backend, row, query, into=into, proba=proba, keys=keys,
+                                params=params, replace=replace, fallback=fb_row)
     token = uuid.uuid4().hex[:12]
     stage, packed = backend.table(f"stage_{token}"), backend.table(f"ppacked_{token}")
     result = _quote_dotted(backend, into) if into else backend.table(f"pred_{token}")
-    with engine.connect() as conn:
-        row = store.read_model(conn, backend, name, version, with_state=False)
     if row["iteration"] is None:
         raise InputError(f"model {name!r} has no checkpoint to predict with")
     encoding = Encoding.from_json(row["encoding"])
@@ -115,4 +137,197 @@ def predict(
     finally:
         with engine.begin() as conn:
             for table in (stage, packed) if into else (stage, packed, result):
+                backend.drop_table(conn, table)
+
+
+# -- per-group models ----------------------------------------------------------------------------
+
+
+def _fallback_row(
+    conn: Any, backend: Backend, fallback: Any, router: dict[str, Any], proba: bool
+) -> dict[str, Any]:
+    """The stored model that scores rows of unknown groups: ``"name[:version]"`` (or a loaded
+    model), with a checkpoint, the same feature names and task as the group models."""
+    if isinstance(fallback, str):
+        fb_name, _, tail = fallback.rpartition(":")
+        if not fb_name or not tail.strip().isdigit():
+            fb_name, tail = fallback, ""
+        fb_version = int(tail) if tail else None
+    elif hasattr(fallback, "name") and hasattr(fallback, "version"):
+        fb_name, fb_version = fallback.name, int(fallback.version)
+    else:
+        raise InputError(f"fallback={fallback!r} must be a stored model's 'name' or 'name:version'")
+    row = store.read_model(conn, backend, fb_name, fb_version, with_state=False)
+    what = f"fallback model {row['name']!r} version {row['version']}"
+    if is_router(row):
+        raise InputError(f"{what} is itself a per-group model; the fallback must be one model")
+    if row["iteration"] is None:
+        raise InputError(f"{what} has no checkpoint to predict with")
+    mine, theirs = Encoding.from_json(router["encoding"]), Encoding.from_json(row["encoding"])
+    if set(mine.feature_names()) != set(theirs.feature_names()):
+        extra = sorted(set(theirs.feature_names()) - set(mine.feature_names()))
+        lacks = sorted(set(mine.feature_names()) - set(theirs.feature_names()))
+        raise InputError(
+            f"{what} was trained on other features than {router['name']!r}"
+            + (f"; it also uses {', '.join(map(repr, extra))}" if extra else "")
+            + (f"; it lacks {', '.join(map(repr, lacks))}" if lacks else "")
+        )
+    if theirs.target.task != mine.target.task:
+        raise InputError(
+            f"{what} is a {theirs.target.task} model but {router['name']!r} is a "
+            f"{mine.target.task} model"
+        )
+    if mine.target.task == "classification":
+        if proba and list(theirs.target.classes) != list(mine.target.classes):
+            raise InputError(
+                f"{what} has classes {theirs.target.classes}, not {mine.target.classes}; "
+                "probabilities need the same classes (or predict without proba)"
+            )
+        kinds = {isinstance(c, str) for c in [*mine.target.classes, *theirs.target.classes]}
+        if len(kinds) > 1:
+            raise InputError(f"{what} has labels of another type than {router['name']!r}")
+    return row
+
+
+def _predict_grouped(
+    backend: Backend,
+    router: dict[str, Any],
+    query: str,
+    *,
+    into: str | None,
+    proba: bool,
+    keys: list[str] | None,
+    params: dict[str, Any] | None,
+    replace: bool,
+    fallback: dict[str, Any] | None,
+) -> pd.DataFrame | int:
+    """Score ``query`` with a per-group model inside the database.
+
+    The query is staged once and its rows routed by ``CAST(group_by AS TEXT)`` (the text the
+    groups were trained under) into one sub-stage per group, numbered 1..n in query order; each
+    is scored by its group's checkpoint (rows of unknown groups by ``fallback``) and the
+    results are unioned and put back in query order. Every group runs in its own transaction
+    (a few tables each), so thousands of groups do not pile up locks.
+    """
+    engine, q = backend.engine, backend.q
+    name, options = router["name"], router["options"]
+    group_by = str(options.get("group_by") or "")
+    groups = {str(g): int(v) for g, v in options["groups"].items()}
+    encoding = Encoding.from_json(router["encoding"])
+    outputs = prediction_columns(encoding, proba)
+    token = uuid.uuid4().hex[:12]
+    stage, routes, routed, union = (
+        backend.table(f"{t}_{token}") for t in ("stage", "routes", "routed", "pred")
+    )
+    result = _quote_dotted(backend, into) if into else None
+    work = [stage, routes, routed, union]
+    try:
+        with engine.begin() as conn:
+            stage_query(backend, conn, query, params or {}, stage)
+            columns = _check_features(backend, conn, stage, encoding)
+            if group_by not in columns:
+                raise InputError(
+                    f"the query lacks the group_by column {group_by!r}: model {name!r} version "
+                    f"{router['version']} has one model per {group_by} value and routes every "
+                    f"row by that column"
+                )
+            features = set(encoding.feature_names())
+            key_columns = keys if keys is not None else [
+                c for c in columns if c not in features and c != encoding.target.name
+            ]
+            missing = [k for k in key_columns if k not in columns]
+            if missing:
+                raise InputError(f"key column(s) {', '.join(map(repr, missing))} not in the query")
+            if result and not replace and backend.table_exists(conn, result):
+                raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
+            found = conn.execute(
+                text(f"SELECT CAST({q(group_by)} AS TEXT), count(*) FROM {stage} GROUP BY 1")
+            ).all()
+            present = {str(g) for g, _ in found if g is not None and str(g) in groups}
+            unknown = sorted((g for g, _ in found if g is None or str(g) not in groups),
+                             key=lambda g: (g is not None, str(g)))
+            if unknown and fallback is None:
+                raise InputError(unknown_groups_message(group_by, unknown, groups, api=True))
+            scored = [g for g in groups if g in present]  # in the router's group order
+            conn.execute(text(f"CREATE TABLE {routes} (grp TEXT, {q(MEMBER)} INTEGER)"))
+            if scored:
+                conn.execute(
+                    text(f"INSERT INTO {routes} (grp, {q(MEMBER)}) VALUES (:g, :m)"),
+                    [{"g": g, "m": i} for i, g in enumerate(scored)],
+                )
+            conn.execute(
+                text(
+                    f"CREATE TABLE {routed} AS SELECT row_number() OVER (PARTITION BY"
+                    f" COALESCE(rt.{q(MEMBER)}, -1) ORDER BY s.{q(RN)}) AS {q(SUB)},"
+                    f" COALESCE(rt.{q(MEMBER)}, -1) AS {q(MEMBER)}, s.* FROM {stage} AS s"
+                    f" LEFT JOIN {routes} AS rt ON rt.grp = CAST(s.{q(group_by)} AS TEXT)"
+                )
+            )
+            if backend.name == "postgresql":
+                conn.execute(text(f"CREATE INDEX ON {routed} ({q(MEMBER)})"))
+            else:
+                index = backend.table(f"routed_ix_{token}")
+                conn.execute(text(f"CREATE INDEX {index} ON {routed} ({q(MEMBER)})"))
+        plan: list[tuple[int, dict[str, Any] | None]] = [
+            (i, None) for i in range(len(scored))
+        ] + ([(-1, fallback)] if unknown else [])
+        if not plan:  # no rows: score nothing with the first group model, for the columns
+            scored, plan = [next(iter(groups))], [(0, None)]
+        fb_features = Encoding.from_json(fallback["encoding"]).feature_names() if fallback else []
+        needed = list(dict.fromkeys([*key_columns, *encoding.feature_names(), *fb_features]))
+        kept = ", ".join(f"r.{q(c)}" for c in needed)
+        for step, (member, stored) in enumerate(plan):
+            sub, packed, res = (
+                backend.table(f"{t}{step}_{token}") for t in ("gstage", "gpacked", "gpred")
+            )
+            work += [sub, packed, res]
+            with engine.begin() as conn:
+                if stored is None:
+                    stored = store.read_model(
+                        conn, backend, name, groups[scored[member]], with_state=False
+                    )
+                if stored["iteration"] is None:
+                    raise InputError(
+                        f"model {name!r} version {stored['version']} (group "
+                        f"{scored[member]!r}) has no checkpoint to predict with"
+                    )
+                enc = Encoding.from_json(stored["encoding"])
+                key = {"name": stored["name"], "version": stored["version"],
+                       "iteration": stored["iteration"]}
+                store.ensure_hot_state(conn, backend, key, int(key["iteration"]))
+                conn.execute(
+                    text(
+                        f"CREATE TABLE {sub} AS SELECT r.{q(SUB)} AS {q(RN)},"
+                        f" r.{q(RN)} AS {q(ORIG)}, {kept} FROM {routed} AS r"
+                        f" WHERE r.{q(MEMBER)} = :m"
+                    ),
+                    {"m": member},
+                )
+                sql_params: dict[str, Any] = {}
+                pieces = feature_sql(backend, enc, sql_params)
+                backend.predict_into(
+                    conn, sub, packed, res, pieces, sql_params, [*key_columns, ORIG], outputs,
+                    enc.target.classes, kernel_config(stored, enc, backend), key,
+                    ROWS_PER_BUFFER, with_rn=False,
+                )
+                if step == 0:
+                    conn.execute(text(f"CREATE TABLE {union} AS SELECT * FROM {res}"))
+                else:
+                    conn.execute(text(f"INSERT INTO {union} SELECT * FROM {res}"))
+                for table in (sub, packed, res):
+                    backend.drop_table(conn, table)
+        selected = ", ".join(q(c) for c in [*key_columns, *outputs])
+        with engine.begin() as conn:
+            ordered = f"SELECT {selected} FROM {union} ORDER BY {q(ORIG)}"
+            if result is None:
+                return pd.read_sql(text(ordered), conn).reset_index(drop=True)
+            if replace:
+                backend.drop_table(conn, result)
+            elif backend.table_exists(conn, result):
+                raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
+            conn.execute(text(f"CREATE TABLE {result} AS {ordered}"))
+            return int(conn.execute(text(f"SELECT count(*) FROM {result}")).scalar_one())
+    finally:
+        with engine.begin() as conn:
+            for table in work:
                 backend.drop_table(conn, table)

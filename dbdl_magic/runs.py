@@ -26,7 +26,7 @@ from .errors import DbdlError, InputError, SpecError, TrainingError
 from .kernel.netbuild import SpecError as KernelSpecError
 from .kernel.netbuild import build_network
 from .kernel.train import initial_state, warm_start_state
-from .model import DBModel, load_stored
+from .model import DBModel, GroupedModel, load_stored
 from .options import TrainOptions
 from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
 from .policies import EarlyStopping, frozen_layers, warm_encoding
@@ -105,6 +105,7 @@ class TrainingRun:
     members: list[MemberRun] = field(default_factory=list)
     _serial_seconds: float | None = None
     _startup_seconds: float | None = None
+    _measured: dict[int, float] = field(default_factory=dict)  # workers → last train seconds
 
     @property
     def cohort(self) -> str | None:
@@ -125,7 +126,7 @@ class TrainingRun:
             self.backend.table(f"packed_{t}"),
         )
 
-    def execute(self) -> DBModel:
+    def execute(self) -> DBModel | GroupedModel:
         """Run to completion (or early stop / interrupt) and return the trained module."""
         opts, backend = self.options, self.backend
         if opts.resume and self.cohort:
@@ -160,6 +161,8 @@ class TrainingRun:
                                      model_iteration=best)
                     if best is not None:
                         store.ensure_hot_state(conn, backend, m.key, best)
+                if self.cohort and self.history:  # final statuses in the run's last row
+                    self.history[-1]["members"] = [m.summary() for m in self.members]
                 key = self._finish_cohort(conn, data)
         except KeyboardInterrupt as exc:
             if not self.members:
@@ -431,6 +434,7 @@ class TrainingRun:
             serial_seconds=self._serial_seconds,
             startup_seconds=self._startup_seconds,
             queries=queries,
+            measured=self._measured,
         )
 
     def _iteration(
@@ -490,8 +494,10 @@ class TrainingRun:
                 rows[m.member] = row
             run_row = self._run_row(rows, time.perf_counter() - started, trained)
             self.history.append(run_row)
-        if plan.workers == 1 and not first:  # the first iteration also pays imports, caches
-            self._serial_seconds = trained
+        if not first:  # the first iteration also pays imports and caches
+            self._measured[plan.workers] = trained
+            if plan.workers == 1:
+                self._serial_seconds = trained
         if self.callbacks.on_iteration is not None:
             self.callbacks.on_iteration(run_row)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-#: an iteration shorter than this never repays a worker's start-up; don't even measure it
-MIN_PARALLEL_SECONDS = 1.0
+#: an iteration shorter than this never repays workers' start-up (≈ 1 s each, measured on a
+#: 2-core machine; REQUIRED_GAIN then needs ≥ 3.7 s for 2 workers); don't even measure it
+MIN_PARALLEL_SECONDS = 3.0
 #: more workers must beat one by this factor in the estimate (combine and scan overheads)
 REQUIRED_GAIN = 0.8
 MAX_AUTO_WORKERS = 8
@@ -57,12 +58,16 @@ def plan_workers(
     serial_seconds: float | None,
     startup_seconds: float | None,
     queries: int = 1,
+    measured: dict[int, float] | None = None,
 ) -> WorkerPlan:
     """Choose the worker count: forced (``parallel=N``) or estimated (``"auto"``).
 
     ``serial_seconds`` is the last one-process iteration's training time (None before the
-    first), ``startup_seconds`` a worker's measured start-up (None when not measured).
+    first), ``startup_seconds`` a worker's measured start-up (None when not measured), and
+    ``measured`` the last training time seen with each worker count: once a count has run,
+    its real time replaces the estimate (so a disappointing count is dropped again).
     """
+    measured = measured or {}
     if not supports_parallel:
         return WorkerPlan(1, "1 process (this database runs kernels in-process)")
     if parallel != "auto":
@@ -77,14 +82,15 @@ def plan_workers(
         return WorkerPlan(1, "auto: 1 process (worker start-up not measured)")
     best, best_time = 1, serial_seconds
     for n in range(2, min(cpus, MAX_AUTO_WORKERS) + 1):
-        guess = estimate_seconds(serial_seconds, n, startup_seconds, queries)
+        guess = measured.get(n, estimate_seconds(serial_seconds, n, startup_seconds, queries))
         if guess < best_time:
             best, best_time = n, guess
     if best > 1 and best_time > REQUIRED_GAIN * serial_seconds:
         best, best_time = 1, serial_seconds
+    how = "measured" if best in measured or best == 1 else "est."
     return WorkerPlan(
         best,
-        f"auto: {best} worker(s) (est. {best_time:.2f} s vs 1 process {serial_seconds:.2f} s;"
+        f"auto: {best} worker(s) ({how} {best_time:.2f} s vs 1 process {serial_seconds:.2f} s;"
         f" worker start-up {startup_seconds:.2f} s, {cpus} cores)",
     )
 

@@ -20,7 +20,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-SQLITE_NOTEBOOKS = ["quickstart", "dataframe_accessor", "cnn_digits"]
+SQLITE_NOTEBOOKS = ["quickstart", "dataframe_accessor", "cnn_digits", "scale_out"]
 ALL_NOTEBOOKS = [*SQLITE_NOTEBOOKS, "postgres"]
 CHECK = "# NBVAL_CHECK_OUTPUT"
 

@@ -22,9 +22,14 @@ from .train import Trainer
 Notice = Callable[[str], None]
 
 
-# Live objects are cached per config text: one aggregate query may train several models (one per
-# group or per hyper-parameter configuration), each with its own config, interleaved row by row.
+# One aggregate query may train several models (one per group or per hyper-parameter
+# configuration), each with its own config, interleaved row by row: live objects are cached per
+# (run, member), so a member's entry is replaced when its next iteration starts.
 _CACHE_LIMIT = 256
+
+
+def _member_key(config: dict[str, Any]) -> str:
+    return f"{config.get('run', '')}:{config.get('member', 0)}"
 
 
 def _cache(GD: dict[str, Any], name: str) -> dict[str, Any]:
@@ -55,7 +60,7 @@ def train_transition(
     """SGD over one buffer. ``state`` is None on the first buffer of each worker."""
     config = _config(GD, config_text)
     trainers = _cache(GD, "dbdl_trainers")
-    cached = trainers.get(config_text)
+    cached = trainers.get(_member_key(config))
     if state is None:
         trainer = Trainer(config, model, fresh=True)
     elif cached is not None and cached[0] == state and cached[1].config is config:
@@ -73,7 +78,7 @@ def train_transition(
 
     trainer.train_buffer(x, y, int(buffer_id), progress, float(config.get("progress_every", 0.5)))
     out = trainer.to_bytes()
-    trainers[config_text] = (out, trainer)
+    trainers[_member_key(config)] = (out, trainer)
     return out
 
 
@@ -84,7 +89,7 @@ def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
 
 def _evaluator(GD: dict[str, Any], model: bytes, config: dict[str, Any]) -> Evaluator:
     evaluators = _cache(GD, "dbdl_evaluators")
-    key = id(config)  # configs are cached by text, so the same text gives the same object
+    key = _member_key(config)
     cached = evaluators.get(key)
     if cached is not None and cached[0] == model and cached[1].config is config:
         return cached[1]
