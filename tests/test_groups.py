@@ -103,6 +103,24 @@ def test_group_models_beat_one_global_model_and_route_an_integer_column(db):
     with pytest.raises(dl.InputError, match="not trained with group_by"):
         dl.load_model(db, "lines_global", group=1)
 
+    # Row-at-a-time prediction from SQL routes by the row's group column too.
+    with db.engine.connect() as conn:
+        if db.backend.name == "postgresql":
+            sql = ("SELECT h.id, dbdl.predict_value('lines', to_jsonb(h)) FROM holdout AS h"
+                   " ORDER BY h.id")
+        else:
+            sql = ("SELECT id, dbdl_predict_value('lines', json_object('shop', shop, 'x', x,"
+                   " 'noise', noise)) FROM holdout ORDER BY id")
+        per_row = [float(v) for _, v in conn.execute(text(sql))]
+        assert np.allclose(per_row, routed.sort_values("id")["prediction"], atol=1e-4)
+        no_group = ("SELECT dbdl.predict_value('lines', jsonb_build_object('x', 1, 'noise', 0))"
+                    if db.backend.name == "postgresql" else
+                    "SELECT dbdl_predict_value('lines', json_object('x', 1, 'noise', 0))")
+        # (sqlite3 reports only "user-defined function raised exception")
+        expected = "one model per 'shop'" if db.backend.name == "postgresql" else "raised"
+        with pytest.raises(Exception, match=expected):
+            conn.execute(text(no_group))
+
     # A float column with the same values still finds the groups ("1" for 1.0).
     as_float = holdout.assign(shop=holdout["shop"].astype(float))
     assert np.allclose(grouped.predict(as_float), grouped.predict(holdout))

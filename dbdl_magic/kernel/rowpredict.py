@@ -27,12 +27,14 @@ class RowPredictor:
         self.tables = tables
         self.cache: dict[str, tuple[tuple[Any, ...], Evaluator, dict[str, Any]]] = {}
 
-    def _model(self, ref: str) -> tuple[Evaluator, dict[str, Any]]:
+    def _model(
+        self, ref: str, values: Mapping[str, Any] | Sequence[Any] | None = None
+    ) -> tuple[Evaluator, dict[str, Any]]:
         name, _, version = ref.partition(":")
         sql = (f"SELECT version, coalesce(model_iteration, (SELECT max(c.iteration) FROM"
                f" {self.tables['checkpoints']} AS c WHERE c.name = m.name AND c.version ="
-               f" m.version)), spec, encoding, updated_at FROM {self.tables['models']} AS m"
-               " WHERE m.name = $1")
+               f" m.version)), spec, encoding, updated_at, options"
+               f" FROM {self.tables['models']} AS m WHERE m.name = $1")
         params: list[Any] = [name]
         if version:
             sql += " AND m.version = $2"
@@ -40,7 +42,10 @@ class RowPredictor:
         rows = self.run(sql + " ORDER BY m.version DESC LIMIT 1", params)
         if not rows:
             raise ValueError(f"no model {ref!r} in this database")
-        v, iteration, spec, encoding, updated = rows[0]
+        v, iteration, spec, encoding, updated, options = rows[0]
+        groups = json.loads(options or "{}").get("groups")
+        if groups is not None:  # a per-group model: score with the row's group's model
+            return self._model(f"{name}:{group_version(ref, options, groups, values)}")
         stamp = (v, iteration, str(updated))
         cached = self.cache.get(ref)
         if cached is not None and cached[0] == stamp:
@@ -60,7 +65,7 @@ class RowPredictor:
 
     def outputs(self, ref: str, values: Mapping[str, Any] | Sequence[Any]) -> tuple[Any, ...]:
         """``(label, value, probabilities)`` for one row (features by name, or in order)."""
-        evaluator, enc = self._model(ref)
+        evaluator, enc = self._model(ref, values)
         x = encode_row(enc, values)
         out = evaluator.outputs(torch.from_numpy(x.reshape(1, *evaluator.config["input_shape"])))
         target = enc["target"]
@@ -70,6 +75,23 @@ class RowPredictor:
             return target["classes"][best], proba[best], proba
         value = float(out[0, 0]) * target["std"] + target["mean"]
         return value, value, None
+
+
+def group_version(
+    ref: str, options: str, groups: dict[str, int], values: Mapping[str, Any] | Sequence[Any] | None
+) -> int:
+    """The version of the group model for a row (its group column's value as SQL text)."""
+    column = json.loads(options)["group_by"]
+    if not isinstance(values, Mapping) or column not in values:
+        raise ValueError(
+            f"model {ref!r} has one model per {column!r}: pass the row as jsonb with the "
+            f"{column!r} column, e.g. dbdl.predict({ref!r}, to_jsonb(t))"
+        )
+    value = values[column]
+    key = str(value).lower() if isinstance(value, bool) else str(value)
+    if key not in groups:
+        raise ValueError(f"model {ref!r} has no model for {column} = {value!r}")
+    return int(groups[key])
 
 
 def input_shape(enc: dict[str, Any]) -> list[int]:
