@@ -12,8 +12,10 @@ import math
 import random
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, SpecError
+from .kernel.netbuild import SpecError as KernelSpecError
 from .options import TrainOptions
+from .spec import parse_spec
 
 #: options a search may vary (``model`` is the architecture)
 SEARCHABLE = ("lr", "batch_size", "optimizer", "model", "weight_decay", "momentum")
@@ -63,6 +65,11 @@ def trials(opts: TrainOptions) -> list[dict[str, Any]]:
         )
     for trial in chosen:
         trial_options(opts, trial)  # refuse a bad value now, naming it
+        if "model" in trial:
+            try:
+                parse_spec(trial["model"])
+            except (KernelSpecError, SpecError) as exc:
+                raise SpecError(f"grid configuration {label(trial)}: {exc}") from exc
     return chosen
 
 

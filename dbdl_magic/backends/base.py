@@ -49,6 +49,17 @@ def _accumulate(total: dict[str, Any], info: dict[str, Any]) -> None:
     total["queries"] = total.get("queries", 0) + 1
 
 
+def _buffer_ranges(
+    conn: Connection, packed: str, chunks: int
+) -> list[tuple[int, int] | None]:
+    """``chunks`` consecutive ranges of training buffer ids (``[None]``: all at once)."""
+    if chunks <= 1:
+        return [None]
+    top = conn.execute(text(f"SELECT max(buffer_id) FROM {packed} WHERE split = 0")).scalar()
+    width = max(1, -(-(int(top or 0) + 1) // chunks))
+    return [(c * width, (c + 1) * width) for c in range(chunks)]
+
+
 class Backend(ABC):
     """SQL phrasing, kernel installation and iteration queries for one dialect."""
 
@@ -134,7 +145,7 @@ class Backend(ABC):
     # -- iterations -----------------------------------------------------------------------------
     # An iteration trains one or more *members* (a model each: one per group, one per
     # hyper-parameter configuration, or just the one) in the same aggregate query, grouped by
-    # member. ``sync_every`` splits it into several queries over classes of buffer ids, so the
+    # member. ``sync_every`` splits it into several queries over ranges of buffer ids, so the
     # partial models of parallel workers are averaged more often than once per epoch.
     fn_prefix = "dbdl_"  # kernel function names: dbdl_train (SQLite), dbdl.train (PostgreSQL)
 
@@ -170,16 +181,20 @@ class Backend(ABC):
         packed: str,
         members: list[Member],
         source: str,
-        chunk: int = 0,
-        chunks: int = 1,
+        buffer_range: tuple[int, int] | None = None,
         epoch: int = 0,
     ) -> tuple[str, dict[str, Any]]:
-        """The aggregate query of one iteration (or one ``sync_every`` part of it).
+        """The aggregate query of one iteration (or of one ``sync_every`` part of it: the
+        buffers with ids in ``buffer_range``, a range the planner can estimate, so the part
+        still gets a parallel plan).
 
         ``source`` is a table ``(member, state)`` holding each member's starting state.
         """
-        params: dict[str, Any] = {"chunk": chunk, "chunks": chunks, "epoch": epoch}
-        part = " AND p.buffer_id % :chunks = :chunk" if chunks > 1 else ""
+        params: dict[str, Any] = {"epoch": epoch}
+        part = ""
+        if buffer_range is not None:
+            params["lo"], params["hi"] = buffer_range
+            part = " AND p.buffer_id >= :lo AND p.buffer_id < :hi"
         grouped = any(m.group is not None for m in members)
         call = f"{self.fn_prefix}train(p.x, p.y, p.buffer_id, {{state}}, {{config}})"
         buffers = self.buffers_sql(packed, grouped)
@@ -238,8 +253,8 @@ class Backend(ABC):
         self.create_scratch(conn, source, *self._states_sql(members, iteration))
         totals: dict[int, dict[str, Any]] = {}
         done = 0
-        for chunk in range(chunks):
-            sql, params = self.iteration_query(packed, members, source, chunk, chunks, iteration)
+        for part in _buffer_ranges(conn, packed, chunks):
+            sql, params = self.iteration_query(packed, members, source, part, iteration)
             target = self._scratch()
             sink = None if progress is None else (lambda n, base=done: progress(base + n))
             self.prepare_query(conn, packed, workers)

@@ -290,7 +290,10 @@ class PostgresBackend(Backend):
             # Citus plans multi-shard queries only with bound parameters (custom plans)
             conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
             return
-        conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        # custom plans (the default for statements with new text): the planner sees the bound
+        # buffer-id range of a sync_every part and estimates its rows. Nothing large is bound
+        # here: states come from tables (DESIGN §4.6 concerns bound model bytes).
+        conn.execute(text("SET LOCAL plan_cache_mode = auto"))
         if workers <= 1:
             conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
             return
