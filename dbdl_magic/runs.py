@@ -180,6 +180,7 @@ class TrainingRun:
             with backend.engine.begin() as conn:
                 for table in (stage, vstage, packed_table):
                     backend.drop_table(conn, table)
+                backend.drop_scratch_tables(conn)
         with backend.engine.connect() as conn:
             return load_stored(conn, backend, key["name"], key["version"], opts.device)
 

@@ -70,6 +70,7 @@ class Backend(ABC):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._preparer = engine.dialect.identifier_preparer
+        self._scratch_tables: set[str] = set()  # iteration scratch tables not yet dropped
 
     # -- naming -------------------------------------------------------------------------------
     def q(self, identifier: str) -> str:
@@ -312,7 +313,16 @@ class Backend(ABC):
 
     # -- helpers of the iteration -------------------------------------------------------------
     def _scratch(self) -> str:
-        return self.table(f"iter_{uuid.uuid4().hex[:12]}")
+        """A new scratch table name, remembered until :meth:`drop_scratch_tables`."""
+        name = self.table(f"iter_{uuid.uuid4().hex[:12]}")
+        self._scratch_tables.add(name)
+        return name
+
+    def drop_scratch_tables(self, conn: Connection) -> None:
+        """Drop the iteration scratch tables a failed or interrupted query left behind (SQLite
+        runs DDL outside the transaction, so a rollback does not remove them)."""
+        while self._scratch_tables:
+            self.drop_table(conn, self._scratch_tables.pop())
 
     def _states_sql(self, members: list[Member], iteration: int) -> tuple[str, dict[str, Any]]:
         """SELECT of ``(member, state)``: each member's checkpoint ``iteration``."""
@@ -417,6 +427,7 @@ class Backend(ABC):
 
     def drop_table(self, conn: Connection, table: str) -> None:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        self._scratch_tables.discard(table)
 
     def cancel(self, conn: Connection) -> None:  # noqa: B027 - optional
         """Cancel the statement running on ``conn`` (used on KeyboardInterrupt)."""
