@@ -22,7 +22,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-class DBModel(nn.Module):
+class _EncodedModule(nn.Module):
+    """What every model pulled from the database shares: an encoding and a device."""
+
+    encoding: Encoding
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def task(self) -> str:
+        return self.encoding.target.task
+
+    @property
+    def classes_(self) -> list[Any]:
+        return list(self.encoding.target.classes)
+
+
+class DBModel(_EncodedModule):
     """A trained network plus its encoding, history and provenance.
 
     Call it on a tensor of *encoded* features like any module; use :meth:`predict` /
@@ -52,18 +70,6 @@ class DBModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def task(self) -> str:
-        return self.encoding.target.task
-
-    @property
-    def classes_(self) -> list[Any]:
-        return list(self.encoding.target.classes)
 
     def encode(self, df: pd.DataFrame) -> torch.Tensor:
         """Encode raw feature columns exactly as the database did when packing."""
@@ -239,7 +245,7 @@ def unknown_groups_message(column: str, unknown: list[Any], known: Any, api: boo
     )
 
 
-class GroupedModel(nn.Module):
+class GroupedModel(_EncodedModule):
     """One :class:`DBModel` per value of ``group_by``, routed by that column.
 
     ``models`` maps each group value (as text, see :func:`group_key_candidates`) to its module;
@@ -293,18 +299,6 @@ class GroupedModel(nn.Module):
 
     def __len__(self) -> int:
         return len(self._index)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def task(self) -> str:
-        return self.encoding.target.task
-
-    @property
-    def classes_(self) -> list[Any]:
-        return list(self.encoding.target.classes)
 
     def _group_table(self) -> pd.DataFrame:
         lines = []

@@ -150,9 +150,25 @@ class Backend(ABC):
     # partial models of parallel workers are averaged more often than once per epoch.
     fn_prefix = "dbdl_"  # kernel function names: dbdl_train (SQLite), dbdl.train (PostgreSQL)
 
-    @abstractmethod
     def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
-        """A FROM item ``m(member, grp, name, version, config)`` listing ``members`` (bound)."""
+        """A FROM item ``m(member, grp, name, version, config)`` listing ``members``; their
+        values are bound (added to ``params``)."""
+        for m in members:
+            i = m.member
+            params.update(
+                {
+                    f"m{i}_id": i,
+                    f"m{i}_grp": m.group,
+                    f"m{i}_name": m.name,
+                    f"m{i}_version": m.version,
+                    f"m{i}_config": json.dumps(m.config),
+                }
+            )
+        return self.values_relation([f"m{m.member}" for m in members])
+
+    @abstractmethod
+    def values_relation(self, prefixes: list[str]) -> str:
+        """``m(member, grp, name, version, config)`` from the bound ``:<prefix>_id`` … values."""
 
     @abstractmethod
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:

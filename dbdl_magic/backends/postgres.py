@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from ..errors import InstallError
 from ..kernel import KERNEL_VERSION
 from ..kernel.blockstore import Run
-from .base import Backend, ColumnKind, Member, ProgressSink
+from .base import Backend, ColumnKind, ProgressSink
 
 SCHEMA = "dbdl"
 _DOLLAR = re.compile(r"\$(\d+)")
@@ -309,23 +309,12 @@ class PostgresBackend(Backend):
 
     fn_prefix = "dbdl."
 
-    def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
-        rows = []
-        for m in members:
-            i = m.member
-            params.update(
-                {
-                    f"m{i}_id": i,
-                    f"m{i}_grp": m.group,
-                    f"m{i}_name": m.name,
-                    f"m{i}_version": m.version,
-                    f"m{i}_config": json.dumps(m.config),
-                }
-            )
-            rows.append(
-                f"(CAST(:m{i}_id AS integer), CAST(:m{i}_grp AS text), CAST(:m{i}_name AS text),"
-                f" CAST(:m{i}_version AS integer), CAST(:m{i}_config AS text))"
-            )
+    def values_relation(self, prefixes: list[str]) -> str:
+        rows = [
+            f"(CAST(:{p}_id AS integer), CAST(:{p}_grp AS text), CAST(:{p}_name AS text),"
+            f" CAST(:{p}_version AS integer), CAST(:{p}_config AS text))"
+            for p in prefixes
+        ]
         return f"(VALUES {', '.join(rows)}) AS m(member, grp, name, version, config)"
 
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:

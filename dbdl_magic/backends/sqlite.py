@@ -29,7 +29,7 @@ from ..kernel.predict import predict_buffer
 from ..kernel.rowpredict import RowPredictor
 from ..kernel.state import state_info
 from ..kernel.train import Trainer, mix_seed
-from .base import Backend, ColumnKind, Member, ProgressSink
+from .base import Backend, ColumnKind, ProgressSink
 
 PAGE_SIZE = 65536
 _DOLLAR = re.compile(r"\$(\d+)")
@@ -425,20 +425,8 @@ class SQLiteBackend(Backend):
                 raise TrainingError(f"the SQLite kernel failed: {inner}", detail=tb) from exc
             raise
 
-    def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
-        rows = []
-        for m in members:
-            i = m.member
-            params.update(
-                {
-                    f"m{i}_id": i,
-                    f"m{i}_grp": m.group,
-                    f"m{i}_name": m.name,
-                    f"m{i}_version": m.version,
-                    f"m{i}_config": json.dumps(m.config),
-                }
-            )
-            rows.append(f"(:m{i}_id, :m{i}_grp, :m{i}_name, :m{i}_version, :m{i}_config)")
+    def values_relation(self, prefixes: list[str]) -> str:
+        rows = [f"(:{p}_id, :{p}_grp, :{p}_name, :{p}_version, :{p}_config)" for p in prefixes]
         return (
             "(SELECT column1 AS member, column2 AS grp, column3 AS name, column4 AS version,"
             f" column5 AS config FROM (VALUES {', '.join(rows)})) AS m"
