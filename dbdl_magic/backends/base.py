@@ -179,6 +179,10 @@ class Backend(ABC):
         grp = ", p0.grp" if grouped else ""
         return f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split{grp} FROM {packed} AS p0)"
 
+    def run_kernels(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
+        """Execute a statement that calls kernels (SQLite re-raises the kernel's own error)."""
+        return conn.execute(text(sql), params)
+
     def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
         """Seconds a parallel worker process needs before it can train (None: no workers)."""
         return None
@@ -323,7 +327,7 @@ class Backend(ABC):
         sql = self._per_member(
             call, "metrics", f"{packed}", members, states, "p.split = :split", params
         )
-        rows = conn.execute(text(sql), params).all()
+        rows = self.run_kernels(conn, sql, params).all()
         self.drop_table(conn, states)
         return {int(member): json.loads(out) for member, out in rows}
 

@@ -411,6 +411,9 @@ class SQLiteBackend(Backend):
         )
 
     # -- iterations -----------------------------------------------------------------------------
+    def run_kernels(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
+        return self._run(conn, sql, params)
+
     def _run(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
         _ERRORS.last = None
         try:
