@@ -170,8 +170,14 @@ class TrainingRun:
             self._mark_failed(exc)
             if opts.on_interrupt == "raise":
                 raise
-            key = self.members[0].key if len(self.members) == 1 else None
-            if key is None:
+            if len(self.members) == 1:
+                key = self.members[0].key
+            elif any(m.history for m in self.members):  # the best trial / the router so far
+                for m in self.members:
+                    m.status = "interrupted" if m.status == "training" else m.status
+                with backend.engine.begin() as conn:
+                    key = self._finish_cohort(conn, data, "interrupted")
+            else:
                 raise
         except BaseException as exc:
             self._mark_failed(exc)
@@ -490,11 +496,13 @@ class TrainingRun:
                     parallel_note=plan.note,
                 )
                 store.set_checkpoint_metrics(conn, backend, m.key, epoch + 1, row)
-                m.history.append(row)
-                store.set_status(conn, backend, m.key, "training", m.history)
+                store.set_status(conn, backend, m.key, "training", [*m.history, row])
                 rows[m.member] = row
-            run_row = self._run_row(rows, time.perf_counter() - started, trained)
-            self.history.append(run_row)
+        # committed: only now the rows join the histories (an interrupt above leaves them out)
+        for m in alive:
+            m.history.append(rows[m.member])
+        run_row = self._run_row(rows, time.perf_counter() - started, trained)
+        self.history.append(run_row)
         if not first:  # the first iteration also pays imports and caches
             self._measured[plan.workers] = trained
             if plan.workers == 1:
@@ -555,9 +563,11 @@ class TrainingRun:
         if self.cohort and self.history:  # the statuses after this iteration's decisions
             self.history[-1]["members"] = [m.summary() for m in self.members]
 
-    def _finish_cohort(self, conn: Connection, data: PackedData) -> dict[str, Any]:
+    def _finish_cohort(
+        self, conn: Connection, data: PackedData, status: str = "complete"
+    ) -> dict[str, Any]:
         """The model the run returns: the only member, the best trial stored as the newest
-        version, or the router version of a per-group run."""
+        version, or the router version of a per-group run (``status``: how the run ended)."""
         backend, opts = self.backend, self.options
         if not self.cohort:
             return self.members[0].key
@@ -570,7 +580,7 @@ class TrainingRun:
                 conn, backend, key, spec=_spec(opts.model), encoding=data.encoding.to_json(),
                 options=stored, query=self.query,
             )
-            store.set_status(conn, backend, key, "complete", self.history)
+            store.set_status(conn, backend, key, status, self.history)
             return key
         board = self.leaderboard()
         best = next(m for m in self.members if m.key["version"] == board[0]["version"])
@@ -588,7 +598,7 @@ class TrainingRun:
         store.copy_checkpoint(conn, backend, best.key, iteration, key)
         backend.archive(conn, key, iteration, (self.name, best.key["version"], iteration),
                         opts.block_bytes, opts.deltas)
-        store.set_status(conn, backend, key, "complete", best.history[:iteration],
+        store.set_status(conn, backend, key, status, best.history[:iteration],
                          model_iteration=iteration)
         return key
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sqlalchemy import event, text
@@ -19,6 +23,7 @@ from dbdl_magic import store
 from dbdl_magic.datasets import digits_frame, load_table
 from dbdl_magic.errors import InputError, SpecError
 from dbdl_magic.options import TrainOptions
+from dbdl_magic.runs import Callbacks
 from dbdl_magic.scaling import cpu_count
 from dbdl_magic.selection import trials as search_trials
 
@@ -352,3 +357,31 @@ def test_bad_scaleout_input_leaves_nothing_behind(db, digits):
             assert culprit in message, f"{kwargs}: {culprit!r} not named in: {message}"
         assert _tables(db) == before, f"{kwargs} left work tables behind"
         assert dl.list_models(db).empty, f"{kwargs} created a model row"
+
+
+def test_interrupted_search_returns_the_best_trial_so_far(sqlite_db):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 16))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(16)])
+    frame["label"] = (x[:, 0] * x[:, 1] > 0).astype(int)
+    load_table(sqlite_db.engine, "big", frame)
+
+    def on_iteration(row):
+        if row["epoch"] == 2:  # Ctrl-C early in the third iteration
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    model = dl.train(sqlite_db, "big", target="label", model="mlp:256,256", epochs=50,
+                     grid={"lr": [1e-3, 3e-3]}, halving=False, on_interrupt="return",
+                     callbacks=Callbacks(on_iteration=on_iteration), name="cut")
+    assert model.status == "interrupted" and model.version == 3
+    board = model.leaderboard
+    assert list(board["epochs"]) == [2, 2]  # committed iterations only
+    assert set(board["status"]) == {"interrupted"}
+    assert len(model.history) == 2
+    best = dl.load_model(sqlite_db, "cut", int(board["version"].iloc[0]))
+    for a, b in zip(model.state_dict().values(), best.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    with pytest.raises(KeyboardInterrupt):  # the default still raises
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        dl.train(sqlite_db, "big", target="label", model="mlp:256,256", epochs=50,
+                 grid={"lr": [1e-3, 3e-3]}, name="cut2")
