@@ -153,32 +153,14 @@ class TrainingRun:
                 self._iteration(data, alive, epoch, first=epoch == first_epoch)
                 self._stop_members(alive, epoch + 1, rungs)
             with backend.engine.begin() as conn:
-                for m in self.members:
-                    if m.status == "training":
-                        m.status = "complete"
-                    best = m.best_iteration()
-                    store.set_status(conn, backend, m.key, "complete", m.history,
-                                     model_iteration=best)
-                    if best is not None:
-                        store.ensure_hot_state(conn, backend, m.key, best)
-                if self.cohort and self.history:  # final statuses in the run's last row
-                    self.history[-1]["members"] = [m.summary() for m in self.members]
-                key = self._finish_cohort(conn, data)
+                key = self._complete(conn, data)
         except KeyboardInterrupt as exc:
             if not self.members:
                 raise
             self._mark_failed(exc)
             if opts.on_interrupt == "raise":
                 raise
-            if len(self.members) == 1:
-                key = self.members[0].key
-            elif any(m.history for m in self.members):  # the best trial / the router so far
-                for m in self.members:
-                    m.status = "interrupted" if m.status == "training" else m.status
-                with backend.engine.begin() as conn:
-                    key = self._finish_cohort(conn, data, "interrupted")
-            else:
-                raise
+            key = self._interrupted(data)
         except BaseException as exc:
             self._mark_failed(exc)
             raise _translate(exc) from exc
@@ -189,6 +171,33 @@ class TrainingRun:
                 backend.drop_scratch_tables(conn)
         with backend.engine.connect() as conn:
             return load_stored(conn, backend, key["name"], key["version"], opts.device)
+
+    def _complete(self, conn: Connection, data: PackedData) -> dict[str, Any]:
+        """Mark every member complete (at its best checkpoint when early stopping restores
+        it) and return the key of the model the run returns."""
+        for m in self.members:
+            if m.status == "training":
+                m.status = "complete"
+            best = m.best_iteration()
+            store.set_status(conn, self.backend, m.key, "complete", m.history,
+                             model_iteration=best)
+            if best is not None:
+                store.ensure_hot_state(conn, self.backend, m.key, best)
+        if self.cohort and self.history:  # final statuses in the run's last row
+            self.history[-1]["members"] = [m.summary() for m in self.members]
+        return self._finish_cohort(conn, data)
+
+    def _interrupted(self, data: PackedData) -> dict[str, Any]:
+        """``on_interrupt="return"``: the last completed iteration's model, or for several
+        models the best trial / the router so far (re-raises when nothing has trained)."""
+        if len(self.members) == 1:
+            return self.members[0].key
+        if not any(m.history for m in self.members):
+            raise KeyboardInterrupt
+        for m in self.members:
+            m.status = "interrupted" if m.status == "training" else m.status
+        with self.backend.engine.begin() as conn:
+            return self._finish_cohort(conn, data, "interrupted")
 
     # -- steps ------------------------------------------------------------------------------------
     def _resumable(self, spec: dict[str, Any]) -> dict[str, Any]:
