@@ -400,8 +400,9 @@ class SQLiteBackend(Backend):
         params: dict[str, Any],
     ) -> None:
         cols = ", ".join(f"r.p{i}" for i in range(len(pieces)))
-        conn.execute(
-            text(
+        self._run(  # Ctrl-C inside the packing aggregate stays a KeyboardInterrupt
+            conn,
+            (
                 f"CREATE TABLE {packed} AS SELECT r.split AS split, r.grp AS grp,"
                 " r.ord / :rpb AS buffer_id,"
                 f" count(*) AS n, dbdl_pack({cols}) AS x, dbdl_pack_y(r.y, :y_is_int) AS y"
