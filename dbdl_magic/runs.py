@@ -462,7 +462,7 @@ class TrainingRun:
         chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
         plan = self._plan(data, chunks)
         cpus = cpu_count(self.server if backend.supports_parallel else None)
-        threads = threads_per_worker(cpus, plan.workers, opts.threads)
+        threads = threads_per_worker(cpus, plan.workers, opts.threads, data.n_parameters)
         payload = [
             Member(m.member, m.key["name"], m.key["version"],
                    {**m.config, "epoch": epoch, "threads": threads, "parallel": plan.workers},

@@ -307,8 +307,14 @@ def test_kernel_threads_fit_the_cores(db, digits):
     info = state_header(db, "thr", auto.version, 1)
     workers = int(auto.history["workers"].iloc[-1])
     assert info["threads"] >= 1 and info["threads"] * workers <= cpus
-    assert info["threads"] == cpus // workers  # and uses them
+    assert info["threads"] == 1  # a small model: one thread per process (see scaling.py)
     assert state_header(db, "thr1", one.version, 1)["threads"] == 1
+    big = dl.train(db, "SELECT * FROM digits WHERE id < 300", target="digit",
+                   model="mlp:512,256", epochs=1, features=FEATURES, name="thr_big")
+    torch.set_num_threads(before)
+    info = state_header(db, "thr_big", big.version, 1)
+    workers = int(big.history["workers"].iloc[-1])
+    assert info["threads"] == max(1, cpus // workers)  # a large model uses the cores
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -385,3 +391,23 @@ def test_interrupted_search_returns_the_best_trial_so_far(sqlite_db):
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         dl.train(sqlite_db, "big", target="label", model="mlp:256,256", epochs=50,
                  grid={"lr": [1e-3, 3e-3]}, name="cut2")
+
+
+def test_a_trial_trains_the_same_alone_in_a_grid_and_under_halving(db, digits):
+    """One process feeds every member its buffers in a fixed order: a configuration's model
+    does not depend on which other configurations share the queries."""
+    kwargs = dict(target="digit", model="mlp:32", epochs=4, batch_size=32, seed=0,
+                  features=FEATURES, parallel=1)
+    grid = {"lr": [1e-3, 3e-3, 1e-2]}
+    full = dl.train(db, "digits", grid=grid, halving=False, name="full", **kwargs)
+    halved = dl.train(db, "digits", grid=grid, name="halved", **kwargs)
+    board_full = full.leaderboard.set_index("label")
+    for _, line in halved.leaderboard.iterrows():  # every trial, for the epochs it trained
+        trained = dl.load_model(db, "halved", int(line["version"])).history
+        same = dl.load_model(db, "full", int(board_full.loc[line["label"], "version"])).history
+        n = len(trained)
+        assert np.allclose(trained["val_loss"], same["val_loss"].iloc[:n], rtol=0, atol=1e-9)
+    if db.backend.name == "sqlite":  # and a grid member trains exactly like a lone run
+        alone = dl.train(db, "digits", lr=1e-2, name="alone", **kwargs)
+        member = dl.load_model(db, "full", int(board_full.loc["lr=0.01", "version"]))
+        assert np.allclose(alone.history["val_loss"], member.history["val_loss"], atol=1e-9)

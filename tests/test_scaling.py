@@ -246,6 +246,9 @@ def test_threads_per_worker_fits_the_cores():
     assert threads_per_worker(2, 4) == 1  # more workers than cores: still one thread each
     assert threads_per_worker(8, 2, forced=3) == 3
     assert threads_per_worker(8, 0) == 8
+    assert threads_per_worker(8, 2, parameters=5_000) == 1  # small models: one thread
+    assert threads_per_worker(8, 2, parameters=2_000_000) == 4
+    assert threads_per_worker(8, 2, forced=3, parameters=5_000) == 3
 
 
 def test_cpu_count_prefers_the_server():

@@ -149,6 +149,8 @@ class Backend(ABC):
     # member. ``sync_every`` splits it into several queries over ranges of buffer ids, so the
     # partial models of parallel workers are averaged more often than once per epoch.
     fn_prefix = "dbdl_"  # kernel function names: dbdl_train (SQLite), dbdl.train (PostgreSQL)
+    buffer_order = "p.buffer_id"  # the order one process trains a model's buffers in
+    keep_order = ""  # what keeps an ordered subquery from being flattened away
 
     def members_relation(self, members: list[Member], params: dict[str, Any]) -> str:
         """A FROM item ``m(member, grp, name, version, config)`` listing ``members``; their
@@ -204,6 +206,7 @@ class Backend(ABC):
         source: str,
         buffer_range: tuple[int, int] | None = None,
         epoch: int = 0,
+        ordered: bool = True,
     ) -> tuple[str, dict[str, Any]]:
         """The aggregate query of one iteration (or of one ``sync_every`` part of it: the
         buffers with ids in ``buffer_range``, a range the planner can estimate, so the part
@@ -220,7 +223,8 @@ class Backend(ABC):
         call = f"{self.fn_prefix}train(p.x, p.y, p.buffer_id, {{state}}, {{config}})"
         buffers = self.buffers_sql(packed, grouped)
         where = f"p.split = 0{part}"
-        return self._per_member(call, "state", buffers, members, source, where, params), params
+        sql = self._per_member(call, "state", buffers, members, source, where, params, ordered)
+        return sql, params
 
     def _per_member(
         self,
@@ -231,8 +235,10 @@ class Backend(ABC):
         source: str,
         where: str,
         params: dict[str, Any],
+        ordered: bool = False,
     ) -> str:
-        """``SELECT member, <call> AS alias`` over ``buffers``, one result row per member.
+        """``SELECT member, <call> AS alias`` over ``buffers``, one result row per member
+        (``ordered``: each member's buffers in :attr:`buffer_order`).
 
         ``call`` names the member's state and config as ``{state}`` and ``{config}``. A single
         ungrouped member gets no GROUP BY (a constant group key would keep PostgreSQL from
@@ -248,11 +254,24 @@ class Backend(ABC):
                 f" FROM {buffers} AS p WHERE {where} HAVING count(*) > 0"
             )
         on_group = " AND p.grp = m.grp" if any(m.group is not None for m in members) else ""
-        expr = call.format(state="s.state", config="m.config")
+        joined = (
+            f"{buffers} AS p JOIN {self.members_relation(members, params)} ON {where}{on_group}"
+            f" JOIN {source} AS s ON s.member = m.member"
+        )
+        if not ordered:
+            expr = call.format(state="s.state", config="m.config")
+            return (
+                f"SELECT m.member AS member, {expr} AS {alias} FROM {joined}"
+                " GROUP BY m.member, m.config"
+            )
+        # One process: feed each member its buffers in a fixed order (the order a lone model
+        # sees), whatever plan the join and the grouping get; the same seed, the same model.
+        expr = call.format(state="p.state", config="p.config")
         return (
-            f"SELECT m.member AS member, {expr} AS {alias} FROM {buffers} AS p"
-            f" JOIN {self.members_relation(members, params)} ON {where}{on_group}"
-            f" JOIN {source} AS s ON s.member = m.member GROUP BY m.member, m.config"
+            f"SELECT p.member AS member, {expr} AS {alias} FROM (SELECT m.member AS member,"
+            " m.config AS config, s.state AS state, p.x AS x, p.y AS y, p.buffer_id AS buffer_id"
+            f" FROM {joined} ORDER BY m.member, {self.buffer_order}{self.keep_order}) AS p"
+            " GROUP BY p.member, p.config"
         )
 
     def train_iteration(
@@ -275,7 +294,9 @@ class Backend(ABC):
         totals: dict[int, dict[str, Any]] = {}
         done = 0
         for part in _buffer_ranges(conn, packed, chunks):
-            sql, params = self.iteration_query(packed, members, source, part, iteration)
+            sql, params = self.iteration_query(
+                packed, members, source, part, iteration, ordered=workers <= 1
+            )
             target = self._scratch()
             sink = None if progress is None else (lambda n, base=done: progress(base + n))
             self.prepare_query(conn, packed, workers)

@@ -436,6 +436,9 @@ class SQLiteBackend(Backend):
             f" column5 AS config FROM (VALUES {', '.join(rows)})) AS m"
         )
 
+    buffer_order = "dbdl_mix(p.buffer_id, :epoch)"  # a fresh buffer order every epoch
+    keep_order = " LIMIT -1"
+
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
         self._run(conn, f"CREATE TABLE {table} AS {select_sql}", params)
 
