@@ -61,10 +61,12 @@ def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
                 "AND tablename NOT IN ('models', 'checkpoints', 'meta', 'blocks', "
                 "'checkpoint_blocks')")).scalar_one()
         else:
-            leftovers = conn.execute(text(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE "
+            names = conn.execute(text(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE "
                 "'dbdl\\_%' ESCAPE '\\' AND name NOT IN ('dbdl_models', 'dbdl_checkpoints', "
-                "'dbdl_meta', 'dbdl_blocks', 'dbdl_checkpoint_blocks')")).scalar_one()
+                "'dbdl_meta', 'dbdl_blocks', 'dbdl_checkpoint_blocks')")).scalars().all()
+            leftovers = len(names)
+            assert not names, names
         assert leftovers == 0
 
 

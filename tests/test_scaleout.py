@@ -159,7 +159,7 @@ def test_grid_search_one_pass_returns_best_and_halves(db, digits):
 
     # the data was read once per iteration for all live trials: one aggregate query each
     assert len(queries) == 4
-    assert all("GROUP BY m.member" in q for q in queries[:2])  # 4, then 2 trials
+    assert all("GROUP BY" in q and ".member" in q for q in queries[:2])  # 4, then 2 trials
 
 
 def test_grid_over_architectures_without_halving(db, digits):
@@ -169,7 +169,7 @@ def test_grid_over_architectures_without_halving(db, digits):
                          lr=3e-3, sync_every=0.5, features=FEATURES, name="arch")
     # two architectures in the same queries: as many as one model, ceil(1 / sync_every) each
     assert len(queries) == 2 * 2
-    assert all("GROUP BY m.member" in q for q in queries)
+    assert all("GROUP BY" in q and ".member" in q for q in queries)
     specs = {v: stored(db, "arch", v)["spec"] for v in (1, 2)}
     assert specs[1] != specs[2]
     linear = dl.load_model(db, "arch", 1)

@@ -360,8 +360,10 @@ class Backend(ABC):
         return name
 
     def drop_scratch_tables(self, conn: Connection) -> None:
-        """Drop the iteration scratch tables a failed or interrupted query left behind (SQLite
-        runs DDL outside the transaction, so a rollback does not remove them)."""
+        """Drop the iteration scratch tables a failed or interrupted query left behind: SQLite
+        runs CREATE TABLE outside the transaction (a rollback keeps the table) but a DROP after
+        an INSERT inside it (a rollback restores the table), so every name is dropped again
+        here, when the run ends."""
         while self._scratch_tables:
             self.drop_table(conn, self._scratch_tables.pop())
 
@@ -468,7 +470,6 @@ class Backend(ABC):
 
     def drop_table(self, conn: Connection, table: str) -> None:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
-        self._scratch_tables.discard(table)
 
     def cancel(self, conn: Connection) -> None:  # noqa: B027 - optional
         """Cancel the statement running on ``conn`` (used on KeyboardInterrupt)."""
