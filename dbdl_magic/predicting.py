@@ -69,6 +69,18 @@ def _check_features(backend: Backend, conn: Any, stage: str, encoding: Encoding)
     return list(kinds)
 
 
+def _key_columns(encoding: Encoding, columns: list[str], keys: list[str] | None) -> list[str]:
+    """The columns copied beside the predictions: ``keys``, or every non-feature column."""
+    features = set(encoding.feature_names())
+    chosen = keys if keys is not None else [
+        c for c in columns if c not in features and c != encoding.target.name
+    ]
+    unknown = [k for k in chosen if k not in columns]
+    if unknown:
+        raise InputError(f"key column(s) {', '.join(map(repr, unknown))} not in the query")
+    return chosen
+
+
 def predict(
     backend: Backend,
     name: str,
@@ -112,13 +124,7 @@ def predict(
             store.ensure_hot_state(conn, backend, key, int(key["iteration"]))
             stage_query(backend, conn, query, params or {}, stage)
             columns = _check_features(backend, conn, stage, encoding)
-            features = set(encoding.feature_names())
-            key_columns = keys if keys is not None else [
-                c for c in columns if c not in features and c != encoding.target.name
-            ]
-            unknown = [k for k in key_columns if k not in columns]
-            if unknown:
-                raise InputError(f"key column(s) {', '.join(map(repr, unknown))} not in the query")
+            key_columns = _key_columns(encoding, columns, keys)
             if into and replace:
                 backend.drop_table(conn, result)
             if into and backend.table_exists(conn, result):
@@ -231,13 +237,7 @@ def _predict_grouped(
                     f"{router['version']} has one model per {group_by} value and routes every "
                     f"row by that column"
                 )
-            features = set(encoding.feature_names())
-            key_columns = keys if keys is not None else [
-                c for c in columns if c not in features and c != encoding.target.name
-            ]
-            missing = [k for k in key_columns if k not in columns]
-            if missing:
-                raise InputError(f"key column(s) {', '.join(map(repr, missing))} not in the query")
+            key_columns = _key_columns(encoding, columns, keys)
             if result and not replace and backend.table_exists(conn, result):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
             found = conn.execute(

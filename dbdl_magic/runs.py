@@ -52,6 +52,13 @@ class Callbacks:
     on_progress: Callable[[int, int], None] | None = None  # (samples done, samples per epoch)
 
 
+def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The metric entries of a history row (``train_loss``, ``val_*``; not the timings)."""
+    return {
+        k: v for k, v in row.items() if k.startswith(("train_", "val_")) and k != "train_seconds"
+    }
+
+
 @dataclass
 class MemberRun:
     """One model of a run: one per group, one per searched configuration, or the only one."""
@@ -74,8 +81,7 @@ class MemberRun:
         last = self.history[-1] if self.history else {}
         out: dict[str, Any] = {"member": self.member, "label": self.label, "status": self.status,
                                "version": self.key["version"], "epoch": last.get("epoch", 0)}
-        out.update({k: v for k, v in last.items() if k.startswith(("train_", "val_"))})
-        out.pop("train_seconds", None)
+        out.update(metrics_of(last))
         out["samples"] = last.get("samples", 0)
         return out
 
@@ -103,7 +109,6 @@ class TrainingRun:
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     history: list[dict[str, Any]] = field(default_factory=list)
     members: list[MemberRun] = field(default_factory=list)
-    _serial_seconds: float | None = None
     _startup_seconds: float | None = None
     _measured: dict[int, float] = field(default_factory=dict)  # workers → last train seconds
 
@@ -113,6 +118,11 @@ class TrainingRun:
         if self.options.group_by:
             return "groups"
         return "selection" if self.options.grid else None
+
+    @property
+    def cpus(self) -> int:
+        """Cores of the machine running the kernels (the server's when it has workers)."""
+        return cpu_count(self.server if self.backend.supports_parallel else None)
 
     @property
     def selection_metric(self) -> str:
@@ -433,12 +443,12 @@ class TrainingRun:
     def _plan(self, data: PackedData, queries: int) -> WorkerPlan:
         """Workers for the next iteration; measures a worker's start-up when it may pay off."""
         opts, backend = self.options, self.backend
-        cpus = cpu_count(self.server if backend.supports_parallel else None)
+        serial = self._measured.get(1)  # the last one-process iteration's training time
         if (
             opts.parallel == "auto"
             and backend.supports_parallel
-            and self._serial_seconds is not None
-            and self._serial_seconds >= MIN_PARALLEL_SECONDS
+            and serial is not None
+            and serial >= MIN_PARALLEL_SECONDS
             and self._startup_seconds is None
         ):
             with backend.engine.begin() as conn:
@@ -446,8 +456,8 @@ class TrainingRun:
         return plan_workers(
             opts.parallel,
             supports_parallel=backend.supports_parallel,
-            cpus=cpus,
-            serial_seconds=self._serial_seconds,
+            cpus=self.cpus,
+            serial_seconds=serial,
             startup_seconds=self._startup_seconds,
             queries=queries,
             measured=self._measured,
@@ -461,8 +471,7 @@ class TrainingRun:
         backend, opts = self.backend, self.options
         chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
         plan = self._plan(data, chunks)
-        cpus = cpu_count(self.server if backend.supports_parallel else None)
-        threads = threads_per_worker(cpus, plan.workers, opts.threads, data.n_parameters)
+        threads = threads_per_worker(self.cpus, plan.workers, opts.threads, data.n_parameters)
         payload = [
             Member(m.member, m.key["name"], m.key["version"],
                    {**m.config, "epoch": epoch, "threads": threads, "parallel": plan.workers},
@@ -514,8 +523,6 @@ class TrainingRun:
         self.history.append(run_row)
         if not first:  # the first iteration also pays imports and caches
             self._measured[plan.workers] = trained
-            if plan.workers == 1:
-                self._serial_seconds = trained
         if self.callbacks.on_iteration is not None:
             self.callbacks.on_iteration(run_row)
 
@@ -527,8 +534,7 @@ class TrainingRun:
             return dict(next(iter(rows.values())))
         first = next(iter(rows.values()))
         out: dict[str, Any] = {"epoch": first["epoch"]}
-        metric_names = [k for k in first if k.startswith(("train_", "val_"))]
-        metric_names = [k for k in metric_names if k != "train_seconds"]
+        metric_names = list(metrics_of(first))
         if self.cohort == "selection":
             best = rank(rows, self.selection_metric)[0]
             out.update({k: rows[best].get(k) for k in metric_names})
@@ -619,8 +625,7 @@ class TrainingRun:
             line = m.summary()
             if m.history:
                 row = m.history[at - 1]
-                line.update({k: v for k, v in row.items() if k.startswith(("train_", "val_"))})
-                line.pop("train_seconds", None)
+                line.update(metrics_of(row))
             line["epochs"] = len(m.history)
             lines[m.member] = line
         order = rank(lines, self.selection_metric)

@@ -176,10 +176,9 @@ class Backend(ABC):
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
         """``CREATE TABLE table AS select_sql`` in the form this dialect can run fastest."""
 
-    def buffers_sql(self, packed: str, grouped: bool) -> str:
+    def buffers_sql(self, packed: str) -> str:
         """The FROM item of the training buffers (SQLite shuffles their order per epoch)."""
-        grp = ", p0.grp" if grouped else ""
-        return f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split{grp} FROM {packed} AS p0)"
+        return f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split, p0.grp FROM {packed} AS p0)"
 
     def run_kernels(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
         """Execute a statement that calls kernels (SQLite re-raises the kernel's own error)."""
@@ -219,9 +218,8 @@ class Backend(ABC):
         if buffer_range is not None:
             params["lo"], params["hi"] = buffer_range
             part = " AND p.buffer_id >= :lo AND p.buffer_id < :hi"
-        grouped = any(m.group is not None for m in members)
         call = f"{self.fn_prefix}train(p.x, p.y, p.buffer_id, {{state}}, {{config}})"
-        buffers = self.buffers_sql(packed, grouped)
+        buffers = self.buffers_sql(packed)
         where = f"p.split = 0{part}"
         sql = self._per_member(call, "state", buffers, members, source, where, params, ordered)
         return sql, params
@@ -342,14 +340,13 @@ class Backend(ABC):
         params: dict[str, Any] = {"split": split}
         f = self.fn_prefix
         call = f"{f}metrics({f}evaluate(p.x, p.y, {{state}}, {{config}}), {{config}})"
-        states = self._scratch()
-        self.create_scratch(conn, states, *self._states_sql(members, iteration))
+        states_sql, states_params = self._states_sql(members, iteration)
+        params.update(states_params)
         self.prepare_query(conn, packed, workers)
         sql = self._per_member(
-            call, "metrics", f"{packed}", members, states, "p.split = :split", params
+            call, "metrics", packed, members, f"({states_sql})", "p.split = :split", params
         )
         rows = self.run_kernels(conn, sql, params).all()
-        self.drop_table(conn, states)
         return {int(member): json.loads(out) for member, out in rows}
 
     # -- helpers of the iteration -------------------------------------------------------------
@@ -458,10 +455,9 @@ class Backend(ABC):
     # -- helpers shared by the dialects ---------------------------------------------------------
     def state_info(self, conn: Connection, key: dict[str, Any]) -> dict[str, Any]:
         """Header of a stored checkpoint, read by a kernel function inside the database."""
-        fn = "dbdl.state_info" if self.name == "postgresql" else "dbdl_state_info"
         row = conn.execute(
             text(
-                f"SELECT {fn}(state) FROM {self.table('checkpoints')} "
+                f"SELECT {self.fn_prefix}state_info(state) FROM {self.table('checkpoints')} "
                 "WHERE name = :name AND version = :version AND iteration = :iteration"
             ),
             key,

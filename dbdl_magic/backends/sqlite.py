@@ -442,11 +442,10 @@ class SQLiteBackend(Backend):
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
         self._run(conn, f"CREATE TABLE {table} AS {select_sql}", params)
 
-    def buffers_sql(self, packed: str, grouped: bool) -> str:
+    def buffers_sql(self, packed: str) -> str:
         # Buffers in a fresh order every epoch (PostgreSQL's scan order is the packing order).
-        grp = ", p0.grp" if grouped else ""
         return (
-            f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split{grp} FROM {packed} AS p0"
+            f"(SELECT p0.x, p0.y, p0.buffer_id, p0.split, p0.grp FROM {packed} AS p0"
             " ORDER BY dbdl_mix(p0.buffer_id, :epoch))"
         )
 
