@@ -516,13 +516,21 @@ class TrainingRun:
                 store.set_checkpoint_metrics(conn, backend, m.key, epoch + 1, row)
                 store.set_status(conn, backend, m.key, "training", [*m.history, row])
                 rows[m.member] = row
-        # committed: only now the rows join the histories (an interrupt above leaves them out)
-        for m in alive:
-            m.history.append(rows[m.member])
-        run_row = self._run_row(rows, time.perf_counter() - started, trained)
-        self.history.append(run_row)
+        self._record(alive, rows, time.perf_counter() - started, trained)
         if not first:  # the first iteration also pays imports and caches
             self._measured[plan.workers] = trained
+
+    def _record(
+        self, alive: list[MemberRun], rows: dict[int, dict[str, Any]], seconds: float,
+        trained: float,
+    ) -> None:
+        """After an iteration's commit: its rows join the histories and the monitors see them.
+        (An interrupt before the commit leaves them out; one after it is reconciled from the
+        database by :meth:`_mark_failed`.)"""
+        for m in alive:
+            m.history.append(rows[m.member])
+        run_row = self._run_row(rows, seconds, trained)
+        self.history.append(run_row)
         if self.callbacks.on_iteration is not None:
             self.callbacks.on_iteration(run_row)
 
@@ -632,10 +640,22 @@ class TrainingRun:
         return [{"rank": r + 1, **lines[i]} for r, i in enumerate(order)]
 
     def _mark_failed(self, exc: BaseException) -> None:
+        """Record how the run ended; keep each member's committed history, which is the truth
+        (an interrupt may land after an iteration's commit but before the in-memory lists
+        caught up), and bring the in-memory histories level with it."""
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         for m in self.members:
             with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
-                store.set_status(conn, self.backend, m.key, status, m.history, str(exc)[:2000])
+                store.set_status(conn, self.backend, m.key, status, error=str(exc)[:2000])
+                row = store.read_model(conn, self.backend, m.key["name"], m.key["version"],
+                                       with_state=False)
+                m.history = list(row["history"] or [])
+        committed = max((len(m.history) for m in self.members), default=0)
+        while len(self.history) < committed:  # run rows of iterations committed unseen
+            epoch = len(self.history)
+            rows = {m.member: m.history[epoch] for m in self.members if len(m.history) > epoch}
+            first = next(iter(rows.values()))
+            self.history.append(self._run_row(rows, first["seconds"], first["train_seconds"]))
 
 
 def _spec(model: Any) -> dict[str, Any]:

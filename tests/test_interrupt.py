@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 import dbdl_magic as dl
 from dbdl_magic.datasets import load_table
-from dbdl_magic.runs import Callbacks
+from dbdl_magic.runs import Callbacks, TrainingRun
 
 
 def synthetic(n: int, width: int = 32, seed: int = 0) -> pd.DataFrame:
@@ -31,19 +31,26 @@ def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
     started: dict[str, float] = {}
 
     def on_iteration(row):
-        if row["epoch"] == 2:  # Ctrl-C 0.3 s into the third iteration
+        if row["epoch"] == 2:
+            started["iteration 3"] = time.monotonic()
+
+    def on_progress(done, total):
+        # Ctrl-C at the third iteration's first progress report: surely mid-iteration,
+        # however fast this machine trains (a timer after iteration 2 once landed after the
+        # third iteration's commit)
+        if "iteration 3" in started and "t" not in started:
             started["t"] = time.monotonic()
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            threading.Timer(0.0, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     t0 = time.monotonic()
     model = dl.train(db, "big", target="label", model="mlp:256,256", epochs=50,
                      batch_size=64, on_interrupt="return", validation=0.1,
-                     callbacks=Callbacks(on_iteration=on_iteration))
+                     callbacks=Callbacks(on_iteration=on_iteration, on_progress=on_progress))
     returned = time.monotonic()
     assert model.status == "interrupted"
     assert len(model.history) == 2 and model.info["iteration"] == 2
     # it stopped within the third iteration, not after 50
-    per_iteration = (started["t"] - t0) / 2
+    per_iteration = (started["iteration 3"] - t0) / 2
     assert returned - started["t"] < per_iteration + 5
     listing = dl.list_models(db)
     assert listing.loc[0, "status"] == "interrupted"
@@ -68,6 +75,48 @@ def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
             leftovers = len(names)
             assert not names, names
         assert leftovers == 0
+
+
+def test_ctrl_c_while_a_monitor_draws_progress_stops_the_query(db):
+    """A Ctrl-C that lands inside the progress callback (a widget redrawing): PostgreSQL
+    delivers progress as notices, whose receiver in psycopg swallows exceptions; the query must
+    still be cancelled and the run end as interrupted, not train on to the end."""
+    load_table(db.engine, "big", synthetic(6_000))
+    seen: list[int] = []
+
+    def on_iteration(row):
+        seen.append(row["epoch"])
+
+    def on_progress(done, total):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    model = dl.train(db, "big", target="label", model="mlp:64", epochs=30, batch_size=32,
+                     on_interrupt="return", validation=0.1,
+                     callbacks=Callbacks(on_iteration=on_iteration, on_progress=on_progress))
+    assert model.status == "interrupted"
+    assert len(model.history) == 2 and model.info["iteration"] == 2
+
+
+def test_ctrl_c_right_after_a_commit_keeps_that_iteration(sqlite_db, monkeypatch):
+    """The window between an iteration's commit and the in-memory histories: the returned
+    model, its history and the stored row agree on the committed iteration."""
+    load_table(sqlite_db.engine, "small", synthetic(600))
+    record = TrainingRun._record
+
+    def interrupted_after_commit(self, alive, rows, seconds, trained):
+        if next(iter(rows.values()))["epoch"] == 3:
+            raise KeyboardInterrupt
+        record(self, alive, rows, seconds, trained)
+
+    monkeypatch.setattr(TrainingRun, "_record", interrupted_after_commit)
+    model = dl.train(sqlite_db, "small", target="label", model="mlp:8", epochs=10,
+                     on_interrupt="return", validation=0.2)
+    assert model.status == "interrupted"
+    assert model.info["iteration"] == 3
+    assert [row["epoch"] for row in model.history.to_dict("records")] == [1, 2, 3]
+    stored = dl.list_models(sqlite_db)
+    assert stored.loc[0, "status"] == "interrupted"
 
 
 def test_ctrl_c_raises_by_default(sqlite_db):

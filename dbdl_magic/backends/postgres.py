@@ -355,8 +355,9 @@ class PostgresBackend(Backend):
             return
         raw = conn.connection.driver_connection
         seen: dict[tuple[int, int], int] = {}
+        interrupted = False
 
-        def on_notice(diag: Any) -> None:
+        def report(diag: Any) -> None:
             message = diag.message_primary or ""
             if not message.startswith("dbdl-progress "):
                 return
@@ -366,11 +367,27 @@ class PostgresBackend(Backend):
             seen[(report["pid"], report.get("member", 0))] = report["samples"]
             sink(sum(seen.values()))
 
+        def on_notice(diag: Any) -> None:
+            nonlocal interrupted
+            try:
+                report(diag)
+            except KeyboardInterrupt:
+                # psycopg's notice receiver would swallow a Ctrl-C landing here and the query
+                # would run on: cancel the statement and raise once it has stopped
+                interrupted = True
+                raw.cancel_safe()
+
         raw.add_notice_handler(on_notice)
         try:
             yield
+        except Exception:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
         finally:
             raw.remove_notice_handler(on_notice)
+        if interrupted:
+            raise KeyboardInterrupt
 
     def predict_buffer(
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
