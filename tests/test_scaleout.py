@@ -372,13 +372,18 @@ def test_interrupted_search_returns_the_best_trial_so_far(sqlite_db):
     frame["label"] = (x[:, 0] * x[:, 1] > 0).astype(int)
     load_table(sqlite_db.engine, "big", frame)
 
-    def on_iteration(row):
-        if row["epoch"] == 2:  # Ctrl-C early in the third iteration
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    epochs: list[int] = []
 
+    def on_progress(done, total):  # Ctrl-C at the third iteration's first progress report
+        if len(epochs) == 2:
+            epochs.append(0)
+            threading.Timer(0.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    callbacks = Callbacks(on_iteration=lambda row: epochs.append(row["epoch"]),
+                          on_progress=on_progress)
     model = dl.train(sqlite_db, "big", target="label", model="mlp:256,256", epochs=50,
                      grid={"lr": [1e-3, 3e-3]}, halving=False, on_interrupt="return",
-                     callbacks=Callbacks(on_iteration=on_iteration), name="cut")
+                     callbacks=callbacks, name="cut")
     assert model.status == "interrupted" and model.version == 3
     board = model.leaderboard
     assert list(board["epochs"]) == [2, 2]  # committed iterations only
