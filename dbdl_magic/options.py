@@ -268,6 +268,10 @@ class TrainOptions:
         "params",
         "group_by",
         "sync_every",
+        "grid",
+        "search",
+        "trials",
+        "halving",
     )
 
 

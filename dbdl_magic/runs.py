@@ -8,6 +8,7 @@ checkpoint and records its status.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import uuid
@@ -139,23 +140,22 @@ class TrainingRun:
     def execute(self) -> DBModel | GroupedModel:
         """Run to completion (or early stop / interrupt) and return the trained module."""
         opts, backend = self.options, self.backend
-        if opts.resume and self.cohort:
-            raise InputError("resume=True is not supported for group_by / grid runs yet")
         trials = search_trials(opts)
         specs = [_spec(t.get("model", opts.model)) for t in trials] or [_spec(opts.model)]
         stage, vstage, packed_table = self._tables()
         first_epoch = 0
         try:
-            resumed = self._resumable(specs[0]) if opts.resume else None
+            resumed = self._resumable(trials) if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
             data = self._pack(specs, stage, vstage, packed_table, source, trials)
+            rungs = halving_rungs(opts.epochs, len(self._member_plan(data, trials))) if (
+                trials and opts.halving) else []
             with backend.engine.begin() as conn:
                 if resumed is None:
                     self._create_members(conn, data, trials, source)
                 else:
-                    first_epoch = self._resume_member(conn, data, specs[0], resumed)
+                    first_epoch = self._resume_members(conn, data, trials, resumed, rungs)
             self._announce(data, first_epoch)
-            rungs = halving_rungs(opts.epochs, len(self.members)) if trials and opts.halving else []
             for epoch in range(first_epoch, opts.epochs):
                 alive = [m for m in self.members if m.status == "training"]
                 if not alive:
@@ -210,41 +210,65 @@ class TrainingRun:
             return self._finish_cohort(conn, data, "interrupted")
 
     # -- steps ------------------------------------------------------------------------------------
-    def _resumable(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The stored run to continue: same name, not complete, same data and update options.
-
-        Work tables a killed client left behind are dropped here.
-        """
+    def _resumable(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The stored versions to continue: the model, or every member of a group_by / grid
+        run (each with its stored history and last checkpoint). The run must have the same
+        name, query and options, and not be complete. Work tables a killed client left behind
+        are dropped here; so is the provisional router / best copy of an interrupted cohort
+        (the resumed run writes it again)."""
         backend, opts = self.backend, self.options
         with backend.engine.connect() as conn:
             try:
-                row = store.read_model(conn, backend, self.name, with_state=False)
+                latest = store.read_model(conn, backend, self.name, with_state=False)
             except InputError as exc:
                 raise InputError(f"resume=True but there is no run named {self.name!r}") from exc
-        if row["status"] == "complete":
+            token = latest["options"].get("work_token")
+            run = store.read_run(conn, backend, self.name, token) if token else []
+        if latest["status"] == "complete":
             raise InputError(
-                f"model {self.name!r} version {row['version']} is complete; nothing to resume "
+                f"model {self.name!r} version {latest['version']} is complete; nothing to resume "
                 "(train again without resume=True for a new version)"
             )
-        if row["iteration"] is None:
-            raise InputError(f"model {self.name!r} has no checkpoint to resume from")
-        mine = opts.to_json_dict()
-        different = [k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)]
-        if row["query"] != self.query:
-            different.insert(0, "query")
-        if row["spec"] != spec:
-            different.insert(0, "model")
-        if different:
+        cohort_version = any(k in latest["options"] for k in ("member", "groups", "selection"))
+        if self.cohort:
+            members = [r for r in run if r["options"].get("member") is not None]
+        else:
+            members = [] if cohort_version else [latest]
+        if not members:
             raise InputError(
-                f"cannot resume {self.name!r}: {', '.join(different)} differ(s) from the "
-                "interrupted run; resume with the same query and options"
+                f"cannot resume {self.name!r}: its last run "
+                f"{'was not' if self.cohort else 'was'} a group_by / grid run; resume with the "
+                "same query and options"
             )
-        stale = row["options"].get("work_token")
-        if stale:
+        for row in members:
+            if row["iteration"] is None:
+                raise InputError(
+                    f"model {self.name!r} version {row['version']} has no checkpoint to "
+                    "resume from"
+                )
+            trial = row["options"].get("trial")
+            mine = json.loads(json.dumps(  # as stored
+                (trial_options(opts, trial) if trial else opts).to_json_dict(), default=str))
+            different = [
+                k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)
+            ]
+            if row["query"] != self.query:
+                different.insert(0, "query")
+            if row["spec"] != _spec((trial or {}).get("model", opts.model)):
+                different.insert(0, "model")
+            if different:
+                raise InputError(
+                    f"cannot resume {self.name!r}: {', '.join(different)} differ(s) from the "
+                    "interrupted run; resume with the same query and options"
+                )
+        if token:
             with backend.engine.begin() as conn:
                 for prefix in ("stage", "vstage", "packed"):
-                    backend.drop_table(conn, backend.table(f"{prefix}_{stale}"))
-        return row
+                    backend.drop_table(conn, backend.table(f"{prefix}_{token}"))
+                for row in run:
+                    if row["options"].get("member") is None and self.cohort:
+                        store.delete_model(conn, backend, self.name, row["version"])
+        return members
 
     def _source(self) -> dict[str, Any]:
         """The stored model a warm start begins from (``init_from="name[:version]"``)."""
@@ -350,20 +374,18 @@ class TrainingRun:
             opts = trial_options(self.options, trial) if trial else self.options
             spec = _spec(opts.model)
             key = {"name": self.name, "version": first_version + i}
-            stored_options = {**opts.to_json_dict(), "work_token": self.token}
-            if self.cohort:
-                stored_options.update(member=i, label=label, group=group, trial=trial)
+            member = self._member_run(data, i, key, opts, label, group, trial)
             store.create_model(
                 conn,
                 backend,
                 key,
                 spec=spec,
                 encoding=enc.to_json(),
-                options=stored_options,
+                options=self._stored_options(member),
                 query=self.query,
                 parent=f"{source['name']}:{source['version']}" if source else None,
             )
-            config = {**self._config(spec, enc, opts), "member": i}
+            config = member.config
             if source is None:
                 first, parent = initial_state(config), None
             else:
@@ -376,38 +398,77 @@ class TrainingRun:
                 parent = (source["name"], source["version"], source["iteration"])
             store.write_checkpoint(conn, backend, key, 0, first)
             backend.archive(conn, key, 0, parent, opts.block_bytes, opts.deltas)
-            rows = (data.groups or {}).get(group or "", {})
-            self.members.append(
-                MemberRun(
-                    i, key, config, opts, label, group, trial,
-                    train_rows=rows.get("train", data.n_train),
-                    validation_rows=rows.get("validation", data.n_val),
-                    stopper=EarlyStopping(opts) if opts.patience else None,
-                )
-            )
+            self.members.append(member)
 
-    def _resume_member(
-        self, conn: Connection, data: PackedData, spec: dict[str, Any], resumed: dict[str, Any]
-    ) -> int:
-        """Continue a stored single-model run; returns the first epoch still to train."""
-        opts = self.options
-        key = {"name": self.name, "version": resumed["version"]}
-        first_epoch = int(resumed["iteration"])
-        member = MemberRun(
-            0, key, {**self._config(spec, data.encoding, opts), "member": 0}, opts,
-            train_rows=data.n_train, validation_rows=data.n_val,
-            history=list(resumed["history"][:first_epoch]),
+    def _stored_options(self, m: MemberRun) -> dict[str, Any]:
+        """A member's options as its model version stores them (with this run's work token)."""
+        stored = {**m.options.to_json_dict(), "work_token": self.token}
+        if self.cohort:
+            stored.update(member=m.member, label=m.label, group=m.group, trial=m.trial)
+        return stored
+
+    def _member_run(
+        self, data: PackedData, i: int, key: dict[str, Any], opts: TrainOptions, label: str,
+        group: str | None, trial: dict[str, Any] | None,
+    ) -> MemberRun:
+        rows = (data.groups or {}).get(group or "", {})
+        return MemberRun(
+            i, key, {**self._config(_spec(opts.model), data.encoding, opts), "member": i}, opts,
+            label, group, trial,
+            train_rows=rows.get("train", data.n_train),
+            validation_rows=rows.get("validation", data.n_val),
             stopper=EarlyStopping(opts) if opts.patience else None,
         )
-        if member.stopper is not None:
-            for past in member.history:
-                member.stopper.update(past)
-        self.members.append(member)
-        self.history = list(member.history)
-        store.set_status(conn, self.backend, key, "training", member.history)
-        store.set_options(conn, self.backend, key, {**opts.to_json_dict(),
-                                                     "work_token": self.token})
-        return first_epoch
+
+    def _resume_members(
+        self,
+        conn: Connection,
+        data: PackedData,
+        trials: list[dict[str, Any]],
+        stored: list[dict[str, Any]],
+        rungs: list[int],
+    ) -> int:
+        """Continue a stored run: its members with their committed histories, and the early
+        stopping / halving decisions replayed from those histories (they depend on nothing
+        else). Returns the first epoch still to train."""
+        plan = self._member_plan(data, trials)
+        if not self.cohort:
+            plan = plan[:1]
+        if [(label, group) for label, group, _ in plan] != [
+            (r["options"].get("label", ""), r["options"].get("group")) for r in stored
+        ]:
+            raise InputError(
+                f"cannot resume {self.name!r}: the {'groups' if data.groups else 'trials'} "
+                "differ from the interrupted run's"
+            )
+        full: dict[int, list[dict[str, Any]]] = {}
+        for i, ((label, group, trial), row) in enumerate(zip(plan, stored, strict=True)):
+            opts = trial_options(self.options, trial) if trial else self.options
+            key = {"name": self.name, "version": row["version"]}
+            self.members.append(self._member_run(data, i, key, opts, label, group, trial))
+            full[i] = list(row["history"] or [])[: int(row["iteration"])]
+        done = max(len(h) for h in full.values())
+        for epoch in range(done):  # replay: the members live at each epoch, their decisions
+            alive = [m for m in self.members if m.status == "training"]
+            if any(len(full[m.member]) <= epoch for m in alive):
+                break
+            rows = {m.member: full[m.member][epoch] for m in alive}
+            for m in alive:
+                m.history.append(rows[m.member])
+            first = next(iter(rows.values()))
+            self.history.append(self._run_row(rows, first["seconds"], first["train_seconds"]))
+            self._stop_members(alive, epoch + 1, rungs)
+        if any(len(m.history) != len(full[m.member]) for m in self.members):
+            raise InputError(
+                f"cannot resume {self.name!r}: its members' checkpoints do not line up with "
+                "the run's early stopping / halving (were epochs, patience or halving changed?)"
+            )
+        for m in self.members:
+            if m.status == "training":
+                store.ensure_hot_state(conn, self.backend, m.key, len(m.history))
+            store.set_status(conn, self.backend, m.key, "training", m.history)
+            store.set_options(conn, self.backend, m.key, self._stored_options(m))
+        return done
 
     def _announce(self, data: PackedData, first_epoch: int) -> None:
         if self.callbacks.on_start is None:

@@ -221,6 +221,28 @@ def read_model(
     return out
 
 
+def read_run(conn: Connection, backend: Backend, name: str, token: str) -> list[dict[str, Any]]:
+    """Every version of ``name`` written by the run with work token ``token`` (a group_by /
+    grid run's members and its router or best copy), oldest first, each with its last
+    checkpoint's ``iteration``."""
+    models, ck = backend.table("models"), backend.table("checkpoints")
+    rows = conn.execute(
+        text(
+            "SELECT m.version, m.status, m.spec, m.options, m.query, m.history,"
+            f" (SELECT max(c.iteration) FROM {ck} AS c WHERE c.name = m.name"
+            "  AND c.version = m.version) AS iteration"
+            f" FROM {models} AS m WHERE m.name = :name ORDER BY m.version"
+        ),
+        {"name": name},
+    ).mappings()
+    out = []
+    for row in rows:
+        decoded = {**row, **{f: json.loads(row[f]) for f in ("spec", "options", "history")}}
+        if decoded["options"].get("work_token") == token:
+            out.append(decoded)
+    return out
+
+
 def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     """One row per stored model version."""
     models, ck = backend.table("models"), backend.table("checkpoints")

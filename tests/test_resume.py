@@ -128,3 +128,93 @@ def test_resume_refuses_changed_options_and_complete_runs(sqlite_db):
     with pytest.raises(InputError, match="lr"):
         dl.train(sqlite_db, "SELECT * FROM data", name="done", resume=True,
                  **{**small, "lr": 0.5})
+
+
+def stop_after(epoch: int) -> Callbacks:
+    """Callbacks that press Ctrl-C right after iteration ``epoch`` has been committed."""
+
+    def on_iteration(row):
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return Callbacks(on_iteration=on_iteration)
+
+
+def member_histories(db, name: str, model) -> dict[str, pd.DataFrame]:
+    board = model.leaderboard
+    return {
+        line["label"]: dl.load_model(db, name, int(line["version"])).history
+        for _, line in board.iterrows()
+    }
+
+
+@pytest.mark.parametrize("on_interrupt", ["raise", "return"])
+def test_a_grid_search_resumes_with_its_halving_decisions(db, on_interrupt):
+    """Four trials with successive halving (rungs after epochs 1 and 2), cut after epoch 3:
+    the resumed search trains only the surviving trial and ends exactly like an uninterrupted
+    search (histories, leaderboard, best model)."""
+    load_table(db.engine, "data", synthetic(3000))
+    grid = dict(OPTIONS, model="mlp:16", epochs=4, grid={"lr": [1e-3, 3e-3, 1e-2, 3e-2]})
+    reference = dl.train(db, "SELECT * FROM data", name="ref", **grid)
+    if on_interrupt == "raise":
+        with pytest.raises(KeyboardInterrupt):
+            dl.train(db, "SELECT * FROM data", name="cut", callbacks=stop_after(3), **grid)
+    else:
+        cut = dl.train(db, "SELECT * FROM data", name="cut", callbacks=stop_after(3),
+                       on_interrupt="return", **grid)
+        assert cut.status == "interrupted" and cut.version == 5  # the best so far, provisional
+    resumed = dl.train(db, "SELECT * FROM data", name="cut", resume=True, **grid)
+    assert resumed.status == "complete" and resumed.version == 5
+    assert list(resumed.history["epoch"]) == [1, 2, 3, 4]
+    board, ref_board = resumed.leaderboard, reference.leaderboard
+    assert list(board["label"]) == list(ref_board["label"])
+    assert list(board["epochs"]) == list(ref_board["epochs"]) == [4, 2, 1, 1]
+    assert list(board["status"]) == list(ref_board["status"])
+    ours, theirs = member_histories(db, "cut", resumed), member_histories(db, "ref", reference)
+    for label, history in theirs.items():
+        assert np.allclose(ours[label]["val_loss"], history["val_loss"], rtol=0, atol=1e-6)
+    for a, b in zip(weights(resumed), weights(reference), strict=True):
+        assert np.allclose(a, b, rtol=0, atol=1e-6)
+    listing = dl.list_models(db).query("name == 'cut'")
+    assert list(listing["version"]) == [1, 2, 3, 4, 5]
+    assert set(listing["status"]) == {"complete"}
+
+
+def test_a_per_group_run_resumes_after_ctrl_c(db):
+    frame = synthetic(3000)
+    frame["region"] = np.where(frame["f3"] > 0, "north", "south")
+    load_table(db.engine, "data", frame)
+    options = dict(OPTIONS, model="mlp:16", epochs=4, group_by="region")
+    reference = dl.train(db, "SELECT * FROM data", name="ref", **options)
+    with pytest.raises(KeyboardInterrupt):
+        dl.train(db, "SELECT * FROM data", name="cut", callbacks=stop_after(2), **options)
+    assert dl.list_models(db).query("name == 'cut'")["status"].tolist() == ["interrupted"] * 2
+    resumed = dl.train(db, "SELECT * FROM data", name="cut", resume=True, **options)
+    assert resumed.status == "complete" and resumed.version == 3
+    assert list(resumed.history["epoch"]) == [1, 2, 3, 4]
+    assert resumed.group_table.equals(reference.group_table)
+    for group in ("north", "south"):
+        ours = dl.load_model(db, "cut", group=group)
+        theirs = dl.load_model(db, "ref", group=group)
+        assert np.allclose(ours.history["val_loss"], theirs.history["val_loss"], atol=1e-6)
+        for a, b in zip(weights(ours), weights(theirs), strict=True):
+            assert np.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_resuming_a_cohort_refuses_a_different_search(sqlite_db):
+    load_table(sqlite_db.engine, "data", synthetic(600))
+    grid = dict(OPTIONS, model="mlp:8", epochs=3, grid={"lr": [1e-3, 1e-2]})
+    with pytest.raises(KeyboardInterrupt):
+        dl.train(sqlite_db, "SELECT * FROM data", name="cut", callbacks=stop_after(1), **grid)
+    with pytest.raises(InputError, match="grid"):
+        dl.train(sqlite_db, "SELECT * FROM data", name="cut", resume=True,
+                 **{**grid, "grid": {"lr": [1e-3, 3e-2]}})
+    with pytest.raises(InputError, match="was a group_by / grid run"):
+        dl.train(sqlite_db, "SELECT * FROM data", name="cut", resume=True,
+                 **{k: v for k, v in grid.items() if k != "grid"})
+    with pytest.raises(InputError, match="differ"):
+        dl.train(sqlite_db, "SELECT * FROM data", name="cut", resume=True,
+                 **{**grid, "halving": False})
+    # nothing was lost by the refusals: the right options still resume
+    resumed = dl.train(sqlite_db, "SELECT * FROM data", name="cut", resume=True, **grid)
+    assert resumed.status == "complete" and len(resumed.history) == 3
