@@ -113,3 +113,38 @@ def test_state_header_is_readable_in_sql(pg_db, big_digits):
                  "ORDER BY iteration DESC LIMIT 1"), {"n": model.name}).scalar_one())
     assert info["samples"] == model.history["samples"].iloc[-1]
     assert info["device"] == "cpu" and np.isfinite(info["loss"])
+
+
+def test_kernel_queries_skip_jit_and_stay_in_one_warm_server_process(pg_db):
+    """Every statement that calls a kernel runs with JIT off (its compile cost ≈ 0.2 s a query
+    bought nothing) and, run after run, in the same server process (a LIFO pool: the process
+    that has torch imported and its caches warm)."""
+    from sqlalchemy import event
+
+    frame = digits_frame().head(600)
+    frame["region"] = np.where(frame.index % 2 == 0, "even", "odd")
+    load_table(pg_db.engine, "digits", frame)
+    seen: list[tuple[str, int, str]] = []
+    kernels = ("dbdl.train(", "dbdl.evaluate(", "dbdl.predict_rows(", "dbdl.predict_buffer(")
+
+    @event.listens_for(pg_db.engine, "before_cursor_execute")
+    def before(conn, cursor, statement, parameters, context, executemany):
+        called = [k for k in kernels if k in statement]
+        if called:
+            raw = conn.connection.driver_connection
+            with raw.cursor() as probe:
+                jit = probe.execute("SHOW jit").fetchone()[0]
+            seen.append((called[0], raw.info.backend_pid, jit))
+
+    pg_db.engine.dispose()  # nothing pooled from before the hook
+    try:
+        dl.train(pg_db, "SELECT * FROM digits", target="digit", model="mlp:16", epochs=3,
+                 group_by="region", parallel=1, name="grouped")
+        dl.train(pg_db, "SELECT * FROM digits", target="digit", model="mlp:16", epochs=2,
+                 parallel=1, name="plain")
+        dl.predict(pg_db, "plain", "SELECT * FROM digits")
+    finally:
+        event.remove(pg_db.engine, "before_cursor_execute", before)
+    assert {k for k, _, _ in seen} >= {"dbdl.train(", "dbdl.evaluate(", "dbdl.predict_rows("}
+    assert {jit for _, _, jit in seen} == {"off"}
+    assert len({pid for _, pid, _ in seen}) == 1, seen

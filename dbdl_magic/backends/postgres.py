@@ -50,6 +50,14 @@ def _db_message(exc: DBAPIError) -> str:
     return primary.strip()
 
 
+def skip_jit(conn: Connection) -> None:
+    """No JIT for the rest of this transaction. The kernels' high COST (set so the planner
+    spreads them over parallel workers) pushes every kernel query past ``jit_above_cost``, and
+    compiling its expressions took ≈ 0.2 s per query — per iteration, per evaluation — for
+    nothing: the work is in PL/Python."""
+    conn.execute(text("SET LOCAL jit = off"))
+
+
 class PostgresBackend(Backend):
     """PostgreSQL 12+ with ``plpython3u`` (superuser installs once; users need EXECUTE)."""
 
@@ -286,6 +294,7 @@ class PostgresBackend(Backend):
         """Plan the next query on ``workers`` parallel workers (the leader only coordinates),
         or in this process when ``workers`` is 1."""
         workers = int(workers)
+        skip_jit(conn)
         if self.flavor == "citus":
             # Citus plans multi-shard queries only with bound parameters (custom plans)
             conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
@@ -393,6 +402,7 @@ class PostgresBackend(Backend):
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
         ck = self.table("checkpoints")
+        skip_jit(conn)
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         return bytes(
             conn.execute(
@@ -450,6 +460,7 @@ class PostgresBackend(Backend):
             selected = ["r.value AS prediction"]
         columns = ([f"s.{rn}"] if with_rn else []) + [f"s.{self.q(k)}" for k in keys]
         ck = self.table("checkpoints")
+        skip_jit(conn)
         conn.execute(
             text(
                 f"CREATE TABLE {result} AS SELECT {', '.join(columns + selected)}"
