@@ -552,20 +552,19 @@ class TrainingRun:
             trained = time.perf_counter() - started
             split, prefix = (1, "val_") if data.n_val else (0, "train_")
             metrics = backend.evaluate(conn, data.table, split, payload, epoch + 1, plan.workers)
+            archived = backend.archive_many(
+                conn, [m.key for m in alive], epoch + 1, opts.block_bytes, opts.deltas
+            )
+            seconds = time.perf_counter() - started
             rows: dict[int, dict[str, Any]] = {}
-            for m in alive:
+            for m, stored in zip(alive, archived, strict=True):
                 info = infos.get(m.member, {})
                 row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": info.get("loss")}
                 for name, value in metrics.get(m.member, {}).items():
                     if name != "n":
                         row[f"{prefix}{name}"] = value
-                parent = (m.key["name"], m.key["version"], epoch)
-                stored = backend.archive(
-                    conn, m.key, epoch + 1, parent, opts.block_bytes, opts.deltas
-                )
-                store.clear_hot_states(conn, backend, m.key, below=epoch + 1)
                 row.update(
-                    seconds=time.perf_counter() - started,
+                    seconds=seconds,
                     train_seconds=trained,
                     samples=info.get("samples", 0),
                     workers=info.get("workers", 1),
@@ -574,9 +573,11 @@ class TrainingRun:
                     stored_bytes=stored["new_bytes"],
                     parallel_note=plan.note,
                 )
-                store.set_checkpoint_metrics(conn, backend, m.key, epoch + 1, row)
-                store.set_status(conn, backend, m.key, "training", [*m.history, row])
                 rows[m.member] = row
+            store.record_iteration(
+                conn, backend, epoch + 1, [(m.key, rows[m.member], [*m.history, rows[m.member]])
+                                          for m in alive]
+            )
         self._record(alive, rows, time.perf_counter() - started, trained)
         if not first:  # the first iteration also pays imports and caches
             self._measured[plan.workers] = trained

@@ -107,30 +107,38 @@ def write_checkpoint(
     )
 
 
-def set_checkpoint_metrics(
+def record_iteration(
     conn: Connection,
     backend: Backend,
-    key: dict[str, Any],
     iteration: int,
-    metrics: dict[str, Any],
+    entries: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]],
 ) -> None:
+    """After iteration ``iteration`` of several models (``(key, metrics row, history)`` each):
+    the checkpoints' metrics, the models' histories, and the hot copies of the older
+    checkpoints dropped (their blocks keep them) — three statements, however many models."""
+    if not entries:
+        return
+    ck, models = backend.table("checkpoints"), backend.table("models")
     conn.execute(
         text(
-            f"UPDATE {backend.table('checkpoints')} SET metrics = :metrics "
+            f"UPDATE {ck} SET metrics = :metrics "
             "WHERE name = :name AND version = :version AND iteration = :iteration"
         ),
-        {**key, "iteration": iteration, "metrics": json.dumps(metrics)},
+        [{**key, "iteration": iteration, "metrics": json.dumps(row)} for key, row, _ in entries],
     )
-
-
-def clear_hot_states(conn: Connection, backend: Backend, key: dict[str, Any], below: int) -> None:
-    """Drop the hot copies of checkpoints before ``below``; their blocks keep them."""
     conn.execute(
         text(
-            f"UPDATE {backend.table('checkpoints')} SET state = NULL WHERE name = :name "
-            "AND version = :version AND iteration < :below AND state IS NOT NULL"
+            f"UPDATE {models} SET status = 'training', updated_at = CURRENT_TIMESTAMP,"
+            " error = NULL, history = :history WHERE name = :name AND version = :version"
         ),
-        {**key, "below": below},
+        [{**key, "history": json.dumps(history)} for key, _, history in entries],
+    )
+    conn.execute(
+        text(
+            f"UPDATE {ck} SET state = NULL WHERE name = :name AND version = :version"
+            " AND iteration < :below AND state IS NOT NULL"
+        ),
+        [{**key, "below": iteration} for key, _, _ in entries],
     )
 
 

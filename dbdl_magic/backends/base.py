@@ -434,6 +434,22 @@ class Backend(ABC):
             key["name"], key["version"], iteration, parent
         )
 
+    def archive_many(
+        self,
+        conn: Connection,
+        keys: list[dict[str, Any]],
+        iteration: int,
+        block_bytes: int,
+        deltas: bool,
+    ) -> list[dict[str, Any]]:
+        """:meth:`archive` checkpoint ``iteration`` of several models, each with its previous
+        checkpoint as the delta parent."""
+        return [
+            self.archive(conn, key, iteration, (key["name"], key["version"], iteration - 1),
+                         block_bytes, deltas)
+            for key in keys
+        ]
+
     def materialize(self, conn: Connection, key: dict[str, Any], iteration: int) -> None:
         """Rebuild a checkpoint's hot state (``checkpoints.state``) from its blocks."""
         Archiver(self.runner(conn), self.store_tables()).materialize(

@@ -482,6 +482,30 @@ class PostgresBackend(Backend):
         return run
 
     # The server-side routines keep state bytes inside the database.
+    def archive_many(
+        self,
+        conn: Connection,
+        keys: list[dict[str, Any]],
+        iteration: int,
+        block_bytes: int,
+        deltas: bool,
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"iteration": iteration, "block_bytes": block_bytes,
+                                  "deltas": deltas}
+        rows = []
+        for i, key in enumerate(keys):
+            params.update({f"n{i}": key["name"], f"v{i}": key["version"]})
+            rows.append(f"({i}, CAST(:n{i} AS text), CAST(:v{i} AS integer))")
+        out = conn.execute(
+            text(
+                "SELECT k.i, dbdl.archive_checkpoint(k.name, k.version, :iteration, k.name,"
+                " k.version, CAST(:iteration AS integer) - 1, :block_bytes, :deltas)"
+                f" FROM (VALUES {', '.join(rows)}) AS k(i, name, version) ORDER BY k.i"
+            ),
+            params,
+        ).all()
+        return [json.loads(r[1]) for r in out]
+
     def archive(
         self,
         conn: Connection,
