@@ -377,7 +377,7 @@ def test_interrupted_search_returns_the_best_trial_so_far(sqlite_db):
     def on_progress(done, total):  # Ctrl-C at the third iteration's first progress report
         if len(epochs) == 2:
             epochs.append(0)
-            threading.Timer(0.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            os.kill(os.getpid(), signal.SIGINT)
 
     callbacks = Callbacks(on_iteration=lambda row: epochs.append(row["epoch"]),
                           on_progress=on_progress)
