@@ -287,14 +287,17 @@ class Backend(ABC):
         """Train every member from its checkpoint ``iteration`` over the training buffers and
         store checkpoint ``iteration + 1``; returns each member's header facts (samples, loss,
         combines, workers, device), summed over the ``chunks`` queries."""
-        source = self._scratch()
-        self.create_scratch(conn, source, *self._states_sql(members, iteration))
+        # the first part reads the checkpoints through a derived table (copying a state into a
+        # scratch table cost as much as compressing it); later parts read the last part's table
+        states_sql, states_params = self._states_sql(members, iteration)
+        source, source_params = f"({states_sql})", states_params
         totals: dict[int, dict[str, Any]] = {}
         done = 0
         for part in _buffer_ranges(conn, packed, chunks):
             sql, params = self.iteration_query(
                 packed, members, source, part, iteration, ordered=workers <= 1
             )
+            params.update(source_params)
             target = self._scratch()
             sink = None if progress is None else (lambda n, base=done: progress(base + n))
             self.prepare_query(conn, packed, workers)
@@ -308,10 +311,12 @@ class Backend(ABC):
                 text(
                     f"INSERT INTO {target} (member, state) SELECT s.member, s.state FROM {source}"
                     f" AS s WHERE s.member NOT IN (SELECT t.member FROM {target} AS t)"
-                )
+                ),
+                source_params,
             )
-            self.drop_table(conn, source)
-            source = target
+            if source in self._scratch_tables:
+                self.drop_table(conn, source)
+            source, source_params = target, {}
         params = {"iteration": iteration + 1}
         conn.execute(
             text(

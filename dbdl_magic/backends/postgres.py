@@ -50,13 +50,6 @@ def _db_message(exc: DBAPIError) -> str:
     return primary.strip()
 
 
-def skip_jit(conn: Connection) -> None:
-    """No JIT for the rest of this transaction. The kernels' high COST (set so the planner
-    spreads them over parallel workers) pushes every kernel query past ``jit_above_cost``, and
-    compiling its expressions took ≈ 0.2 s per query — per iteration, per evaluation — for
-    nothing: the work is in PL/Python."""
-    conn.execute(text("SET LOCAL jit = off"))
-
 
 class PostgresBackend(Backend):
     """PostgreSQL 12+ with ``plpython3u`` (superuser installs once; users need EXECUTE)."""
@@ -64,6 +57,7 @@ class PostgresBackend(Backend):
     name = "postgresql"
     byteorder = ">"  # float4send / int4send write big-endian
     _flavor: str | None = None
+    _lz4: bool | None = None  # does the server offer lz4 TOAST compression?
 
     @property
     def flavor(self) -> str:
@@ -290,11 +284,29 @@ class PostgresBackend(Backend):
         )
 
     # -- iterations -----------------------------------------------------------------------------
+    def _kernel_settings(self, conn: Connection) -> None:
+        """Settings for the rest of a transaction that runs kernels.
+
+        No JIT: the kernels' high COST (set so the planner spreads them over parallel workers)
+        pushes every kernel query past ``jit_above_cost``, and compiling its expressions took
+        ≈ 0.2 s per query for nothing (the work is in PL/Python). LZ4 for the states that
+        scratch tables receive (CREATE TABLE AS cannot mark a column uncompressed): pglz spent
+        ≈ 0.17 s trying to compress a 13 MB state, lz4 ≈ 0.03 s.
+        """
+        conn.execute(text("SET LOCAL jit = off"))
+        if self._lz4 is None:
+            self._lz4 = bool(conn.execute(text(
+                "SELECT count(*) FROM pg_settings WHERE name = 'default_toast_compression'"
+                " AND 'lz4' = ANY(enumvals)"
+            )).scalar())
+        if self._lz4:
+            conn.execute(text("SET LOCAL default_toast_compression = lz4"))
+
     def _parallel_settings(self, conn: Connection, packed: str, workers: int) -> None:
         """Plan the next query on ``workers`` parallel workers (the leader only coordinates),
         or in this process when ``workers`` is 1."""
         workers = int(workers)
-        skip_jit(conn)
+        self._kernel_settings(conn)
         if self.flavor == "citus":
             # Citus plans multi-shard queries only with bound parameters (custom plans)
             conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
@@ -402,7 +414,7 @@ class PostgresBackend(Backend):
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
         ck = self.table("checkpoints")
-        skip_jit(conn)
+        self._kernel_settings(conn)
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         return bytes(
             conn.execute(
@@ -460,7 +472,7 @@ class PostgresBackend(Backend):
             selected = ["r.value AS prediction"]
         columns = ([f"s.{rn}"] if with_rn else []) + [f"s.{self.q(k)}" for k in keys]
         ck = self.table("checkpoints")
-        skip_jit(conn)
+        self._kernel_settings(conn)
         conn.execute(
             text(
                 f"CREATE TABLE {result} AS SELECT {', '.join(columns + selected)}"
