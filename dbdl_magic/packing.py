@@ -463,9 +463,10 @@ def pack(
         f" ORDER BY e.h, e.rn) - 1 AS ord, {cols}, e.y AS y FROM ({inner}) AS e"
     )
     groups = _group_sizes(conn, stage, val_stage, opts.group_by, backend) if opts.group_by else None
-    per_group = n_train // max(1, len(groups)) if groups else n_train
+    # sized from all training rows, groups included: ≥ 16 buffers overall keep parallel workers
+    # fed, and a small group fits in one buffer (per-buffer kernel calls are the fixed cost)
     rows = opts.rows_per_buffer or choose_rows_per_buffer(
-        per_group, encoding.width, opts.batch_size, opts.n_parameters
+        n_train, encoding.width, opts.batch_size, opts.n_parameters
     )
     if rows < 1:
         raise InputError(f"rows_per_buffer={rows} must be positive")
