@@ -111,6 +111,20 @@ def test_plain_sql_prediction_function(trained):
     proba = np.array([r.proba if isinstance(r.proba, list) else json.loads(r.proba)
                       for r in rows])
     assert np.allclose(proba, model.predict_proba(frame), atol=1e-5)
+    # a failing kernel names its error on both databases (sqlite3 alone would say only
+    # "user-defined function raised exception"), and the connection stays usable
+    f = "dbdl." if db.backend.name == "postgresql" else "dbdl_"
+    row = ("jsonb_build_object('plan', 'basic', 'age', 30)" if db.backend.name == "postgresql"
+           else "json_object('plan', 'basic', 'age', 30)")
+    error = Exception if db.backend.name == "postgresql" else dl.DbdlError
+    for sql, message in [
+        (f"SELECT {f}predict('nosuch', {row})", "no model 'nosuch'"),
+        (f"SELECT {f}predict('churn', {row})", "missing feature.*'spend'"),
+    ]:
+        with db.engine.connect() as conn, pytest.raises(error, match=message):
+            conn.execute(text(sql))
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
 
 
 def test_plain_sql_numeric_variadic_form(pg_db):

@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import TrainingError
+from ..errors import DbdlError, TrainingError
 from ..kernel import KERNEL_VERSION
 from ..kernel.blockstore import Run
 from ..kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
@@ -51,6 +51,24 @@ def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapped
+
+
+def _kernel_error(context: Any) -> BaseException | None:
+    """SQLAlchemy ``handle_error`` hook: a kernel that failed inside a statement of the user's
+    own SQL (``SELECT dbdl_predict(...)``) surfaces with its own message; sqlite3 alone says
+    only "user-defined function raised exception". A :class:`DbdlError` (an unknown model, a
+    row without its group column, ...) is raised as itself, anything else as a
+    :class:`DbdlError` naming it. Statements the backend runs itself are left to
+    :meth:`SQLiteBackend._run`."""
+    last = getattr(_ERRORS, "last", None)
+    if last is None or getattr(_ERRORS, "managed", False) or isinstance(last[0], KeyboardInterrupt):
+        return None
+    _ERRORS.last = None
+    inner, tb = last
+    if isinstance(inner, DbdlError):
+        return inner
+    return DbdlError(f"a dbdl kernel failed inside SQLite: {type(inner).__name__}: {inner}",
+                     detail=tb)
 
 
 class _TrainAggregate:
@@ -254,6 +272,7 @@ class SQLiteBackend(Backend):
         super().__init__(engine)
         if not getattr(engine, "_dbdl_kernels", False):
             event.listen(engine, "connect", lambda conn, _record: register_kernels(conn))
+            event.listen(engine, "handle_error", _kernel_error)
             engine._dbdl_kernels = True  # type: ignore[attr-defined]
             engine.dispose()  # pooled connections made before this have no kernels
 
@@ -416,7 +435,7 @@ class SQLiteBackend(Backend):
         return self._run(conn, sql, params)
 
     def _run(self, conn: Connection, sql: str, params: dict[str, Any]) -> Any:
-        _ERRORS.last = None
+        _ERRORS.last, _ERRORS.managed = None, True
         try:
             return conn.execute(text(sql), params)
         except Exception as exc:
@@ -428,6 +447,8 @@ class SQLiteBackend(Backend):
                     raise KeyboardInterrupt from exc
                 raise TrainingError(f"the SQLite kernel failed: {inner}", detail=tb) from exc
             raise
+        finally:
+            _ERRORS.managed = False
 
     def values_relation(self, prefixes: list[str]) -> str:
         rows = [f"(:{p}_id, :{p}_grp, :{p}_name, :{p}_version, :{p}_config)" for p in prefixes]
