@@ -115,13 +115,17 @@ def test_state_header_is_readable_in_sql(pg_db, big_digits):
     assert info["device"] == "cpu" and np.isfinite(info["loss"])
 
 
-def test_kernel_queries_skip_jit_and_stay_in_one_warm_server_process(pg_db):
+@pytest.mark.parametrize("made_by", ["dbdl", "user"])
+def test_kernel_queries_skip_jit_and_stay_in_one_warm_server_process(pg_db, made_by):
     """Every statement that calls a kernel runs with JIT off (its compile cost ≈ 0.2 s a query
     bought nothing) and lz4 TOAST compression (pglz took ≈ 0.17 s per 13 MB state written to a
     scratch table) and, run after run, in the same server process (a LIFO pool: the process
-    that has torch imported and its caches warm)."""
-    from sqlalchemy import event
+    that has torch imported and its caches warm; an engine the user made pools FIFO, so no
+    run may hold two connections at once)."""
+    from sqlalchemy import create_engine, event
 
+    if made_by == "user":
+        pg_db = dl.connect(create_engine(pg_db.engine.url))
     frame = digits_frame().head(600)
     frame["region"] = np.where(frame.index % 2 == 0, "even", "odd")
     load_table(pg_db.engine, "digits", frame)

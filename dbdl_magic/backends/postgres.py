@@ -151,6 +151,9 @@ class PostgresBackend(Backend):
                 f"the server imports dbdl_magic kernel version {info.get('kernel_version')!r}, "
                 f"the client has {KERNEL_VERSION!r}: install the same dbdl_magic on the server"
             )
+        # learnt now, on a connection of its own: asked lazily inside a run's transaction it
+        # opened a second pooled connection, and a FIFO pool then alternated server processes
+        self.flavor  # noqa: B018
         return info
 
     # -- packing --------------------------------------------------------------------------------
