@@ -145,7 +145,7 @@ class TrainingRun:
         stage, vstage, packed_table = self._tables()
         first_epoch = 0
         try:
-            resumed = self._resumable(trials) if opts.resume else None
+            resumed = self._resumable() if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
             data = self._pack(specs, stage, vstage, packed_table, source, trials)
             rungs = halving_rungs(opts.epochs, len(self._member_plan(data, trials))) if (
@@ -210,13 +210,13 @@ class TrainingRun:
             return self._finish_cohort(conn, data, "interrupted")
 
     # -- steps ------------------------------------------------------------------------------------
-    def _resumable(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _resumable(self) -> list[dict[str, Any]]:
         """The stored versions to continue: the model, or every member of a group_by / grid
         run (each with its stored history and last checkpoint). The run must have the same
         name, query and options, and not be complete. Work tables a killed client left behind
         are dropped here; so is the provisional router / best copy of an interrupted cohort
         (the resumed run writes it again)."""
-        backend, opts = self.backend, self.options
+        backend = self.backend
         with backend.engine.connect() as conn:
             try:
                 latest = store.read_model(conn, backend, self.name, with_state=False)
@@ -246,16 +246,7 @@ class TrainingRun:
                     f"model {self.name!r} version {row['version']} has no checkpoint to "
                     "resume from"
                 )
-            trial = row["options"].get("trial")
-            mine = json.loads(json.dumps(  # as stored
-                (trial_options(opts, trial) if trial else opts).to_json_dict(), default=str))
-            different = [
-                k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)
-            ]
-            if row["query"] != self.query:
-                different.insert(0, "query")
-            if row["spec"] != _spec((trial or {}).get("model", opts.model)):
-                different.insert(0, "model")
+            different = self._differences(row)
             if different:
                 raise InputError(
                     f"cannot resume {self.name!r}: {', '.join(different)} differ(s) from the "
@@ -269,6 +260,19 @@ class TrainingRun:
                     if row["options"].get("member") is None and self.cohort:
                         store.delete_model(conn, backend, self.name, row["version"])
         return members
+
+    def _differences(self, row: dict[str, Any]) -> list[str]:
+        """What differs between a stored version (a member: its trial applied) and this run:
+        the query, the model, options that shape the data or the updates."""
+        trial = row["options"].get("trial")
+        opts = trial_options(self.options, trial) if trial else self.options
+        mine = json.loads(json.dumps(opts.to_json_dict(), default=str))  # as stored
+        different = [k for k in TrainOptions.RESUME_KEYS if row["options"].get(k) != mine.get(k)]
+        if row["query"] != self.query:
+            different.insert(0, "query")
+        if row["spec"] != _spec(opts.model):
+            different.insert(0, "model")
+        return different
 
     def _source(self) -> dict[str, Any]:
         """The stored model a warm start begins from (``init_from="name[:version]"``)."""
