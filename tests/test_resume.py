@@ -76,14 +76,16 @@ def test_resume_after_the_client_process_is_killed(db):
     resumed = dl.train(db, "SELECT * FROM data", name="crashy", resume=True, **options)
     assert resumed.version == 1 and resumed.status == "complete"
     assert_same_run(resumed, reference)
-    # the killed client's work tables were dropped on resume
+    # the killed client's work tables (packed buffers, iteration scratch) were dropped
     with db.engine.connect() as conn:
         if db.backend.name == "postgresql":
-            sql = ("SELECT count(*) FROM pg_tables WHERE schemaname = 'dbdl' "
-                   "AND tablename LIKE 'packed%'")
+            sql = ("SELECT tablename FROM pg_tables WHERE schemaname = 'dbdl' AND tablename"
+                   " NOT IN ('models', 'checkpoints', 'meta', 'blocks', 'checkpoint_blocks')")
         else:
-            sql = "SELECT count(*) FROM sqlite_master WHERE name LIKE 'dbdl_packed%'"
-        assert conn.execute(text(sql)).scalar_one() == 0
+            sql = ("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'dbdl%'"
+                   " AND name NOT IN ('dbdl_models', 'dbdl_checkpoints', 'dbdl_meta',"
+                   " 'dbdl_blocks', 'dbdl_checkpoint_blocks')")
+        assert conn.execute(text(sql)).scalars().all() == []
 
 
 def test_resume_after_the_server_backend_is_terminated(pg_db):
