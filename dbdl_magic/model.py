@@ -251,6 +251,8 @@ class GroupedModel(_EncodedModule):
     ``models`` maps each group value (as text, see :func:`group_key_candidates`) to its module;
     ``group_table`` has one line per group (version, status, epochs, rows, final metrics);
     ``history`` is the run's (one row per iteration, with every group's line in ``members``).
+    When every group ran a search (``group_by`` with ``grid``), each group holds its best
+    configuration and ``leaderboards`` maps every group to its trials, best first.
     :meth:`predict` / :meth:`predict_proba` route each row of a DataFrame by its
     ``group_by`` value; ``fallback`` (a :class:`DBModel`) scores rows of groups without a model.
     """
@@ -281,6 +283,7 @@ class GroupedModel(_EncodedModule):
         self.info = info or {}
         self.status = self.info.get("status", "complete")
         self.group_table = self._group_table()
+        self.leaderboards: dict[str, pd.DataFrame] = {}
 
     # -- what it holds ----------------------------------------------------------------------------
     @property
@@ -467,4 +470,9 @@ def grouped_from_stored(
             "groups": {str(g): int(v) for g, v in options["groups"].items()},
         },
     )
+    selection = options.get("selection")
+    if selection:
+        boards = selection["leaderboards"]
+        grouped.leaderboards = {str(g): pd.DataFrame(b) for g, b in boards.items()}
+        grouped.info["selection_metric"] = selection["metric"]
     return grouped.to(resolve_device(device))

@@ -77,7 +77,9 @@ def cohort_text(info: dict[str, Any]) -> str:
     if cohort == "groups":
         labels = [str(m.get("label", "")) for m in members[:1]]
         by = info.get("group_by") or ", ".join(re.findall(r"(\w+)=", labels[0] if labels else ""))
-        return f"{len(members)} models (groups by {by or '?'})"
+        searched = {str(m.get("trial")) for m in members if m.get("trial")}
+        each = f", {len(searched)} configurations each" if searched else ""
+        return f"{len(members)} models (groups by {by or '?'}{each})"
     metric = info.get("selection_metric")
     better = "higher" if info.get("selection_mode") == "max" else "lower"
     ranked = f", ranked by {metric}, {better} is better" if metric else ""

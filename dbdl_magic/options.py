@@ -158,11 +158,6 @@ class TrainOptions:
             "must be an integer ≥ 1 (configurations to draw)",
         )
         need(
-            not (self.group_by and self.grid),
-            "grid",
-            "cannot be combined with group_by in one run (search first, then train per group)",
-        )
-        need(
             self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
             "threads",
             "must be an integer ≥ 1",

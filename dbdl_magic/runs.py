@@ -148,8 +148,7 @@ class TrainingRun:
             resumed = self._resumable() if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
             data = self._pack(specs, stage, vstage, packed_table, source, trials)
-            rungs = halving_rungs(opts.epochs, len(self._member_plan(data, trials))) if (
-                trials and opts.halving) else []
+            rungs = halving_rungs(opts.epochs, len(trials)) if trials and opts.halving else []
             with backend.engine.begin() as conn:
                 if resumed is None:
                     self._create_members(conn, data, trials, source)
@@ -359,7 +358,10 @@ class TrainingRun:
     ) -> list[tuple[str, str | None, dict[str, Any] | None]]:
         """``(label, group, trial)`` of every member, in member order."""
         if data.groups is not None:
-            return [(f"{self.options.group_by}={g}", g, None) for g in data.groups]
+            by = self.options.group_by
+            if trials:  # a search in every group: each group picks its best configuration
+                return [(f"{by}={g} {trial_label(t)}", g, t) for g in data.groups for t in trials]
+            return [(f"{by}={g}", g, None) for g in data.groups]
         if trials:
             return [(trial_label(t), None, t) for t in trials]
         return [("", None, None)]
@@ -612,8 +614,12 @@ class TrainingRun:
         if self.cohort == "selection":
             best = rank(rows, self.selection_metric)[0]
             out.update({k: rows[best].get(k) for k in metric_names})
-        else:  # groups: means weighted by each group's rows
+        else:  # groups: means weighted by each group's rows (a searching group: its best)
             by_member = {m.member: m for m in self.members}
+            if self.options.grid:
+                best = [rank({m.member: rows[m.member] for m in ms}, self.selection_metric)[0]
+                        for ms in _by_group([by_member[i] for i in rows]).values()]
+                rows = {i: rows[i] for i in best}
             for name in metric_names:
                 pairs = [
                     (r[name], by_member[i].validation_rows if name.startswith("val_")
@@ -642,13 +648,13 @@ class TrainingRun:
             watched = m.stopper is not None and (m.stopper.monitor in row or not self.cohort)
             if watched and m.stopper.update(row):
                 m.status = "early-stopped"
-        if epoch in rungs:
-            live = [m for m in alive if m.status == "training"]
-            ranked = rank({m.member: m.history[-1] for m in live}, self.selection_metric)
-            keep = set(ranked[: max(1, math.ceil(len(ranked) / 2))])
-            for m in live:
-                if m.member not in keep:
-                    m.status = "halved"
+        if epoch in rungs:  # within each group when every group runs its own search
+            for live in _by_group([m for m in alive if m.status == "training"]).values():
+                ranked = rank({m.member: m.history[-1] for m in live}, self.selection_metric)
+                keep = set(ranked[: max(1, math.ceil(len(ranked) / 2))])
+                for m in live:
+                    if m.member not in keep:
+                        m.status = "halved"
         if self.cohort and self.history:  # the statuses after this iteration's decisions
             self.history[-1]["members"] = [m.summary() for m in self.members]
 
@@ -665,6 +671,10 @@ class TrainingRun:
         stored = {**opts.to_json_dict(), "work_token": self.token}
         if self.cohort == "groups":
             stored["groups"] = {m.group: m.key["version"] for m in self.members}
+            if opts.grid:  # every group searched: route to each group's best trial
+                boards = {g: self.leaderboard(ms) for g, ms in _by_group(self.members).items()}
+                stored["groups"] = {g: board[0]["version"] for g, board in boards.items()}
+                stored["selection"] = {"metric": self.selection_metric, "leaderboards": boards}
             store.create_model(
                 conn, backend, key, spec=_spec(opts.model), encoding=data.encoding.to_json(),
                 options=stored, query=self.query,
@@ -691,10 +701,11 @@ class TrainingRun:
                          model_iteration=iteration)
         return key
 
-    def leaderboard(self) -> list[dict[str, Any]]:
-        """Trials best first by the selection metric at each one's model checkpoint."""
+    def leaderboard(self, members: list[MemberRun] | None = None) -> list[dict[str, Any]]:
+        """Trials (of ``members``, default all) best first by the selection metric at each
+        one's model checkpoint."""
         lines = {}
-        for m in self.members:
+        for m in self.members if members is None else members:
             at = m.best_iteration() or len(m.history)
             line = m.summary()
             if m.history:
@@ -722,6 +733,14 @@ class TrainingRun:
             rows = {m.member: m.history[epoch] for m in self.members if len(m.history) > epoch}
             first = next(iter(rows.values()))
             self.history.append(self._run_row(rows, first["seconds"], first["train_seconds"]))
+
+
+def _by_group(members: list[MemberRun]) -> dict[str | None, list[MemberRun]]:
+    """Members by group, in member order (one entry, ``None``, without group_by)."""
+    out: dict[str | None, list[MemberRun]] = {}
+    for m in members:
+        out.setdefault(m.group, []).append(m)
+    return out
 
 
 def _spec(model: Any) -> dict[str, Any]:

@@ -245,3 +245,42 @@ def test_group_value_text_rule():
     assert group_key_candidates(None) == [] and group_key_candidates(float("nan")) == []
     assert group_keys([1, 1.0, True, "1", None], {"1"}) == ["1", "1", "1", "1", None]
     assert group_keys([True, False], {"true", "false"}) == ["true", "false"]
+
+
+def test_every_group_runs_its_own_search_in_the_same_queries(db):
+    """group_by with grid: each group trains every configuration, halving stops the weak ones
+    within the group, and the router sends each group to its own best trial."""
+    from dbdl_magic import store
+
+    rng = np.random.default_rng(3)
+    n = 1200
+    kind = rng.choice(["line", "wave"], size=n)
+    x = rng.uniform(-2, 2, size=n)
+    y = np.where(kind == "line", 3 * x + 1, np.sin(3 * x)) + rng.normal(scale=0.05, size=n)
+    frame = pd.DataFrame({"id": np.arange(n), "kind": kind, "x": x, "y": y})
+    load_table(db.engine, "shapes", frame)
+    grid = {"model": ["linear", "mlp:32"], "lr": [0.01, 0.03]}
+    model = dl.train(db, "SELECT kind, x, y FROM shapes", target="y", task="regression",
+                     group_by="kind", grid=grid, epochs=8, batch_size=32, seed=0, parallel=1,
+                     name="shapes")
+    assert isinstance(model, GroupedModel) and model.version == 9  # 2 groups × 4 trials
+    with db.engine.connect() as conn:
+        members = [store.read_model(conn, db.backend, "shapes", v, with_state=False)
+                   for v in range(1, 9)]
+    for group in ("line", "wave"):
+        mine = [m for m in members if m["options"]["group"] == group]
+        assert len(mine) == 4
+        # halving inside the group: rungs after epochs 2 and 4 leave one trial for the end
+        assert sorted(len(m["history"]) for m in mine) == [2, 2, 4, 8]
+        best = min(mine, key=lambda m: m["history"][-1]["val_loss"])
+        assert model.info["groups"][group] == best["version"]
+        board = model.leaderboards[group]
+        assert board["version"].iloc[0] == best["version"] and len(board) == 4
+    assert "model=mlp:32" in model.leaderboards["wave"]["label"].iloc[0]  # a sine needs it
+    routed = dl.predict(db, "shapes", "SELECT id, kind, x FROM shapes")
+    for group in ("line", "wave"):
+        rows = (frame["kind"] == group).to_numpy()
+        own = dl.load_model(db, "shapes", model.info["groups"][group])
+        assert np.allclose(routed["prediction"][rows], own.predict(frame[rows]), atol=1e-4)
+    wave_mse = float(np.mean((routed["prediction"][kind == "wave"] - y[kind == "wave"]) ** 2))
+    assert wave_mse < 0.25 < 0.4 < float(np.var(y[kind == "wave"]))  # a line: ≈ the variance

@@ -182,17 +182,21 @@ def test_a_grid_search_resumes_with_its_halving_decisions(db, on_interrupt):
     assert set(listing["status"]) == {"complete"}
 
 
-def test_a_per_group_run_resumes_after_ctrl_c(db):
+@pytest.mark.parametrize("grid", [None, {"lr": [1e-3, 1e-2]}], ids=["groups", "groups+grid"])
+def test_a_per_group_run_resumes_after_ctrl_c(db, grid):
     frame = synthetic(3000)
     frame["region"] = np.where(frame["f3"] > 0, "north", "south")
     load_table(db.engine, "data", frame)
-    options = dict(OPTIONS, model="mlp:16", epochs=4, group_by="region")
+    options = dict(OPTIONS, model="mlp:16", epochs=4, group_by="region", grid=grid)
+    members = 4 if grid else 2
     reference = dl.train(db, "SELECT * FROM data", name="ref", **options)
     with pytest.raises(KeyboardInterrupt):
         dl.train(db, "SELECT * FROM data", name="cut", callbacks=stop_after(2), **options)
-    assert dl.list_models(db).query("name == 'cut'")["status"].tolist() == ["interrupted"] * 2
+    statuses = dl.list_models(db).query("name == 'cut'")["status"].tolist()
+    assert statuses == ["interrupted"] * members
     resumed = dl.train(db, "SELECT * FROM data", name="cut", resume=True, **options)
-    assert resumed.status == "complete" and resumed.version == 3
+    assert resumed.status == "complete" and resumed.version == members + 1
+    assert resumed.info["groups"] == reference.info["groups"]  # the same trial wins
     assert list(resumed.history["epoch"]) == [1, 2, 3, 4]
     assert resumed.group_table.equals(reference.group_table)
     for group in ("north", "south"):

@@ -331,7 +331,6 @@ def _tables(db) -> set[str]:
 
 
 BAD_SCALEOUT = [
-    (dict(group_by="digit", grid={"lr": [1e-3, 1e-2]}), InputError, ["grid", "group_by"]),
     (dict(sync_every=0), InputError, ["sync_every"]),
     (dict(sync_every=1.5), InputError, ["sync_every"]),
     (dict(parallel="many"), InputError, ["parallel", "many"]),
