@@ -833,9 +833,10 @@ def _met(*ratios: float) -> str:
     return " / ".join("yes" if r <= TARGET_RATIO else "no" for r in ratios)
 
 
-def write_section(path: Path, mode: str, body: str) -> None:
-    """Replace this mode's marked section of ``path`` (or append it)."""
-    start, end = f"<!-- bench_engine:{mode}:start -->", f"<!-- bench_engine:{mode}:end -->"
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace the section between ``<!-- key:start -->`` and ``<!-- key:end -->`` of ``path``
+    (or append it); other sections stay. ``bench_scale`` writes its parts with it too."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     block = f"{start}\n{body}{end}\n"
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
@@ -928,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "results": results}, indent=1))
     if write:
-        write_section(RESULTS, mode.name, body)
+        write_section(RESULTS, f"bench_engine:{mode.name}", body)
         log(f"updated {RESULTS}")
     return 0
 

@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import sqlite3
 import statistics
@@ -1060,18 +1059,6 @@ def section(mode: Mode, part: str, fact: dict[str, str], body: str, seconds: flo
     return "\n".join(head) + body + "\n"
 
 
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace the section between ``<!-- key:start -->`` and ``<!-- key:end -->`` (or append)."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{body}{end}\n"
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = (
-        pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    )
-    path.write_text(new)
-
-
 def run_frozen(script: str, argv: list[str]) -> int:
     """Re-run on a copy of the work tree's ``dbdl_magic`` + ``kernels`` taken now, so that edits
     made while the benchmark runs reach neither the client nor the server's PL/Python."""
@@ -1184,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(body, flush=True)
             if write:
                 key = f"bench_scale:{part}" if mode.name == "full" else f"bench_scale-quick:{part}"
-                write_section(RESULTS, key, body)
+                be.write_section(RESULTS, key, body)
                 log(f"updated {RESULTS} ({key})")
     log(f"done in {time.perf_counter() - started:.0f} s (load {loadavg()})")
     if args.json:

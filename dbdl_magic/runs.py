@@ -670,11 +670,12 @@ class TrainingRun:
         key = {"name": self.name, "version": version}
         stored = {**opts.to_json_dict(), "work_token": self.token}
         if self.cohort == "groups":
-            stored["groups"] = {m.group: m.key["version"] for m in self.members}
             if opts.grid:  # every group searched: route to each group's best trial
                 boards = {g: self.leaderboard(ms) for g, ms in _by_group(self.members).items()}
                 stored["groups"] = {g: board[0]["version"] for g, board in boards.items()}
                 stored["selection"] = {"metric": self.selection_metric, "leaderboards": boards}
+            else:
+                stored["groups"] = {m.group: m.key["version"] for m in self.members}
             store.create_model(
                 conn, backend, key, spec=_spec(opts.model), encoding=data.encoding.to_json(),
                 options=stored, query=self.query,

@@ -56,3 +56,27 @@ def pg_db(pg_server: PostgresServer):
 def db(request: pytest.FixtureRequest):
     """Each test using ``db`` runs against real SQLite and real PostgreSQL."""
     return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
+
+
+def load_digits(engine):
+    """scikit-learn's digits (with an ``id`` column) as table ``digits``; returns the frame."""
+    import numpy as np
+
+    from dbdl_magic.datasets import digits_frame, load_table
+
+    frame = digits_frame()
+    frame.insert(0, "id", np.arange(len(frame)))
+    load_table(engine, "digits", frame)
+    return frame
+
+
+@pytest.fixture
+def digits(db):
+    """Table ``digits`` in the ``db`` under test."""
+    return load_digits(db.engine)
+
+
+@pytest.fixture
+def pg_digits(pg_db):
+    """Table ``digits`` in a PostgreSQL database."""
+    return load_digits(pg_db.engine)

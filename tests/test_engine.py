@@ -16,14 +16,6 @@ from dbdl_magic.kernel.train import make_optimizer
 from dbdl_magic.runs import Callbacks
 
 
-@pytest.fixture
-def digits(db):
-    frame = digits_frame()
-    frame.insert(0, "id", np.arange(len(frame)))
-    load_table(db.engine, "digits", frame)
-    return frame
-
-
 def mixed_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     plan = rng.choice(["basic", "plus", "pro"], size=n)

@@ -20,7 +20,7 @@ from sqlalchemy import event, text
 
 import dbdl_magic as dl
 from dbdl_magic import store
-from dbdl_magic.datasets import digits_frame, load_table
+from dbdl_magic.datasets import load_table
 from dbdl_magic.errors import InputError, SpecError
 from dbdl_magic.options import TrainOptions
 from dbdl_magic.runs import Callbacks
@@ -28,22 +28,6 @@ from dbdl_magic.scaling import cpu_count
 from dbdl_magic.selection import trials as search_trials
 
 FEATURES = [f"p{i}" for i in range(64)]
-
-
-@pytest.fixture
-def digits(db):
-    frame = digits_frame()
-    frame.insert(0, "id", np.arange(len(frame)))
-    load_table(db.engine, "digits", frame)
-    return frame
-
-
-@pytest.fixture
-def pg_digits(pg_db):
-    frame = digits_frame()
-    frame.insert(0, "id", np.arange(len(frame)))
-    load_table(pg_db.engine, "digits", frame)
-    return frame
 
 
 @contextlib.contextmanager
