@@ -21,6 +21,7 @@ _API = {
     "predict",
     "serving_copy",
     "Database",
+    "InstallWarning",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from . import store
 from .backends import Backend, backend_for
-from .errors import InputError
+from .errors import InputError, InstallError
 from .model import DBModel, GroupedModel, group_keys, is_router, load_stored
 from .options import TrainOptions
 from .runs import Callbacks, TrainingRun, generated_name
@@ -21,21 +22,52 @@ from .runs import Callbacks, TrainingRun, generated_name
 DEFAULT_DATABASE = "dbdl.db"
 
 
+class InstallWarning(UserWarning):
+    """:func:`connect` reached a database whose kernels are missing or unusable; the message
+    (also on ``Database.missing``) says what and how to fix it."""
+
+
 @dataclass
 class Database:
-    """A connection target: SQLAlchemy engine + the backend for its dialect."""
+    """A connection target: SQLAlchemy engine + the backend for its dialect.
+
+    ``info`` holds the server kernel's facts once the kernels were checked; ``missing`` says
+    what they lack (and the fix) when the last check failed.
+    """
 
     engine: Engine
     backend: Backend
     info: dict[str, Any] = field(default_factory=dict)
+    problem: InstallError | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         """The URL with the password hidden."""
         return self.backend.describe()
 
+    @property
+    def missing(self) -> str | None:
+        """What the kernels lack and the fix (None when they passed, or were not checked)."""
+        return None if self.problem is None else str(self.problem)
+
+    def require(self) -> Database:
+        """Check the kernels (unless a check passed already) and return this database.
+
+        Raises :class:`InstallError` saying what is missing and what to do, and records it on
+        ``missing``; training and predicting call this first.
+        """
+        if not self.info:
+            try:
+                self.info = self.backend.check()
+            except InstallError as exc:
+                self.problem = exc
+                raise
+            self.problem = None
+        return self
+
     def __repr__(self) -> str:
-        return f"<dbdl Database {self.url} ({self.backend.name})>"
+        state = "" if self.problem is None else ", kernels missing: see .missing"
+        return f"<dbdl Database {self.url} ({self.backend.name}{state})>"
 
 
 def default_url() -> str:
@@ -53,28 +85,40 @@ def _engine(url: str) -> Engine:
 
 
 def connect(target: str | Engine | Database | None = None, *, check: bool = True) -> Database:
-    """Connect to a database by SQLAlchemy URL or Engine; ``None`` is the embedded SQLite file.
+    """Connect to a database by SQLAlchemy URL or Engine; ``None`` is ``$DBDL_DATABASE`` or the
+    embedded SQLite file ``./dbdl.db``.
 
-    With ``check`` (the default) the installed kernel version is verified and the server is
-    asked to import torch; failures raise :class:`InstallError` saying what to do.
+    With ``check`` (the default) the kernels are verified: the installed version, and that the
+    database server's python3 imports every module they use. When that fails the connection is
+    still returned, so that ``install(con)`` can follow: ``con.missing`` says what is missing
+    and the fix, an :class:`InstallWarning` repeats it, and training or predicting on ``con``
+    raises :class:`InstallError` with the same message (``con.require()`` raises it at once).
+    ``check=False`` defers the verification to the first training or prediction. A server
+    that cannot be reached raises the driver's error either way.
     """
     if isinstance(target, Database):
-        if check and not target.info:  # connected earlier without a successful check
-            target.info = target.backend.check()
-        return target
-    engine = target if isinstance(target, Engine) else _engine(target or default_url())
-    db = Database(engine, backend_for(engine))
-    if check:
-        db.info = db.backend.check()
+        db = target
+    else:
+        engine = target if isinstance(target, Engine) else _engine(target or default_url())
+        db = Database(engine, backend_for(engine))
+    if check and not db.info:
+        try:
+            db.require()
+        except InstallError as exc:
+            warnings.warn(str(exc), InstallWarning, stacklevel=2)
     return db
 
 
 def install(target: str | Engine | Database | None = None) -> Database:
-    """Install (or upgrade) the kernels and model tables; idempotent. Needs a superuser on PG."""
+    """Install (or upgrade) the kernels and model tables, then check them; idempotent.
+
+    Needs a superuser on PostgreSQL. Returns the connected :class:`Database` (``target``
+    itself when it is one), ready to train.
+    """
     db = connect(target, check=False)
     db.backend.install()
-    db.info = db.backend.check()
-    return db
+    db.info = {}
+    return db.require()
 
 
 def train(
@@ -96,7 +140,7 @@ def train(
     ``parallel`` (PostgreSQL segments), ``threads``, ``params`` (values bound to ``:name``
     placeholders in the query), ``rows_per_buffer``, ``max_categories``.
     """
-    db = connect(con)
+    db = connect(con, check=False).require()
     opts = TrainOptions.from_kwargs(target=target, **options)
     run = TrainingRun(
         db.backend, query, opts, name or generated_name(), callbacks or Callbacks(),
@@ -168,6 +212,14 @@ def predict(
     count, or returns them as a DataFrame when ``into`` is None. Missing or mistyped feature
     columns raise :class:`InputError` naming them.
 
+    ``into`` is any table name (``"p:q"``, ``'my "scores"'``; ``schema.table``, or a part in
+    double quotes to keep a dot); the table appears only once every row is scored. A
+    probability column is ``proba_<class>`` in the model's class order (``classes_``), cut to
+    63 bytes and ending in ``~<index in classes_>`` when the name is longer or would clash
+    (ignoring case) with a key column or another class's column; the returned DataFrame maps
+    each to its class in ``frame.attrs["proba_columns"]``
+    (:func:`dbdl_magic.predicting.proba_columns`).
+
     A model trained with ``group_by`` scores each row with its group's model (the query must
     hold the group column; rows are matched by ``CAST(column AS TEXT)``, as in training).
     Rows of groups without a model raise :class:`InputError` unless ``fallback`` names a
@@ -175,7 +227,7 @@ def predict(
     """
     from .predicting import predict as run_prediction
 
-    db = connect(con, check=False)
+    db = connect(con, check=False).require()
     return run_prediction(db.backend, name, query, into=into, proba=proba, version=version,
                           keys=keys, params=params, replace=replace, fallback=fallback)
 
@@ -199,7 +251,7 @@ def serving_copy(
     """
     from .approx import serving_copy as build
 
-    db = connect(con, check=False)
+    db = connect(con, check=False).require()
     key, log = build(db.backend, name, validation_query, version=version, budget=budget,
                      max_distance=max_distance, into=into, params=params)
     return load_model(db, key["name"], key["version"]), log
@@ -227,7 +279,7 @@ def predict_in_database(
     leave the database. A per-group model scores each row with its group's checkpoint (the
     frame must hold the group column). (To score a query's rows, see :func:`predict`.)
     """
-    db = connect(con, check=False)
+    db = connect(con, check=False).require()
     model = load_model(db, name, version, device="cpu")
     if isinstance(model, GroupedModel):
         parts = model._split(frame, None)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .kernel.limits import MAX_THREADS
 from .kernel.train import OPTIMIZERS
 
 
@@ -158,9 +159,11 @@ class TrainOptions:
             "must be an integer ≥ 1 (configurations to draw)",
         )
         need(
-            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            self.threads is None
+            or (isinstance(self.threads, int) and 1 <= self.threads <= MAX_THREADS),
             "threads",
-            "must be an integer ≥ 1",
+            f"must be an integer in [1, {MAX_THREADS}] (torch threads per database process; "
+            "the server uses at most its own number of cores)",
         )
         need(
             isinstance(self.max_categories, int) and self.max_categories >= 1,

@@ -25,6 +25,7 @@ from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
 from .errors import InputError
 
 RN = "__dbdl_rn"
+ONE_STATEMENT = "dbdl_one_statement"  # a bound value that keeps the staged query one statement
 TARGET_BUFFER_BYTES = 8 << 20
 MAX_CLASSES = 1000
 
@@ -63,6 +64,8 @@ class PackedData:
     n_parameters: int = 0
     #: group value → {"train": rows, "validation": rows} when packed per group
     groups: dict[str, dict[str, int]] | None = None
+    #: digest of the packed buffers (rows, split and shuffle), checked when a run resumes
+    fingerprint: str = ""
 
 
 def stage_query(
@@ -72,8 +75,15 @@ def stage_query(
     params: dict[str, Any],
     table: str,
     what: str = "training query",
+    deterministic: bool = False,
 ) -> None:
     """Materialise ``query`` into ``table`` with a row-number column (runs the query once).
+
+    ``deterministic`` numbers the rows by their content (:meth:`Backend.staging_order`), not
+    by the order a scan happened to return them in (a concurrent scan of the same table can
+    change where PostgreSQL starts reading): the same rows get the same shuffle, split and
+    model for the same seed. The query always runs as exactly one statement: the wrapper binds
+    a value, so drivers use the extended protocol, which refuses ``...; DROP TABLE t``.
 
     A query the database cannot run (unknown table, syntax error, missing ``:name`` value) is
     the user's input: it raises :class:`InputError` with the database's message in ``detail``.
@@ -84,12 +94,13 @@ def stage_query(
     if _is_table_name(body):
         body = f"SELECT * FROM {_quote_dotted(backend, body)}"
     try:
+        order = backend.staging_order("src") if deterministic else ""
         conn.execute(
             text(
-                f"CREATE TABLE {table} AS SELECT row_number() OVER () AS {RN}, src.*"
-                f" FROM ({body}) AS src"
+                f"CREATE TABLE {table} AS SELECT row_number() OVER ({order}) AS {RN}, src.*"
+                f" FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1"
             ),
-            params,
+            {**params, ONE_STATEMENT: 1},
         )
     except DBAPIError as exc:
         detail = str(exc.orig) if exc.orig is not None else str(exc)
@@ -132,8 +143,21 @@ def _is_table_name(body: str) -> bool:
     return not any(ch.isspace() for ch in body) and "(" not in body and ";" not in body
 
 
+_NAME_PART = r'"((?:[^"]|"")*)"|([^."]+)'
+_DOTTED_NAME = re.compile(rf"(?:{_NAME_PART})(?:\.(?:{_NAME_PART}))*")
+
+
 def _quote_dotted(backend: Backend, name: str) -> str:
-    return ".".join(backend.q(part.strip('"')) for part in name.split("."))
+    """``table`` or ``schema.table`` quoted by the dialect, whatever characters it holds; a
+    part written in double quotes (``"my.table"``, ``""`` inside) is one name, dots and all."""
+    if '"' in name and _DOTTED_NAME.fullmatch(name):
+        parts = [
+            m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2)
+            for m in re.finditer(_NAME_PART, name)
+        ]
+    else:
+        parts = [part.strip('"') for part in name.split(".")]
+    return ".".join(backend.q(part) for part in parts)
 
 
 def infer_encoding(
@@ -195,6 +219,22 @@ def infer_encoding(
     return Encoding(features=features, target=target, impute=opts.impute), total
 
 
+# result columns per statistics query: PostgreSQL returns at most 1664, SQLite 2000
+MAX_RESULT_COLUMNS = 1500
+
+
+def _aggregate_row(
+    conn: Connection, stage: str, parts: list[str], params: dict[str, Any] | None = None
+) -> list[Any]:
+    """The values of aggregate expressions ``parts`` over ``stage``: one scan, or one per
+    :data:`MAX_RESULT_COLUMNS` expressions for a very wide query."""
+    row: list[Any] = []
+    for start in range(0, len(parts), MAX_RESULT_COLUMNS):
+        chunk = ", ".join(parts[start : start + MAX_RESULT_COLUMNS])
+        row += conn.execute(text(f"SELECT {chunk} FROM {stage}"), params or {}).one()
+    return row
+
+
 def _numeric_pass(
     backend: Backend,
     conn: Connection,
@@ -214,7 +254,7 @@ def _numeric_pass(
             parts.append(f"avg(CASE WHEN {cond} THEN NULL ELSE {backend.to_float(col)} END)")
         else:
             parts += ["0", "0"]
-    row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {stage}")).one()
+    row = _aggregate_row(conn, stage, parts)
     nulls, bad, means = {}, {}, {}
     for i, name in enumerate(cols):
         nulls[name], bad[name] = int(row[1 + 3 * i] or 0), int(row[2 + 3 * i] or 0)
@@ -233,7 +273,7 @@ def _std_pass(
         params[f"m{i}"] = means[name]
         diff = f"({backend.to_float(backend.q(name))} - :m{i})"
         parts.append(f"avg({diff} * {diff})")
-    row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {stage}"), params).one()
+    row = _aggregate_row(conn, stage, parts, params)
     return {name: math.sqrt(float(row[i] or 0.0)) for i, name in enumerate(names)}
 
 
@@ -270,6 +310,8 @@ def _feature(
             )
         return Feature(name, CATEGORICAL, categories=values)
     stats = backend.array_stats(conn, stage, name)
+    if stats.get("shapes"):
+        raise InputError(_shapes_message(name, stats))
     if stats.get("bad_blobs"):
         raise InputError(
             f"array column {name!r} has {stats['bad_blobs']} value(s) that are not float32 "
@@ -297,6 +339,26 @@ def _feature(
         )
     std = stats["std"] if stats["std"] > 1e-12 else 1.0
     return Feature(name, ARRAY, mean=stats["mean"], std=std, shape=shape)
+
+
+def _shapes_message(name: str, stats: dict[str, Any]) -> str:
+    """Why array column ``name`` is refused: its rows' arrays differ in size or shape
+    (``stats["shapes"]``: the most common shapes with their row counts)."""
+    shapes = stats["shapes"]
+    n_shapes = max(int(stats.get("n_shapes") or 0), len(shapes))
+    found = ", ".join(
+        f"{'x'.join(map(str, s['shape']))} ({s['rows']} row{'s' if s['rows'] != 1 else ''})"
+        for s in shapes
+    )
+    more = f" and {n_shapes - len(shapes)} more" if n_shapes > len(shapes) else ""
+    if stats["min_len"] != stats["max_len"]:
+        what = f"size; found sizes {stats['min_len']}..{stats['max_len']} in"
+    else:
+        what = "shape; found"
+    return (
+        f"array column {name!r} must hold arrays of one fixed {what} {n_shapes} shapes: "
+        f"{found}{more}. Give every row the same shape in the query, or filter the others out"
+    )
 
 
 def _target(
@@ -379,7 +441,11 @@ def encode_sql(
 def feature_sql(
     backend: Backend, encoding: Encoding, params: dict[str, Any], alias: str = "s"
 ) -> list[tuple[str, bool]]:
-    """SQL pieces ``(expression, is_bytes)`` encoding one row's features; params filled in."""
+    """SQL pieces ``(expression, is_bytes)`` encoding one row's features; params filled in.
+
+    A backend may merge a wide row's pieces into fewer (SQLite's functions take at most 127
+    arguments): see :meth:`Backend.group_pieces`.
+    """
     pieces: list[tuple[str, bool]] = []
     for i, f in enumerate(encoding.features):
         col = f"{alias}.{backend.q(f.name)}"
@@ -397,7 +463,7 @@ def feature_sql(
         else:
             params[f"f{i}_m"], params[f"f{i}_s"] = f.mean, f.std
             pieces.append((backend.array_piece(col, f"f{i}_m", f"f{i}_s", f.width), True))
-    return pieces
+    return backend.group_pieces(pieces)
 
 
 def choose_rows_per_buffer(n_train: int, width: int, batch_size: int, n_parameters: int = 0) -> int:
@@ -484,7 +550,8 @@ def pack(
     if groups is not None:
         groups = _packed_group_rows(conn, packed, opts.group_by or "", groups)
     return PackedData(
-        packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters, groups
+        packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters, groups,
+        backend.fingerprint(conn, packed),
     )
 
 

@@ -23,20 +23,62 @@ from .backends.base import Backend
 from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
 from .errors import InputError
 from .model import is_router, unknown_groups_message
-from .packing import RN, _quote_dotted, feature_sql, stage_query
+from .packing import RN, _aggregate_row, _quote_dotted, feature_sql, stage_query
 
 ROWS_PER_BUFFER = 8192
 ORIG = "__dbdl_orig_rn"  # a per-group stage's row number in the query (orders the union back)
 MEMBER = "__dbdl_member"  # routed row → index of the group model (-1: the fallback)
 SUB = "__dbdl_sub_rn"  # routed row → its row number within its group (1..n, contiguous)
+PREDICTION = "prediction"
+# PostgreSQL cuts identifiers to 63 bytes (NAMEDATALEN - 1); both backends keep to it
+MAX_NAME_BYTES = 63
 
 
-def prediction_columns(encoding: Encoding, proba: bool) -> list[str]:
-    """Names of the output columns after the key columns."""
-    columns = ["prediction"]
+def prediction_columns(
+    encoding: Encoding, proba: bool, keys: list[str] | tuple[str, ...] = ()
+) -> list[str]:
+    """Names of the output columns after the key columns: ``prediction``, then with ``proba``
+    one probability column per class (see :func:`proba_columns`)."""
+    columns = [PREDICTION]
     if proba and encoding.target.task == "classification":
-        columns += [f"proba_{c}" for c in encoding.target.classes]
+        columns += proba_columns(encoding.target.classes, [*keys, PREDICTION])
     return columns
+
+
+def proba_columns(classes: list[Any], taken: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The probability column of each class, in the model's class order (``model.classes_``).
+
+    A class's column is ``proba_<class>``, unless that name is longer than 63 bytes (PostgreSQL
+    would cut it, and two long labels with the same first bytes would collide) or equals, up to
+    ASCII case (SQLite ignores it), a name in ``taken`` (the key columns and ``prediction``) or
+    an earlier class's column. Then it is cut to fit and ends in ``~<j>``, ``j`` being the
+    class's index in ``classes``: ``proba_<first bytes of the label>~3`` is ``classes[3]``.
+    Both backends name the columns alike; a returned DataFrame also maps each column to its
+    class in ``frame.attrs["proba_columns"]``.
+    """
+    seen = {_fold(t) for t in taken}
+    names = []
+    for j, label in enumerate(classes):
+        name = f"proba_{label}"
+        if len(name.encode()) > MAX_NAME_BYTES or _fold(name) in seen:
+            base, name, n = name, _fit(name, f"~{j}"), 0
+            while _fold(name) in seen:  # a label that already reads like a cut name
+                n += 1
+                name = _fit(base, f"~{j}_{n}")
+        seen.add(_fold(name))
+        names.append(name)
+    return names
+
+
+def _fold(name: str) -> bytes:
+    """A column name as SQLite compares them (ASCII letters without case)."""
+    return name.encode().lower()
+
+
+def _fit(name: str, suffix: str) -> str:
+    """``name`` cut (on a character boundary) so that it ends in ``suffix`` within 63 bytes."""
+    room = MAX_NAME_BYTES - len(suffix.encode())
+    return name.encode()[:room].decode(errors="ignore") + suffix
 
 
 def kernel_config(row: dict[str, Any], encoding: Encoding, backend: Backend) -> dict[str, Any]:
@@ -66,7 +108,40 @@ def _check_features(backend: Backend, conn: Any, stage: str, encoding: Encoding)
     ]
     if wrong:
         raise InputError("mistyped feature column(s): " + "; ".join(wrong))
+    _check_values(backend, conn, stage, encoding)
     return list(kinds)
+
+
+def _check_values(backend: Backend, conn: Any, stage: str, encoding: Encoding) -> None:
+    """Refuse NULL features the model does not impute and arrays of another size than it was
+    trained on (one scan). Scored as they were, PostgreSQL's packing would drop such a row
+    from its buffer and shift the predictions of the rows after it; SQLite's would score NaN.
+    """
+    checks: list[tuple[str, str]] = []  # (message, SQL counting the offending rows)
+    for f in encoding.features:
+        col = backend.q(f.name)
+        if f.kind == CATEGORICAL or (f.kind == NUMERIC and f.impute is not None):
+            continue  # NULL: no category / the imputed value
+        checks.append((f"column {f.name!r} has {{n}} NULL value(s) and the model was trained "
+                       "without impute: fill them in the query or filter those rows out",
+                       f"count(*) - count({col})"))
+        if f.kind == ARRAY:
+            pg = backend.name == "postgresql"
+            bad = (f"cardinality({col}) <> {f.width} OR CASE WHEN array_ndims({col}) = 1 THEN"
+                   f" array_position({col}, NULL) IS NOT NULL ELSE EXISTS (SELECT 1 FROM"
+                   f" unnest({col}) AS e(v) WHERE e.v IS NULL) END"  # NULL elements
+                   if pg else f"length({col}) <> {4 * f.width}")
+            checks.append((f"array column {f.name!r} has {{n}} row(s) whose array does not hold"
+                           f" the {f.width} non-NULL values (shape {f.shape}) the model was"
+                           " trained on",
+                           f"sum(CASE WHEN {bad} THEN 1 ELSE 0 END)"))
+    if not checks:
+        return
+    counts = _aggregate_row(conn, stage, [sql for _, sql in checks])
+    found = [message.format(n=int(n)) for (message, _), n in zip(checks, counts, strict=True)
+             if n]
+    if found:
+        raise InputError("; ".join(found))
 
 
 def _key_columns(encoding: Encoding, columns: list[str], keys: list[str] | None) -> list[str]:
@@ -78,7 +153,30 @@ def _key_columns(encoding: Encoding, columns: list[str], keys: list[str] | None)
     unknown = [k for k in chosen if k not in columns]
     if unknown:
         raise InputError(f"key column(s) {', '.join(map(repr, unknown))} not in the query")
+    clash = [k for k in chosen if _fold(k) == _fold(PREDICTION)]
+    if clash:
+        raise InputError(
+            f"key column {clash[0]!r} would clash with the output column {PREDICTION!r}; "
+            "rename it in the query (AS) or leave it out of keys="
+        )
     return chosen
+
+
+def _driver_name(quoted: str) -> str:
+    """A quoted table name as the database sees it (``text()`` reads ``\\:`` as ``:``)."""
+    return quoted.replace("\\:", ":")
+
+
+def _begin_ddl(backend: Backend, conn: Any) -> None:
+    """Make the CREATE/DROP TABLE of this transaction roll back with it on SQLite too.
+
+    Python's sqlite3 begins a transaction only before INSERT/UPDATE/DELETE, so a CREATE TABLE
+    would commit on its own and a failed prediction left an empty or partial ``into`` table
+    (and ``replace=True`` had dropped the old one); an explicit BEGIN takes them in.
+    PostgreSQL's DDL is transactional anyway.
+    """
+    if backend.name == "sqlite":
+        conn.exec_driver_sql("BEGIN")
 
 
 def predict(
@@ -121,29 +219,40 @@ def predict(
     config = kernel_config(row, encoding, backend)
     try:
         with engine.begin() as conn:
+            if into:  # the into table appears whole or not at all
+                _begin_ddl(backend, conn)
             store.ensure_hot_state(conn, backend, key, int(key["iteration"]))
             stage_query(backend, conn, query, params or {}, stage)
             columns = _check_features(backend, conn, stage, encoding)
             key_columns = _key_columns(encoding, columns, keys)
+            outputs = prediction_columns(encoding, proba, key_columns)
             if into and replace:
                 backend.drop_table(conn, result)
-            if into and backend.table_exists(conn, result):
+            if into and backend.table_exists(conn, _driver_name(result)):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
             sql_params: dict[str, Any] = {}
             pieces = feature_sql(backend, encoding, sql_params)
             backend.predict_into(
-                conn, stage, packed, result, pieces, sql_params, key_columns,
-                prediction_columns(encoding, proba), encoding.target.classes, config, key,
-                ROWS_PER_BUFFER, with_rn=not into,
+                conn, stage, packed, result, pieces, sql_params, key_columns, outputs,
+                encoding.target.classes, config, key, ROWS_PER_BUFFER, with_rn=not into,
             )
             if into:
                 return int(conn.execute(text(f"SELECT count(*) FROM {result}")).scalar_one())
             frame = pd.read_sql(text(f"SELECT * FROM {result} ORDER BY {backend.q(RN)}"), conn)
-            return frame.drop(columns=[RN]).reset_index(drop=True)
+            return _with_mapping(frame.drop(columns=[RN]).reset_index(drop=True), outputs,
+                                 encoding)
     finally:
         with engine.begin() as conn:
             for table in (stage, packed) if into else (stage, packed, result):
                 backend.drop_table(conn, table)
+
+
+def _with_mapping(frame: pd.DataFrame, outputs: list[str], encoding: Encoding) -> pd.DataFrame:
+    """``frame.attrs["proba_columns"]``: each probability column → its class label."""
+    if len(outputs) > 1:
+        frame.attrs["proba_columns"] = dict(zip(outputs[1:], encoding.target.classes,
+                                                strict=True))
+    return frame
 
 
 # -- per-group models ----------------------------------------------------------------------------
@@ -220,7 +329,6 @@ def _predict_grouped(
     group_by = str(options.get("group_by") or "")
     groups = {str(g): int(v) for g, v in options["groups"].items()}
     encoding = Encoding.from_json(router["encoding"])
-    outputs = prediction_columns(encoding, proba)
     token = uuid.uuid4().hex[:12]
     stage, routes, routed, union = (
         backend.table(f"{t}_{token}") for t in ("stage", "routes", "routed", "pred")
@@ -238,7 +346,8 @@ def _predict_grouped(
                     f"row by that column"
                 )
             key_columns = _key_columns(encoding, columns, keys)
-            if result and not replace and backend.table_exists(conn, result):
+            outputs = prediction_columns(encoding, proba, key_columns)
+            if result and not replace and backend.table_exists(conn, _driver_name(result)):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
             found = conn.execute(
                 text(f"SELECT CAST({q(group_by)} AS TEXT), count(*) FROM {stage} GROUP BY 1")
@@ -320,10 +429,12 @@ def _predict_grouped(
         with engine.begin() as conn:
             ordered = f"SELECT {selected} FROM {union} ORDER BY {q(ORIG)}"
             if result is None:
-                return pd.read_sql(text(ordered), conn).reset_index(drop=True)
+                return _with_mapping(pd.read_sql(text(ordered), conn).reset_index(drop=True),
+                                     outputs, encoding)
+            _begin_ddl(backend, conn)  # replace: the old table goes only with the new one made
             if replace:
                 backend.drop_table(conn, result)
-            elif backend.table_exists(conn, result):
+            elif backend.table_exists(conn, _driver_name(result)):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
             conn.execute(text(f"CREATE TABLE {result} AS {ordered}"))
             return int(conn.execute(text(f"SELECT count(*) FROM {result}")).scalar_one())

@@ -1,17 +1,20 @@
 """A training run: pack → iterate (one aggregate query each) → evaluate → checkpoint → pull back.
 
 Each iteration commits its checkpoint and metrics in one transaction. Work tables (staged query,
-packed buffers) are removed whatever happens; a failed or interrupted run keeps its last good
-checkpoint and records its status.
+packed buffers) are removed whatever happens (if the server is gone by then, by the next run or
+listing); a failed or interrupted run keeps its last good checkpoint and records its status (if
+it cannot, whoever looks next records it as interrupted: the run's session is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import store
-from .backends.base import Backend, Member
+from .backends.base import Backend, Member, RunSession
 from .encoding import Encoding
 from .errors import DbdlError, InputError, SpecError, TrainingError
 from .kernel.netbuild import SpecError as KernelSpecError
@@ -42,6 +45,8 @@ from .selection import halving_rungs, maximize, rank, trial_options
 from .selection import label as trial_label
 from .selection import trials as search_trials
 from .spec import parse_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +117,8 @@ class TrainingRun:
     members: list[MemberRun] = field(default_factory=list)
     _startup_seconds: float | None = None
     _measured: dict[int, float] = field(default_factory=dict)  # workers → last train seconds
+    _session: RunSession | None = None  # held from the start of execute() to its end
+    fingerprint: str = ""  # of the packed data (rows, split, shuffle); a resume must match it
 
     @property
     def cohort(self) -> str | None:
@@ -138,13 +145,41 @@ class TrainingRun:
         )
 
     def execute(self) -> DBModel | GroupedModel:
-        """Run to completion (or early stop / interrupt) and return the trained module."""
+        """Run to completion (or early stop / interrupt) and return the trained module.
+
+        The run holds a session (:meth:`Backend.open_session`) from start to end: other
+        sessions see its model versions as being trained and its work tables as in use. A lost
+        connection or server raises :class:`TrainingError` with the cause chained.
+        """
+        try:
+            self._session = self.backend.open_session(self.token)
+        except DBAPIError as exc:
+            raise _translate(exc) from exc
+        try:
+            key = self._train()
+            try:
+                with self.backend.engine.connect() as conn:
+                    return load_stored(conn, self.backend, key["name"], key["version"],
+                                       self.options.device)
+            except DBAPIError as exc:
+                raise _translate(exc) from exc
+        finally:
+            self._session.close()
+
+    def _train(self) -> dict[str, Any]:
+        """Settle what sessions that are gone left behind, then pack, train and record; returns
+        the key of the model to return. The work tables are dropped whatever happens (when
+        even that fails, the run's own error is the one raised)."""
         opts, backend = self.options, self.backend
         trials = search_trials(opts)
         specs = [_spec(t.get("model", opts.model)) for t in trials] or [_spec(opts.model)]
-        stage, vstage, packed_table = self._tables()
+        tables = self._tables()
+        stage, vstage, packed_table = tables
         first_epoch = 0
+        error: BaseException | None = None
         try:
+            store.mark_orphans(backend, self.name)
+            store.sweep_work_tables(backend)
             resumed = self._resumable() if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
             data = self._pack(specs, stage, vstage, packed_table, source, trials)
@@ -162,24 +197,44 @@ class TrainingRun:
                 self._iteration(data, alive, epoch, first=epoch == first_epoch)
                 self._stop_members(alive, epoch + 1, rungs)
             with backend.engine.begin() as conn:
-                key = self._complete(conn, data)
+                return self._complete(conn, data)
         except KeyboardInterrupt as exc:
+            error = exc
             if not self.members:
                 raise
             self._mark_failed(exc)
             if opts.on_interrupt == "raise":
                 raise
             key = self._interrupted(data)
+            error = None
+            return key
         except BaseException as exc:
             self._mark_failed(exc)
-            raise _translate(exc) from exc
+            error = _translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
+            self._cleanup(tables, error)
+
+    def _cleanup(self, tables: tuple[str, ...], error: BaseException | None) -> None:
+        """Drop the run's work tables. When that fails too (the server is still down), the
+        run's own ``error`` stays the one raised: this failure is logged and noted on it, and
+        the next run or listing drops the tables (:func:`store.sweep_work_tables`)."""
+        backend = self.backend
+        try:
             with backend.engine.begin() as conn:
-                for table in (stage, vstage, packed_table):
+                for table in tables:
                     backend.drop_table(conn, table)
                 backend.drop_scratch_tables(conn)
-        with backend.engine.connect() as conn:
-            return load_stored(conn, backend, key["name"], key["version"], opts.device)
+        except Exception as exc:
+            why = _first_line(exc)
+            log.warning("dbdl: dropping the work tables of run %s failed: %s", self.token, why)
+            if error is not None:
+                error.add_note(
+                    f"dbdl: dropping the run's work tables failed too ({why}); the next run or "
+                    "list_models drops them"
+                )
 
     def _complete(self, conn: Connection, data: PackedData) -> dict[str, Any]:
         """Mark every member complete (at its best checkpoint when early stopping restores
@@ -209,18 +264,20 @@ class TrainingRun:
             return self._finish_cohort(conn, data, "interrupted")
 
     # -- steps ------------------------------------------------------------------------------------
-    def _resumable(self) -> list[dict[str, Any]]:
+    def _resumable(self) -> list[dict[str, Any]] | None:
         """The stored versions to continue: the model, or every member of a group_by / grid
-        run (each with its stored history and last checkpoint). The run must have the same
-        name, query and options, and not be complete. Work tables a killed client left behind
-        are dropped here; so is the provisional router / best copy of an interrupted cohort
-        (the resumed run writes it again)."""
+        run (each with its stored history and last checkpoint), claimed for this run's session
+        (another session still training them is an error). The run must have the same name,
+        query and options, and not be complete. None when there is nothing to resume (no run
+        of that name, or none with a checkpoint): the run starts afresh and warns so. Work
+        tables a killed client left behind are dropped here; so is the provisional router /
+        best copy of an interrupted cohort (the resumed run writes it again)."""
         backend = self.backend
         with backend.engine.connect() as conn:
             try:
                 latest = store.read_model(conn, backend, self.name, with_state=False)
-            except InputError as exc:
-                raise InputError(f"resume=True but there is no run named {self.name!r}") from exc
+            except InputError:
+                return self._fresh(f"there is no run named {self.name!r}")
             token = latest["options"].get("work_token")
             run = store.read_run(conn, backend, self.name, token) if token else []
         if latest["status"] == "complete":
@@ -239,26 +296,44 @@ class TrainingRun:
                 f"{'was not' if self.cohort else 'was'} a group_by / grid run; resume with the "
                 "same query and options"
             )
+        if any(row["iteration"] is None for row in members):
+            return self._fresh(f"model {self.name!r} version {latest['version']} has no "
+                               "checkpoint to resume from")
         for row in members:
-            if row["iteration"] is None:
-                raise InputError(
-                    f"model {self.name!r} version {row['version']} has no checkpoint to "
-                    "resume from"
-                )
             different = self._differences(row)
             if different:
                 raise InputError(
                     f"cannot resume {self.name!r}: {', '.join(different)} differ(s) from the "
                     "interrupted run; resume with the same query and options"
                 )
-        if token:
-            with backend.engine.begin() as conn:
-                for prefix in ("stage", "vstage", "packed"):
-                    backend.drop_table(conn, backend.table(f"{prefix}_{token}"))
-                for row in run:
-                    if row["options"].get("member") is None and self.cohort:
-                        store.delete_model(conn, backend, self.name, row["version"])
+        with backend.engine.begin() as conn:
+            backend.lock_name(conn, self.name)
+            self._claim(conn, [row["version"] for row in members])
+            for prefix in ("stage", "vstage", "packed") if token else ():
+                backend.drop_table(conn, backend.table(f"{prefix}_{token}"))
+            for row in run:
+                if row["options"].get("member") is None and self.cohort:
+                    store.delete_model(conn, backend, self.name, row["version"])
         return members
+
+    def _fresh(self, why: str) -> None:
+        """``resume=True`` with nothing to resume: say so (a warning the API and the notebook
+        show) and start a new run."""
+        message = f"resume=True: {why}; starting a new run of {self.name!r} instead"
+        log.info("dbdl: %s", message)
+        warnings.warn(message, UserWarning, stacklevel=5)  # the caller of dl.train
+        return None
+
+    def _claim(self, conn: Connection, versions: list[int]) -> None:
+        """Take model versions for this run's session, or raise when another session trains
+        one of them."""
+        assert self._session is not None
+        taken = self._session.claim(conn, self.name, versions)
+        if taken:
+            raise TrainingError(
+                f"model {self.name!r} version {taken[0]} is being trained by another session; "
+                "wait for that run to end (or stop it) first"
+            )
 
     def _differences(self, row: dict[str, Any]) -> list[str]:
         """What differs between a stored version (a member: its trial applied) and this run:
@@ -309,16 +384,18 @@ class TrainingRun:
             group_by=opts.group_by,
         )
         with backend.engine.begin() as conn:
-            stage_query(backend, conn, self.query, opts.params, stage)
+            stage_query(backend, conn, self.query, opts.params, stage, deterministic=True)
             encoding, n_rows = infer_encoding(backend, conn, stage, pack_opts)
             if source is not None:  # encode the new rows exactly as the source model did
                 encoding = warm_encoding(
                     encoding, Encoding.from_json(source["encoding"]), str(opts.init_from)
                 )
-            pack_opts.n_parameters = max(_check_spec_fits(s, encoding) for s in specs)
+            batch = max(1, min(pack_opts.batch_size, n_rows))
+            pack_opts.n_parameters = max(_check_spec_fits(s, encoding, batch) for s in specs)
             if opts.validation_query:
                 stage_query(
-                    backend, conn, opts.validation_query, opts.params, vstage, "validation query"
+                    backend, conn, opts.validation_query, opts.params, vstage, "validation query",
+                    deterministic=True,
                 )
                 _check_columns(backend, conn, vstage, encoding, opts.group_by)
             data = pack(
@@ -333,6 +410,7 @@ class TrainingRun:
             )
             backend.drop_table(conn, stage)
             backend.drop_table(conn, vstage)
+            self.fingerprint = data.fingerprint
             return data
 
     def _config(self, spec: dict[str, Any], enc: Encoding, opts: TrainOptions) -> dict[str, Any]:
@@ -375,8 +453,11 @@ class TrainingRun:
     ) -> None:
         """A model version and checkpoint 0 for every member."""
         backend, enc = self.backend, data.encoding
+        backend.lock_name(conn, self.name)  # until this transaction commits the new rows
         first_version = store.next_version(conn, backend, self.name)
-        for i, (label, group, trial) in enumerate(self._member_plan(data, trials)):
+        plan = self._member_plan(data, trials)
+        self._claim(conn, list(range(first_version, first_version + len(plan))))
+        for i, (label, group, trial) in enumerate(plan):
             opts = trial_options(self.options, trial) if trial else self.options
             spec = _spec(opts.model)
             key = {"name": self.name, "version": first_version + i}
@@ -408,7 +489,10 @@ class TrainingRun:
 
     def _stored_options(self, m: MemberRun) -> dict[str, Any]:
         """A member's options as its model version stores them (with this run's work token)."""
-        stored = {**m.options.to_json_dict(), "work_token": self.token}
+        stored = {**m.options.to_json_dict(), "work_token": self.token,
+                  "data_fingerprint": self.fingerprint}
+        if self._session is not None and self._session.record:  # who trains it (SQLite)
+            stored["session"] = self._session.record
         if self.cohort:
             stored.update(member=m.member, label=m.label, group=m.group, trial=m.trial)
         return stored
@@ -440,6 +524,12 @@ class TrainingRun:
         plan = self._member_plan(data, trials)
         if not self.cohort:
             plan = plan[:1]
+        before = {r["options"].get("data_fingerprint") for r in stored} - {None}
+        if before and before != {data.fingerprint}:
+            raise InputError(
+                f"cannot resume {self.name!r}: its training rows, split or shuffle differ from "
+                "the interrupted run's (the data changed since); train a new version instead"
+            )
         if [(label, group) for label, group, _ in plan] != [
             (r["options"].get("label", ""), r["options"].get("group")) for r in stored
         ]:
@@ -666,8 +756,8 @@ class TrainingRun:
         backend, opts = self.backend, self.options
         if not self.cohort:
             return self.members[0].key
-        version = max(m.key["version"] for m in self.members) + 1
-        key = {"name": self.name, "version": version}
+        backend.lock_name(conn, self.name)  # another run of this name may allocate too
+        key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
         stored = {**opts.to_json_dict(), "work_token": self.token}
         if self.cohort == "groups":
             if opts.grid:  # every group searched: route to each group's best trial
@@ -721,7 +811,8 @@ class TrainingRun:
         """Record how the run ended; keep each member's committed history, which is the truth
         (an interrupt may land after an iteration's commit but before the in-memory lists
         caught up), and bring the in-memory histories level with it."""
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        lost = isinstance(exc, KeyboardInterrupt) or _connection_lost(exc)
+        status = "interrupted" if lost else "failed"
         for m in self.members:
             with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
                 store.set_status(conn, self.backend, m.key, status, error=str(exc)[:2000])
@@ -751,10 +842,11 @@ def _spec(model: Any) -> dict[str, Any]:
         raise SpecError(str(exc)) from exc
 
 
-def _check_spec_fits(spec: dict[str, Any], enc: Encoding) -> int:
-    """Build the network once to check it fits the data; returns its parameter count."""
+def _check_spec_fits(spec: dict[str, Any], enc: Encoding, batch_size: int = 1) -> int:
+    """Build the network once to check it fits the data and the kernels' size limits for
+    batches of ``batch_size`` rows (before anything is packed); returns its parameter count."""
     try:
-        net = build_network(spec, enc.input_shape, enc.target.n_outputs)
+        net = build_network(spec, enc.input_shape, enc.target.n_outputs, batch_size)
         return sum(p.numel() for p in net.parameters())
     except KernelSpecError as exc:
         raise SpecError(f"model spec does not fit the data: {exc}") from exc
@@ -771,7 +863,8 @@ def _check_columns(
 
 
 def _translate(exc: BaseException) -> BaseException:
-    """Database errors become :class:`TrainingError` with the server's message as ``detail``."""
+    """Database errors become :class:`TrainingError` with the server's message as ``detail``
+    (a lost connection says that the last completed iteration is kept)."""
     if isinstance(exc, (DbdlError, KeyboardInterrupt)):
         return exc
     if isinstance(exc, DBAPIError):
@@ -780,8 +873,40 @@ def _translate(exc: BaseException) -> BaseException:
         if context:  # PL/Python puts the kernel's traceback here
             detail = f"{detail}\n{context}"
         first = detail.strip().splitlines()[0] if detail.strip() else "database error"
+        if "database is locked" in first:  # SQLite: another session kept the write lock
+            return TrainingError(
+                f"the database failed during training: {first} (another session kept its "
+                "write lock too long: SQLite lets one session write at a time; try again when "
+                "the other run ends, or use PostgreSQL for concurrent runs)",
+                detail=detail,
+            )
+        if _connection_lost(exc):
+            return TrainingError(
+                f"the connection to the database was lost during training ({first}); the last "
+                "completed iteration is stored: train again with resume=True to continue",
+                detail=detail,
+            )
         return TrainingError(f"the database failed during training: {first}", detail=detail)
     return exc
+
+
+#: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now
+_ENDED_SESSION = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database connection going away (server restarted or stopped,
+    session terminated) rather than an error of the statement."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = str(getattr(exc.orig, "sqlstate", None) or "")
+    return bool(exc.connection_invalidated) or code.startswith("08") or code in _ENDED_SESSION
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error (a database error's own message, without the SQL)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:

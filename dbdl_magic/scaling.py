@@ -1,7 +1,7 @@
 """How many parallel workers (segments) an iteration uses, and how many threads each gets.
 
 A PostgreSQL parallel worker is a new process per query: it pays PL/Python's start-up and
-``import torch`` before it trains (DESIGN §4.4). ``parallel="auto"`` therefore measures before
+``import torch`` before it trains. ``parallel="auto"`` therefore measures before
 it spreads: the first two iterations run on one process (the first also pays imports and
 caches, so the second is the measurement), and only when that took long enough is a worker's
 start-up cost measured and more workers used, if the estimate says they win.

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from .backends.base import Backend
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def next_version(conn: Connection, backend: Backend, name: str) -> int:
@@ -223,6 +228,10 @@ def read_model(
     for field in ("spec", "encoding", "options", "history"):
         out[field] = json.loads(out[field])
     out["state"] = None
+    if out["status"] == "training" and (out["name"], out["version"]) in mark_orphans(
+        backend, out["name"]
+    ):
+        out["status"], out["error"] = "interrupted", ORPHANED
     if with_state and out["iteration"] is not None:
         key = {"name": out["name"], "version": out["version"]}
         out["state"] = backend.load_state(conn, key, int(out["iteration"]))
@@ -284,6 +293,12 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     frame = pd.DataFrame([dict(r) for r in rows], columns=columns)
     for column in ("logical_bytes", "stored_bytes"):
         frame[column] = frame[column].fillna(0).astype("int64")
+    if (frame["status"] == "training").any():
+        for name, version in mark_orphans(backend):
+            frame.loc[(frame["name"] == name) & (frame["version"] == version), "status"] = (
+                "interrupted"
+            )
+    sweep_work_tables(backend)
     return frame
 
 
@@ -311,3 +326,132 @@ def copy_checkpoint(
             "to_version": target["version"],
         },
     )
+
+
+# -- runs whose session is gone ----------------------------------------------------------------
+#: the error a model version gets when its training session vanished without a word
+ORPHANED = (
+    "its training session ended without recording how (client killed, connection lost or "
+    "server restarted); resume=True continues from the last checkpoint"
+)
+#: work tables of a training run: staged query and validation query, packed buffers (suffix:
+#: the run's work token) and iteration scratch states (a random suffix)
+_WORK_TABLE = re.compile(r"(stage|vstage|packed|iter)_([0-9a-f]{12})\W*$")
+
+
+def mark_orphans(backend: Backend, name: str | None = None) -> set[tuple[str, int]]:
+    """Mark the model versions (of ``name``, or all) that are in status ``training`` with no
+    live session training them (:meth:`Backend.version_live`) as ``interrupted``; returns
+    their ``(name, version)``. Runs in a transaction of its own, so whoever looks leaves the
+    mark. Best effort: when the database refuses now (busy, down), a later look marks them."""
+    models = backend.table("models")
+    params: dict[str, Any] = {} if name is None else {"name": name}
+    where = "status = 'training'" + ("" if name is None else " AND name = :name")
+    gone: set[tuple[str, int]] = set()
+    try:
+        with backend.engine.begin() as conn:
+            rows = conn.execute(
+                text(f"SELECT name, version, options FROM {models} WHERE {where}"), params
+            ).all()
+            for row_name, version, options in rows:
+                if backend.version_live(conn, row_name, int(version), json.loads(options)):
+                    continue
+                marked = conn.execute(
+                    text(
+                        f"UPDATE {models} SET status = 'interrupted', error = :error,"
+                        " updated_at = CURRENT_TIMESTAMP WHERE name = :name"
+                        " AND version = :version AND status = 'training' AND options = :options"
+                    ),
+                    {"name": row_name, "version": int(version), "options": options,
+                     "error": ORPHANED},
+                ).rowcount
+                if marked:
+                    gone.add((row_name, int(version)))
+    except DBAPIError as exc:
+        log.warning("dbdl: could not check for interrupted runs now: %s", exc.orig or exc)
+        return set()
+    return gone
+
+
+def sweep_work_tables(backend: Backend) -> list[str]:
+    """Drop the work tables of runs whose session is gone: no live session holds their token
+    (:meth:`Backend.token_live`) and none of their model rows is still training (rows are
+    missing while a run packs; :meth:`Backend.run_records` and the token's lock cover that).
+    Predictions stage rows as ``stage_<token>`` too, so a staged table is dropped only when
+    its token is known as a training run's. Returns the names dropped; best effort like
+    :func:`mark_orphans`."""
+    try:
+        with backend.engine.connect() as conn:
+            runs, scratch = _work_tables_by_run(backend, backend.work_tables(conn))
+            records = backend.run_records(conn)
+            dead_records = [t for t, alive in records.items() if not alive]
+            if not runs and not scratch and not dead_records:
+                return []
+            rows = conn.execute(
+                text(f"SELECT status, options FROM {backend.table('models')}")
+            ).all()
+    except DBAPIError as exc:
+        log.warning("dbdl: could not look for left-over work tables now: %s", exc.orig or exc)
+        return []
+    known, training = set(records), set()
+    for status, options in rows:
+        token = json.loads(options).get("work_token")
+        known.add(token)
+        if status == "training":
+            training.add(token)
+    dropped: list[str] = []
+    for token, tables in runs.items():
+        if token in training:
+            continue
+        names = [t for prefix, t in tables if token in known or prefix == "packed"]
+        if names:
+            dropped += _drop_if_gone(backend, token, names)
+    for token in dead_records:
+        if token not in runs and token not in training:
+            _drop_if_gone(backend, token, [])
+    if scratch:
+        dropped += _drop_if_gone(backend, None, scratch)
+    return dropped
+
+
+def _work_tables_by_run(
+    backend: Backend, names: list[str]
+) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+    """Training work tables among ``names``: ``(prefix, name)`` by work token, and the
+    iteration scratch tables."""
+    runs: dict[str, list[tuple[str, str]]] = {}
+    scratch: list[str] = []
+    for name in names:
+        found = _WORK_TABLE.search(name)
+        if found is None or backend.table(f"{found[1]}_{found[2]}") != name:
+            continue
+        if found[1] == "iter":
+            scratch.append(name)
+        else:
+            runs.setdefault(found[2], []).append((found[1], name))
+    return runs, scratch
+
+
+def _drop_if_gone(backend: Backend, token: str | None, tables: list[str]) -> list[str]:
+    """Drop ``tables`` and forget run ``token`` if it is not alive (``None``: the iteration
+    scratch tables, dropped when no run they could belong to is alive), in one transaction."""
+    try:
+        with backend.engine.begin() as conn:
+            alive = (
+                not backend.scratch_orphaned(conn)
+                if token is None
+                else backend.token_live(conn, token)
+            )
+            if alive:
+                return []
+            for table in tables:
+                backend.drop_table(conn, table)
+            if token is not None:
+                backend.forget_run(conn, token)
+    except DBAPIError as exc:
+        log.warning("dbdl: could not drop the left-over work tables %s now: %s",
+                    ", ".join(tables) or token, exc.orig or exc)
+        return []
+    if tables:
+        log.info("dbdl: dropped the left-over work tables %s", ", ".join(tables))
+    return tables

@@ -232,7 +232,14 @@ class PostgresServer:
     """
 
     def __init__(
-        self, bindir: Path, tmpdir: Path, port: int, pythonpath: list[str], max_workers: int = 4
+        self,
+        bindir: Path,
+        tmpdir: Path,
+        port: int,
+        pythonpath: list[str],
+        max_workers: int = 4,
+        memory_limit: int | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.bindir = bindir
         self.tmpdir = tmpdir
@@ -242,18 +249,28 @@ class PostgresServer:
         self.port = port
         self.pythonpath = list(pythonpath)
         self.max_workers = max_workers
+        self.memory_limit = memory_limit
+        self.extra_env = dict(extra_env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._prefix = _user_switch_prefix()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, pythonpath: list[str], max_workers: int = 4) -> PostgresServer:
+    def start(
+        cls,
+        pythonpath: list[str],
+        max_workers: int = 4,
+        memory_limit: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> PostgresServer:
         """Create a cluster in a new temp dir, start the server and wait until it accepts.
 
         ``pythonpath`` becomes the server's ``PYTHONPATH`` (see :func:`server_pythonpath`).
         ``max_workers`` is the number of parallel workers callers intend to use; the server
         allows ``max(8, max_workers)`` (``max_worker_processes``/``max_parallel_workers``).
         ``max_parallel_workers_per_gather`` is 0, so queries opt in to parallelism with ``SET``.
+        ``memory_limit`` (bytes), when given, caps the address space (``RLIMIT_AS``) of the
+        server and of every process it forks; ``extra_env`` adds variables to its environment.
         """
         reason = unavailable_reason()
         if reason is not None:
@@ -267,7 +284,9 @@ class PostgresServer:
             if _is_root():
                 pw = pwd.getpwnam(SERVER_OS_USER)
                 os.chown(tmpdir, pw.pw_uid, pw.pw_gid)
-            server = cls(bindir, tmpdir, _free_port(), pythonpath, max_workers)
+            server = cls(
+                bindir, tmpdir, _free_port(), pythonpath, max_workers, memory_limit, extra_env
+            )
             _live_servers.add(server)
             server._initdb()
             server._launch_and_wait()
@@ -297,6 +316,7 @@ class PostgresServer:
             env.pop(var, None)
         env["PYTHONPATH"] = ":".join(self.pythonpath)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the server user can't write into the repo
+        env.update(self.extra_env)
         if _is_root():
             # setpriv keeps root's HOME, which the server user can't read.
             env["HOME"] = str(self.tmpdir)
@@ -366,6 +386,7 @@ class PostgresServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=self._limit_memory if self.memory_limit else None,
                 )
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while time.monotonic() < deadline:
@@ -388,6 +409,13 @@ class PostgresServer:
             raise RuntimeError(
                 f"PostgreSQL exited during start-up; server log tail:\n{self.log_tail()}"
             )
+
+    def _limit_memory(self) -> None:
+        """In the forked child, before exec: cap the address space of the server's processes."""
+        import resource
+
+        assert self.memory_limit is not None
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
 
     def _is_ready(self) -> bool:
         pg_isready = self.bindir / "pg_isready"

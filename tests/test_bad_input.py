@@ -77,13 +77,13 @@ def pg_db(shared_pg: Database) -> Database:
         ).all()
         store = store_tables(db)
         for schema, name in rows:
-            if schema != "dbdl" or name not in store:
+            if schema not in ("dbdl", "dbdl_store") or name not in store:
                 conn.execute(
                     text(
                         f"DROP TABLE IF EXISTS {db.backend.q(schema)}.{db.backend.q(name)} CASCADE"
                     )
                 )
-        owned = ", ".join(f"dbdl.{db.backend.q(n)}" for n in sorted(store - {"meta"}))
+        owned = ", ".join(f"dbdl_store.{db.backend.q(n)}" for n in sorted(store - {"meta"}))
         conn.execute(text(f"TRUNCATE {owned} CASCADE"))
     assert work_tables(db) == [] and model_rows(db).empty
     return db
@@ -98,14 +98,15 @@ def is_pg(db: Database) -> bool:
 def store_tables(db: Database) -> frozenset[str]:
     """Names of the model store's tables (models, checkpoints, meta, ...), as installed.
 
-    PostgreSQL: the tables the install script creates in schema ``dbdl``; SQLite: the
-    ``dbdl_*`` tables of a freshly installed in-memory database.
+    PostgreSQL: the tables the install script creates in schemas ``dbdl``/``dbdl_store``;
+    SQLite: the ``dbdl_*`` tables of a freshly installed in-memory database.
     """
     name = db.backend.name
     if name not in _STORE_TABLES:
         if is_pg(db):
             found = re.findall(
-                r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+dbdl\.(\w+)", install_sql()
+                r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+IF\s+NOT\s+EXISTS\s+dbdl(?:_store)?\.(\w+)",
+                install_sql(),
             )
         else:
             fresh = dl.install("sqlite://")
@@ -126,8 +127,8 @@ def work_tables(db: Database) -> list[str]:
     """Work tables left in ``db``: anything dbdl creates for a run besides its model store.
 
     SQLite: tables in ``sqlite_master`` named ``dbdl_*`` other than the store's, or with a work
-    prefix. PostgreSQL: tables in schema ``dbdl`` other than the store's (models, checkpoints,
-    meta, ...), plus work-prefixed tables in any other user schema.
+    prefix. PostgreSQL: tables in schemas ``dbdl``/``dbdl_store`` other than the store's, every
+    table in the role's work schema ``dbdl_work_*``, plus work-prefixed tables anywhere.
     """
     store = store_tables(db)
     with db.engine.connect() as conn:
@@ -141,8 +142,9 @@ def work_tables(db: Database) -> list[str]:
             return sorted(
                 f"{schema}.{name}"
                 for schema, name in rows
-                if (schema == "dbdl" and name not in store)
-                or (schema != "dbdl" and name.startswith(WORK_PREFIXES))
+                if (schema in ("dbdl", "dbdl_store") and name not in store)
+                or schema.startswith("dbdl_work_")  # the role's own work schema
+                or name.startswith(WORK_PREFIXES)
             )
         names = [
             r[0]
@@ -864,7 +866,7 @@ def bare_pg_url(pg_server: PostgresServer) -> Iterator[str]:
 def test_database_without_kernels(bare_pg_url: str) -> None:
     """Connecting to a database without the kernels says to run ``dbdl install``."""
     with pytest.raises(DbdlError) as info:
-        dl.connect(bare_pg_url)
+        dl.connect(bare_pg_url, check=False).require()
     assert type(info.value) is InstallError
     assert "dbdl install" in str(info.value)
     with pytest.raises(InstallError, match="dbdl install"):
@@ -895,7 +897,7 @@ def test_server_python_without_torch(bare_pg_url: str) -> None:
     finally:
         db.engine.dispose()
     for attempt in (
-        lambda: dl.connect(bare_pg_url),
+        lambda: dl.connect(bare_pg_url, check=False).require(),
         lambda: dl.train(bare_pg_url, "x", target="y"),
     ):
         with pytest.raises(DbdlError) as info:
@@ -914,7 +916,7 @@ def test_kernel_version_mismatch(bare_pg_url: str) -> None:
     finally:
         db.engine.dispose()
     with pytest.raises(DbdlError) as info:
-        dl.connect(bare_pg_url)
+        dl.connect(bare_pg_url, check=False).require()
     assert type(info.value) is InstallError
     assert "0.0.0-old" in str(info.value) and "dbdl install" in str(info.value)
 

@@ -64,7 +64,8 @@ def test_ctrl_c_cancels_and_returns_the_last_completed_iteration(db):
                 "AND query LIKE '%dbdl.train(%' AND pid <> pg_backend_pid()")).scalar_one()
             assert active == 0
             leftovers = conn.execute(text(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = 'dbdl' "
+                "SELECT count(*) FROM pg_tables"
+                " WHERE (schemaname = 'dbdl' OR starts_with(schemaname, 'dbdl_work_')) "
                 "AND tablename NOT IN ('models', 'checkpoints', 'meta', 'blocks', "
                 "'checkpoint_blocks')")).scalar_one()
         else:

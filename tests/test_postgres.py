@@ -45,7 +45,7 @@ def test_kernels_follow_the_parallel_rules(pg_db):
     assert all(r[1] != "-" for r in agg)  # both have a combine function
     # these use SPI (storage routines, per-row prediction that reads the stored model):
     storage = {"archive_checkpoint", "materialize_checkpoint", "release_blocks", "predict",
-               "predict_value", "predict_proba"}
+               "predict_value", "predict_proba", "work_schema"}  # work_schema: DDL
     for name, parallel, source in functions:
         if name in storage:  # never allowed in a parallel plan
             assert parallel == "u", name

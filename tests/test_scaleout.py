@@ -321,7 +321,6 @@ BAD_SCALEOUT = [
     (dict(parallel=0), InputError, ["parallel"]),
     (dict(threads=0), InputError, ["threads"]),
     (dict(grid={"lr": [1e-3]}, search="bayes"), InputError, ["search", "bayes"]),
-    (dict(grid={"lr": [1e-3, 1e-2]}, resume=True), InputError, ["resume", "'bad'"]),
     (dict(grid={"lr": [1e-3, -1]}), InputError, ["grid configuration", "lr=-1"]),
     (dict(grid={"epochs": [1, 2]}), InputError, ["grid", "'epochs'"]),
     (dict(grid={"lr": []}), InputError, ["grid['lr']"]),

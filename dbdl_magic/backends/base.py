@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +117,23 @@ class Backend(ABC):
     def nonfinite(self, expr: str) -> str:
         """SQL condition true where a float ``expr`` is NaN or ±infinity."""
 
+    def fingerprint(self, conn: Connection, packed: str) -> str:
+        """A digest of a packed table's buffers in (split, group, buffer) order."""
+        digest = hashlib.blake2b(digest_size=16)
+        rows = conn.execute(
+            text(f"SELECT split, grp, buffer_id, x, y FROM {packed} ORDER BY split, grp, buffer_id")
+        )
+        for split, grp, buffer_id, x, y in rows:
+            digest.update(f"{split}|{grp}|{buffer_id}|".encode())
+            digest.update(hashlib.blake2b(bytes(x), digest_size=16).digest())
+            digest.update(hashlib.blake2b(bytes(y), digest_size=16).digest())
+        return digest.hexdigest()
+
+    def staging_order(self, alias: str) -> str:
+        """``ORDER BY`` of a window over the rows of ``alias`` that depends on their content
+        only ("" when the dialect's scans are already in a stable order)."""
+        return ""
+
     @abstractmethod
     def row_hash(self, rn: str, seed_param: str) -> str:
         """SQL for a deterministic pseudo-random integer from a row number and a bound seed."""
@@ -125,6 +145,10 @@ class Backend(ABC):
     @abstractmethod
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
         """SQL yielding a standardised array column as float32 bytes in :attr:`byteorder`."""
+
+    def group_pieces(self, pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+        """A row's encoded pieces as this dialect packs them (SQLite: at most 100, in chunks)."""
+        return pieces
 
     @abstractmethod
     def create_packed(
@@ -490,3 +514,161 @@ class Backend(ABC):
 
     def cancel(self, conn: Connection) -> None:  # noqa: B027 - optional
         """Cancel the statement running on ``conn`` (used on KeyboardInterrupt)."""
+
+    # -- sessions: who is training what -----------------------------------------------------------
+    # A training run holds a session from its start to its end. Other sessions ask through it
+    # whether a model row left in status ``training`` still has a live trainer (if not, the row
+    # is marked interrupted) and whether a work table still belongs to a live run (if not, it
+    # is dropped). These defaults suit an embedded database shared by processes of one host:
+    # the session is the training process, recorded in the model rows it trains and, until
+    # they exist, in the meta table. PostgreSQL holds advisory locks instead.
+    def open_session(self, token: str) -> RunSession:
+        """Start the session of the run with work token ``token`` (end it with ``close()``)."""
+        return RunSession(self, token)
+
+    def lock_name(self, conn: Connection, name: str) -> None:
+        """Serialise allocating versions of model ``name`` until ``conn``'s transaction ends,
+        so two runs never read the same highest version (here: take the database's write lock
+        now, the one lock an embedded database has)."""
+        conn.execute(text(f"UPDATE {self.table('models')} SET name = name WHERE 0 = 1"))
+
+    def version_live(
+        self, conn: Connection, name: str, version: int, options: dict[str, Any]
+    ) -> bool:
+        """Whether a live session trains model ``name`` version ``version`` (a row in status
+        ``training``; ``options`` are its stored options, which name its process here)."""
+        return record_alive(options.get("session"))
+
+    def token_live(self, conn: Connection, token: str) -> bool:
+        """Whether the run with work token ``token`` (the suffix of its work tables) lives."""
+        return token in _LIVE_RUNS or self.run_records(conn).get(token, False)
+
+    def run_records(self, conn: Connection) -> dict[str, bool]:
+        """Runs on record, each with whether it is alive (here: ``run:<token>`` rows of the
+        meta table, written when a run starts and deleted when it ends)."""
+        rows = conn.execute(
+            text(f"SELECT key, value FROM {self.table('meta')} WHERE key LIKE 'run:%'")
+        ).all()
+        return {
+            key[4:]: key[4:] in _LIVE_RUNS or record_alive(json.loads(value))
+            for key, value in rows
+        }
+
+    def forget_run(self, conn: Connection, token: str) -> None:
+        """Delete the record of a run that is gone."""
+        conn.execute(
+            text(f"DELETE FROM {self.table('meta')} WHERE key = :key"), {"key": f"run:{token}"}
+        )
+
+    def scratch_orphaned(self, conn: Connection) -> bool:
+        """Whether the iteration scratch tables (``iter_*``, named without their run's token)
+        that exist now belong to no live run (here: when no run at all is alive)."""
+        return not _LIVE_RUNS and not any(self.run_records(conn).values())
+
+    @abstractmethod
+    def work_tables(self, conn: Connection) -> list[str]:
+        """The qualified, quoted names of this role's work tables (staged rows, packed
+        buffers, scratch states: every dbdl table that is not part of the model store)."""
+
+
+# -- the session of a training run ------------------------------------------------------------
+_LIVE_RUNS: set[str] = set()  # work tokens of the runs alive in this process
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (boot id and start tick, read from ``/proc``), which tells
+    a reused pid apart; None where ``/proc`` does not say (no such process, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f, open("/proc/sys/kernel/random/boot_id") as b:
+            stat, boot = f.read(), b.read().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22: start time in ticks
+
+
+def process_record(token: str) -> dict[str, Any]:
+    """This process as a run's session: host, pid, process start and the run's token."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": _process_start(os.getpid()), "run": token}
+
+
+def record_alive(record: dict[str, Any] | None) -> bool:
+    """Whether the session of :func:`process_record` still lives: in this process, while its
+    run is; in another process of this host, while that process (the same start) exists. A
+    process of another host cannot be checked and counts as alive; no record counts as gone."""
+    if not record:
+        return False
+    if record.get("host") != socket.gethostname():
+        return True
+    pid = int(record.get("pid") or 0)
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return record.get("run") in _LIVE_RUNS
+    started = _process_start(pid)
+    if started is not None:
+        return record.get("started") in (None, started)
+    try:  # /proc does not say: ask the OS whether the pid exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, run by another user
+        return True
+    return True
+
+
+class RunSession:
+    """A run's session as other sessions see it; this one is the training process (see
+    :func:`process_record`), recorded in the meta table from the start and in the options of
+    every model row the run trains (:attr:`record`, written by the run)."""
+
+    def __init__(self, backend: Backend, token: str) -> None:
+        self.backend, self.token = backend, token
+        self.record: dict[str, Any] | None = process_record(token)
+        _LIVE_RUNS.add(token)
+        try:
+            with backend.engine.begin() as conn:
+                conn.execute(
+                    text(f"INSERT INTO {backend.table('meta')} (key, value) VALUES (:k, :v)"),
+                    {"k": f"run:{token}", "v": json.dumps(self.record)},
+                )
+        except BaseException:
+            _LIVE_RUNS.discard(token)
+            raise
+
+    def claim(self, conn: Connection, name: str, versions: list[int]) -> list[int]:
+        """Take model ``name``'s ``versions`` (one run's, in member order) for this run, inside
+        the transaction that holds :meth:`Backend.lock_name`; returns the versions another
+        live session trains, and then takes none. Versions without a row yet are free."""
+        models = self.backend.table("models")
+        rows = [
+            (int(v), json.loads(options))
+            for v, options in conn.execute(
+                text(f"SELECT version, options FROM {models} WHERE name = :name"
+                     " AND version >= :lo AND version <= :hi"),
+                {"name": name, "lo": min(versions, default=0), "hi": max(versions, default=0)},
+            )
+            if int(v) in versions
+        ]
+        taken = [
+            v for v, options in rows
+            if record_alive(options.get("session"))
+            and options["session"].get("run") != self.token
+        ]
+        if taken:
+            return taken
+        for v, options in rows:
+            conn.execute(
+                text(f"UPDATE {models} SET options = :options WHERE name = :name"
+                     " AND version = :version"),
+                {"name": name, "version": v,
+                 "options": json.dumps({**options, "session": self.record}, default=str)},
+            )
+        return []
+
+    def close(self) -> None:
+        """End the session (never raises: a run that ended with the server down is recorded
+        as gone by the next session that looks)."""
+        _LIVE_RUNS.discard(self.token)
+        with suppress(Exception), self.backend.engine.begin() as conn:
+            self.backend.forget_run(conn, self.token)

@@ -1,6 +1,6 @@
 """PostgreSQL backend: PL/Python kernels in schema ``dbdl``, parallel workers as segments.
 
-Facts this module relies on (shared/DESIGN.md §4): the training aggregate runs as a parallel
+Facts this module relies on: the training aggregate runs as a parallel
 partial aggregate because it has a combine function and is PARALLEL SAFE; writing queries never
 run in parallel, so each iteration is a ``CREATE TABLE AS`` (which can) followed by an insert of
 its single row into the checkpoint table, all in one transaction; parallel workers cannot read
@@ -14,21 +14,22 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import InstallError
 from ..kernel import KERNEL_VERSION
 from ..kernel.blockstore import Run
-from .base import Backend, ColumnKind, ProgressSink
+from .base import Backend, ColumnKind, ProgressSink, RunSession
 
 SCHEMA = "dbdl"
+#: the model store: views in schema ``dbdl`` that show each role only its own rows
+STORE_TABLES = frozenset({"models", "checkpoints", "blocks", "checkpoint_blocks", "meta"})
 _DOLLAR = re.compile(r"\$(\d+)")
 # One packed buffer per heap page (fillfactor + padding), so a parallel scan hands buffers to
 # workers one by one instead of giving every buffer on the first page to one worker.
@@ -36,11 +37,37 @@ _PAD_BYTES = 1000
 
 
 def install_sql() -> str:
-    """The kernel installation script (``kernels/postgres/install.sql``)."""
-    packaged = resources.files("dbdl_magic").joinpath("sql/postgres/install.sql")
-    if packaged.is_file():
-        return packaged.read_text()
-    return (Path(__file__).parents[2] / "kernels" / "postgres" / "install.sql").read_text()
+    """The kernel installation script: ``kernels/postgres/install.sql`` in the source tree,
+    installed as package data of ``dbdl_magic.sql`` (pyproject.toml maps that package onto
+    ``kernels/``; wheels and editable installs both carry it)."""
+    return resources.files("dbdl_magic.sql").joinpath("postgres/install.sql").read_text("utf-8")
+
+
+#: What the server's python3 must import (dbdl_magic.kernel.plpython.kernel_info checks them).
+SERVER_MODULES = "torch, numpy, safetensors, zstandard and dbdl_magic"
+_MISSING = re.compile(r"cannot import: ([\w.]+(?:, [\w.]+)*)|No module named '([\w.]+)'")
+
+
+def _server_python_error(exc: DBAPIError) -> InstallError:
+    """``dbdl.kernel_info()`` failed: name the modules the server's python3 lacks and the fix."""
+    message = _db_message(exc)
+    fix = (
+        f"The server's python3 must import {SERVER_MODULES}: install them for the system "
+        "python3 that PL/Python embeds, or start PostgreSQL with PYTHONPATH set to a "
+        "site-packages folder holding them (and to the folder containing dbdl_magic)"
+    )
+    found = _MISSING.search(message)
+    if found is None:
+        return InstallError(
+            f"the database server's Python cannot run the dbdl kernels ({message}). {fix}",
+            detail=str(exc.orig),
+        )
+    names = found.group(1) or found.group(2)
+    return InstallError(
+        f"the database server's python3 cannot import {names}, which the dbdl kernels need. "
+        f"{fix}",
+        detail=str(exc.orig),
+    )
 
 
 def _db_message(exc: DBAPIError) -> str:
@@ -58,6 +85,25 @@ class PostgresBackend(Backend):
     byteorder = ">"  # float4send / int4send write big-endian
     _flavor: str | None = None
     _lz4: bool | None = None  # does the server offer lz4 TOAST compression?
+    _work_schema: str | None = None
+
+    #: how long a statement of this package waits for a lock before failing: another role that
+    #: holds a lock on the shared model store cannot stall a run for longer than this
+    lock_timeout = "30s"
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        event.listen(engine, "connect", self._session_settings)
+
+    def _session_settings(self, dbapi_conn: Any, _record: Any) -> None:
+        """Settings of every new server session (outside any transaction, so they stay)."""
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (self.lock_timeout,))
+        finally:
+            dbapi_conn.autocommit = autocommit
 
     @property
     def flavor(self) -> str:
@@ -79,7 +125,24 @@ class PostgresBackend(Backend):
         return self.flavor == "postgresql"
 
     def table(self, name: str) -> str:
-        return f"{self.q(SCHEMA)}.{self.q(name)}"
+        """A store table (``models``, ``checkpoints``, ...: per-owner views in schema ``dbdl``)
+        or, for any other name, a work table in this role's own work schema (created on first
+        use by ``dbdl.work_schema``, reachable by no other role)."""
+        if name in STORE_TABLES:
+            return f"{self.q(SCHEMA)}.{self.q(name)}"
+        return f"{self.q(self.work_schema)}.{self.q(name)}"
+
+    @property
+    def work_schema(self) -> str:
+        """This role's schema for staged rows, packed buffers and scratch states."""
+        if self._work_schema is None:
+            with self.engine.begin() as conn:
+                self._work_schema = str(
+                    conn.execute(
+                        text("SELECT dbdl.work_schema(CAST(current_user AS text))")
+                    ).scalar_one()
+                )
+        return self._work_schema
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> None:
@@ -118,17 +181,28 @@ class PostgresBackend(Backend):
             ) from exc
 
     def check(self) -> dict[str, Any]:
-        how = f"run `dbdl install {self.describe()}` (or dbdl_magic.install(url)) as a superuser"
-        try:
-            with self.engine.connect() as conn:
-                installed = conn.execute(
-                    text("SELECT value FROM dbdl.meta WHERE key = 'version'")
-                ).scalar()
-        except DBAPIError as exc:
-            raise InstallError(
-                f"the dbdl kernels are not installed in {self.describe()}: {how}",
-                detail=str(exc.orig),
-            ) from exc
+        """The installed kernel version, then ``dbdl.kernel_info()``: the server's python3 must
+        import every module the kernels use. Raises :class:`InstallError` naming what is
+        missing and the fix; a server that cannot be reached raises the driver's error."""
+        how = (
+            f"as a superuser, run `dbdl install {self.describe()}` "
+            "(or dbdl_magic.install(con) from Python)"
+        )
+        with self.engine.connect() as conn:
+            try:
+                installed = None
+                if conn.execute(text("SELECT to_regclass('dbdl.meta') IS NOT NULL")).scalar():
+                    installed = conn.execute(
+                        text("SELECT value FROM dbdl.meta WHERE key = 'version'")
+                    ).scalar()
+            except DBAPIError as exc:
+                raise InstallError(
+                    f"cannot read the dbdl kernel version in {self.describe()} "
+                    f"({_db_message(exc)}): {how}",
+                    detail=str(exc.orig),
+                ) from exc
+        if installed is None:
+            raise InstallError(f"the dbdl kernels are not installed in {self.describe()}: {how}")
         if installed != KERNEL_VERSION:
             raise InstallError(
                 f"{self.describe()} has dbdl kernel version {installed!r}, this dbdl_magic needs "
@@ -138,14 +212,7 @@ class PostgresBackend(Backend):
             with self.engine.connect() as conn:
                 info = json.loads(conn.execute(text("SELECT dbdl.kernel_info()")).scalar_one())
         except DBAPIError as exc:
-            message = _db_message(exc)
-            raise InstallError(
-                f"the database server's Python cannot run the dbdl kernels ({message}). The "
-                "server's python3 must import torch, numpy, safetensors and dbdl_magic: install "
-                "them for the system python3, or start PostgreSQL with PYTHONPATH set to a "
-                "site-packages folder holding them (and to the folder containing dbdl_magic)",
-                detail=str(exc.orig),
-            ) from exc
+            raise _server_python_error(exc) from exc
         if info.get("kernel_version") != KERNEL_VERSION:
             raise InstallError(
                 f"the server imports dbdl_magic kernel version {info.get('kernel_version')!r}, "
@@ -191,10 +258,29 @@ class PostgresBackend(Backend):
             "'-Infinity'] AS double precision[])))"
         )
 
+    def fingerprint(self, conn: Connection, packed: str) -> str:
+        """Computed in the server (the buffers never leave it)."""
+        return str(
+            conn.execute(
+                text(
+                    "SELECT md5(string_agg(concat_ws('|', split, grp, buffer_id, md5(x), md5(y)),"
+                    f" ',' ORDER BY split, grp, buffer_id)) FROM {packed}"
+                )
+            ).scalar_one()
+        )
+
+    def staging_order(self, alias: str) -> str:
+        """Rows ordered by a 64-bit hash of their text (ties, i.e. equal rows, by the text):
+        synchronized sequential scans and parallel plans return rows in varying order."""
+        row = f"CAST({alias} AS text)"
+        return f"ORDER BY hashtextextended({row}, 0), {row}"
+
     def row_hash(self, rn: str, seed_param: str) -> str:
         return f"hashint8extended(CAST({rn} AS bigint), CAST(:{seed_param} AS bigint))"
 
     def array_stats(self, conn: Connection, table: str, column: str) -> dict[str, Any]:
+        """Sizes, mean/std and, when the rows' arrays differ in shape (8x8, 4x16, flat 64 ...),
+        ``shapes``: the most common shapes found with their row counts."""
         col = self.q(column)
         r = conn.execute(
             text(
@@ -203,6 +289,10 @@ class PostgresBackend(Backend):
                 f" max(array_length({col}, 1)) FROM {table}"
             )
         ).one()
+        mixed = self._array_shapes(conn, table, col, r[3], r[2], r[0] != r[1]) if r[2] else None
+        if mixed is not None:  # refused by the caller: no need for the statistics
+            return {"min_len": r[0], "max_len": r[1], "dims": None, "mean": 0.0, "std": 0.0,
+                    **mixed}
         m = conn.execute(
             text(
                 f"SELECT avg(CAST(u.e AS double precision)),"
@@ -223,6 +313,43 @@ class PostgresBackend(Backend):
             "null_values": int(m[2] or 0),  # NULL elements inside the arrays
             "nonfinite": int(m[3] or 0),
         }
+
+    def _array_shapes(
+        self,
+        conn: Connection,
+        table: str,
+        col: str,
+        min_ndims: int,
+        max_ndims: int,
+        ragged: bool,
+        top: int = 5,
+    ) -> dict[str, Any] | None:
+        """None when every array of ``col`` has one shape, else ``{"shapes": [{"shape":
+        [lengths], "rows": n}, ...], "n_shapes": k}``: the ``top`` most common of the ``k``
+        shapes found (one more scan, only for multi-dimensional or mixed arrays)."""
+        lengths = [f"array_length({col}, {d})" for d in range(1, int(max_ndims) + 1)]
+        if min_ndims == max_ndims and not ragged:
+            if max_ndims == 1:
+                return None
+            spans = conn.execute(
+                text(
+                    "SELECT " + ", ".join(f"min({n}), max({n})" for n in lengths)
+                    + f" FROM {table}"
+                )
+            ).one()
+            if all(spans[2 * i] == spans[2 * i + 1] for i in range(len(lengths))):
+                return None
+        keys = ", ".join(str(i) for i in range(1, len(lengths) + 2))
+        rows = conn.execute(
+            text(
+                f"SELECT array_ndims({col}), {', '.join(lengths)}, count(*), count(*) OVER ()"
+                f" FROM {table} WHERE cardinality({col}) > 0 GROUP BY {keys}"
+                f" ORDER BY count(*) DESC, {keys} LIMIT {int(top)}"
+            )
+        ).all()
+        shapes = [{"shape": [int(n) for n in row[1 : 1 + row[0]]], "rows": int(row[-2])}
+                  for row in rows]
+        return {"shapes": shapes, "n_shapes": int(rows[0][-1]) if rows else 0}
 
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
         return (
@@ -316,7 +443,7 @@ class PostgresBackend(Backend):
             return
         # custom plans (the default for statements with new text): the planner sees the bound
         # buffer-id range of a sync_every part and estimates its rows. Nothing large is bound
-        # here: states come from tables (DESIGN §4.6 concerns bound model bytes).
+        # here: states come from tables (a large bound bytea would be folded into a custom plan).
         conn.execute(text("SET LOCAL plan_cache_mode = auto"))
         if workers <= 1:
             conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
@@ -342,7 +469,7 @@ class PostgresBackend(Backend):
         return f"(VALUES {', '.join(rows)}) AS m(member, grp, name, version, config)"
 
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
-        # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does (DESIGN §4.2).
+        # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does.
         conn.execute(text(f"CREATE UNLOGGED TABLE {table} AS {select_sql}"), params)
 
     def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
@@ -422,7 +549,8 @@ class PostgresBackend(Backend):
         return bytes(
             conn.execute(
                 text(
-                    f"SELECT dbdl.predict_buffer(:x, c.state, :config) FROM {ck} AS c"
+                    f"SELECT dbdl.predict_buffer(CAST(:x AS bytea), c.state, CAST(:config AS text))"
+                    f" FROM {ck} AS c"
                     " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration"
                 ),
                 {**key, "x": x, "config": json.dumps(config)},
@@ -479,9 +607,9 @@ class PostgresBackend(Backend):
         conn.execute(
             text(
                 f"CREATE TABLE {result} AS SELECT {', '.join(columns + selected)}"
-                f" FROM {packed} AS p CROSS JOIN LATERAL dbdl.predict_rows(p.x,"
+                f" FROM {packed} AS p CROSS JOIN LATERAL dbdl.predict_rows(CAST(p.x AS bytea),"
                 f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-                "  AND c.iteration = :iteration), :config) AS r"
+                "  AND c.iteration = :iteration), CAST(:config AS text)) AS r"
                 f" JOIN {stage} AS s ON s.{rn} = p.first_rn + r.i"
             ),
             values,
@@ -513,8 +641,9 @@ class PostgresBackend(Backend):
             rows.append(f"({i}, CAST(:n{i} AS text), CAST(:v{i} AS integer))")
         out = conn.execute(
             text(
-                "SELECT k.i, dbdl.archive_checkpoint(k.name, k.version, :iteration, k.name,"
-                " k.version, CAST(:iteration AS integer) - 1, :block_bytes, :deltas)"
+                "SELECT k.i, dbdl.archive_checkpoint(k.name, k.version,"
+                " CAST(:iteration AS integer), k.name, k.version, CAST(:iteration AS integer) - 1,"
+                " CAST(:block_bytes AS integer), CAST(:deltas AS boolean))"
                 f" FROM (VALUES {', '.join(rows)}) AS k(i, name, version) ORDER BY k.i"
             ),
             params,
@@ -533,8 +662,10 @@ class PostgresBackend(Backend):
         parent_name, parent_version, parent_iteration = parent or (None, None, None)
         out = conn.execute(
             text(
-                "SELECT dbdl.archive_checkpoint(:name, :version, :iteration, :parent_name,"
-                " :parent_version, :parent_iteration, :block_bytes, :deltas)"
+                "SELECT dbdl.archive_checkpoint(CAST(:name AS text), CAST(:version AS integer),"
+                " CAST(:iteration AS integer), CAST(:parent_name AS text),"
+                " CAST(:parent_version AS integer), CAST(:parent_iteration AS integer),"
+                " CAST(:block_bytes AS integer), CAST(:deltas AS boolean))"
             ),
             {
                 **key,
@@ -550,14 +681,20 @@ class PostgresBackend(Backend):
 
     def materialize(self, conn: Connection, key: dict[str, Any], iteration: int) -> None:
         conn.execute(
-            text("SELECT dbdl.materialize_checkpoint(:name, :version, :iteration)"),
+            text(
+                "SELECT dbdl.materialize_checkpoint(CAST(:name AS text),"
+                " CAST(:version AS integer), CAST(:iteration AS integer))"
+            ),
             {**key, "iteration": iteration},
         )
 
     def release(self, conn: Connection, key: dict[str, Any], iteration: int | None = None) -> int:
         return int(
             conn.execute(
-                text("SELECT dbdl.release_blocks(:name, :version, :iteration)"),
+                text(
+                    "SELECT dbdl.release_blocks(CAST(:name AS text), CAST(:version AS integer),"
+                    " CAST(:iteration AS integer))"
+                ),
                 {**key, "iteration": iteration},
             ).scalar_one()
         )
@@ -566,3 +703,112 @@ class PostgresBackend(Backend):
         raw = conn.connection.driver_connection
         if raw is not None:
             raw.cancel()
+
+    # -- sessions -------------------------------------------------------------------------------
+    # Advisory locks of this role, key 1 = hashtext('role/<name or token>'), key 2 = a model
+    # version (>= 1), 0 (allocating versions of a name, for one transaction) or -1 (the run
+    # with that work token). A run holds its locks on a connection of its own until it ends; a
+    # killed client or a server restart ends that session and with it the locks. One version
+    # lock per run, however many models it trains: (name, the run's first version), which is
+    # a model's own version and, for the members of a group_by / grid run, the version of
+    # member 0 (a member's version minus its member index), so thousands of groups do not
+    # fill the server's lock table.
+    def open_session(self, token: str) -> PostgresRunSession:
+        return PostgresRunSession(self, token)
+
+    def lock_name(self, conn: Connection, name: str) -> None:
+        conn.execute(text(f"SELECT pg_advisory_xact_lock({_LOCK_KEY}, 0)"), {"key": name})
+
+    def version_live(
+        self, conn: Connection, name: str, version: int, options: dict[str, Any]
+    ) -> bool:
+        return not self._try_xact_lock(conn, name, version - int(options.get("member") or 0))
+
+    def token_live(self, conn: Connection, token: str) -> bool:
+        return not self._try_xact_lock(conn, token, -1)
+
+    def run_records(self, conn: Connection) -> dict[str, bool]:
+        return {}  # the locks are the record
+
+    def forget_run(self, conn: Connection, token: str) -> None:
+        pass  # a lock goes with its session
+
+    def scratch_orphaned(self, conn: Connection) -> bool:
+        # an iteration creates and drops its scratch tables inside its own transaction: one
+        # that other sessions can see was left by a transaction that committed without
+        # dropping it, never by a run that still needs it
+        return True
+
+    def work_tables(self, conn: Connection) -> list[str]:
+        """The tables in this role's work schema that it owns."""
+        schema = self.work_schema
+        names = conn.execute(
+            text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = :schema"
+                " AND tableowner = current_user ORDER BY tablename"
+            ),
+            {"schema": schema},
+        ).scalars()
+        return [f"{self.q(schema)}.{self.q(n)}" for n in names if n not in STORE_TABLES]
+
+    def _try_xact_lock(self, conn: Connection, key: str, number: int) -> bool:
+        """Take lock (``key``, ``number``) for the rest of ``conn``'s transaction if no session
+        holds it. The looker then waits at most 2 s for any lock (a killed client's server
+        process can hold its tables until its query ends)."""
+        conn.execute(text("SET LOCAL lock_timeout = '2s'"))
+        return bool(
+            conn.execute(
+                text(f"SELECT pg_try_advisory_xact_lock({_LOCK_KEY}, CAST(:n AS integer))"),
+                {"key": key, "n": number},
+            ).scalar()
+        )
+
+
+#: key 1 of this role's advisory locks on a model name or run token (bound as ``:key``)
+_LOCK_KEY = "hashtext(CAST(current_user AS text) || '/' || CAST(:key AS text))"
+
+
+class PostgresRunSession(RunSession):
+    """A run's session: advisory locks held on a connection checked out for the whole run,
+    (token, -1) from the start, (name, first version) for the versions it trains. The connection
+    is closed at the end, not pooled: the pool hands out the most recently used connection,
+    whose server process has the kernels warm, and that one is left for the iterations."""
+
+    CLAIM_WAIT_S = 2.0  # how long a claim retries (a looker holds a lock for a moment)
+
+    def __init__(self, backend: PostgresBackend, token: str) -> None:
+        self.backend, self.token, self.record = backend, token, None
+        with backend.engine.connect():  # hold the warm one while taking another
+            self.conn = backend.engine.connect()
+        try:
+            self.conn.execute(text(f"SELECT pg_advisory_lock({_LOCK_KEY}, -1)"), {"key": token})
+            self.conn.commit()  # session locks outlive the transaction; don't sit in one
+        except BaseException:
+            self.conn.invalidate()
+            self.conn.close()
+            raise
+
+    def claim(self, conn: Connection, name: str, versions: list[int]) -> list[int]:
+        """Lock (``name``, first of ``versions``): the versions of one run, in member order."""
+        return [] if not versions or self._lock(name, versions[0]) else versions[:1]
+
+    def _lock(self, name: str, version: int) -> bool:
+        deadline = time.monotonic() + self.CLAIM_WAIT_S
+        while True:
+            got = self.conn.execute(
+                text(f"SELECT pg_try_advisory_lock({_LOCK_KEY}, CAST(:n AS integer))"),
+                {"key": name, "n": version},
+            ).scalar()
+            self.conn.commit()
+            if got or time.monotonic() >= deadline:
+                return bool(got)
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Release the locks (at once, for whoever waits on them) and close the connection."""
+        with suppress(Exception):  # a session that is gone took its locks with it
+            self.conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            self.conn.commit()
+        with suppress(Exception):
+            self.conn.invalidate()
+            self.conn.close()

@@ -32,7 +32,16 @@ from ..kernel.train import Trainer, mix_seed
 from .base import Backend, ColumnKind, ProgressSink
 
 PAGE_SIZE = 65536
+# SQLite lets one session write at a time, and an iteration's statement holds the write lock
+# for its whole epoch: a concurrent session (another run, a listing that records an
+# interrupted run) waits this long for it instead of sqlite3's default 5 s
+BUSY_TIMEOUT_MS = 60_000
+# SQLite calls a function with at most 127 arguments (SQLITE_MAX_FUNCTION_ARG) and returns at
+# most 2000 columns (SQLITE_MAX_COLUMN): a row of more encoded pieces is packed as chunks
+MAX_PIECES = 100
 _DOLLAR = re.compile(r"\$(\d+)")
+# one part of a dotted table name: "quoted" (with "" inside) or bare
+_NAME_PART = re.compile(r'"((?:[^"]|"")*)"|([^."]+)')
 
 # run id -> progress report(member, samples), set by the backend around an iteration
 _PROGRESS: dict[str, Callable[[int, int], None]] = {}
@@ -124,11 +133,30 @@ class _PackAggregate:
             return b""
         if not any(isinstance(p, bytes) for p in self.rows[0]):
             return np.asarray(self.rows, dtype="<f4").tobytes()
-        out = bytearray()
-        for row in self.rows:
-            for piece in row:
-                out += piece if isinstance(piece, bytes) else np.float32(piece).tobytes()
-        return bytes(out)
+        return b"".join(_row_bytes(row) for row in self.rows)
+
+
+def _row_bytes(pieces: tuple[Any, ...]) -> bytes:
+    """A row's encoded pieces as little-endian float32 bytes: bytes pieces (arrays, chunks)
+    as they are, each run of numbers converted at once."""
+    out: list[bytes] = []
+    start = 0
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, bytes):
+            if start < i:
+                out.append(np.asarray(pieces[start:i], dtype="<f4").tobytes())
+            out.append(piece)
+            start = i + 1
+    if start < len(pieces):
+        out.append(np.asarray(pieces[start:], dtype="<f4").tobytes())
+    return b"".join(out)
+
+
+@_kernel
+def _row_chunk(*pieces: Any) -> bytes:
+    """``dbdl_row(p, ...)``: up to :data:`MAX_PIECES` encoded pieces of a row as float32 bytes,
+    so a row wider than SQLite's argument limit reaches ``dbdl_pack`` as a few chunks."""
+    return _row_bytes(pieces)
 
 
 class _PackTargets:
@@ -155,6 +183,7 @@ class _BlobStats:
         self.total_sq = 0.0
         self.bad_blobs = 0  # not a whole number of float32 values: reported as bad input
         self.nonfinite = 0
+        self.sizes: dict[int, int] = {}  # values per blob → rows
 
     @_kernel
     def step(self, blob: Any) -> None:
@@ -164,6 +193,7 @@ class _BlobStats:
             self.bad_blobs += 1
             return
         values = np.frombuffer(blob, dtype="<f4").astype(np.float64)
+        self.sizes[values.size] = self.sizes.get(values.size, 0) + 1
         self.min_len = values.size if self.min_len is None else min(self.min_len, values.size)
         self.max_len = max(self.max_len, values.size)
         finite = np.isfinite(values)
@@ -178,17 +208,20 @@ class _BlobStats:
     def finalize(self) -> str:
         mean = self.total / self.n if self.n else 0.0
         var = max(self.total_sq / self.n - mean * mean, 0.0) if self.n else 0.0
-        return json.dumps(
-            {
-                "min_len": self.min_len,
-                "max_len": self.max_len,
-                "mean": mean,
-                "std": math.sqrt(var),
-                "dims": None,
-                "bad_blobs": self.bad_blobs,
-                "nonfinite": self.nonfinite,
-            }
-        )
+        stats = {
+            "min_len": self.min_len,
+            "max_len": self.max_len,
+            "mean": mean,
+            "std": math.sqrt(var),
+            "dims": None,
+            "bad_blobs": self.bad_blobs,
+            "nonfinite": self.nonfinite,
+        }
+        if len(self.sizes) > 1:  # blobs of different lengths: the most common, for the message
+            common = sorted(self.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+            stats["shapes"] = [{"shape": [size], "rows": rows} for size, rows in common]
+            stats["n_shapes"] = len(self.sizes)
+        return json.dumps(stats)
 
 
 def _plain(value: Any) -> Any:
@@ -222,6 +255,7 @@ def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
     c.create_aggregate("dbdl_train", 5, _TrainAggregate)
     c.create_aggregate("dbdl_evaluate", 4, _EvalAggregate)
     c.create_aggregate("dbdl_pack", -1, _PackAggregate)
+    c.create_function("dbdl_row", -1, _row_chunk, deterministic=True)
     c.create_aggregate("dbdl_pack_y", 2, _PackTargets)
     c.create_aggregate("dbdl_blob_stats", 1, _BlobStats)
     c.create_function("dbdl_metrics", 2, _kernel(metrics_json))
@@ -230,6 +264,7 @@ def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
     c.create_function("dbdl_scale_blob", 4, _scale_blob, deterministic=True)
     c.create_function("dbdl_predict_buffer", 3, _predict_buffer)
     _register_row_predict(c)
+    c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # effective for new database files
 
 
@@ -237,7 +272,12 @@ SQLITE_TABLES = {t: f'"dbdl_{t}"' for t in ("blocks", "checkpoint_blocks", "chec
 
 
 def _register_row_predict(c: sqlite3.Connection) -> None:
-    """``dbdl_predict(model, json_object(...))`` and friends, reading models through ``c``."""
+    """``dbdl_predict(model, json_object(...))`` and friends, reading models through ``c``.
+
+    ``json_object`` takes at most 127 arguments (63 columns): a wider row is passed as several
+    objects, ``dbdl_predict(model, json_object(<first 63>), json_object(<next>), ...)``, merged
+    in order.
+    """
 
     def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
         return c.execute(_DOLLAR.sub(r"?\1", sql), tuple(params)).fetchall()
@@ -246,8 +286,8 @@ def _register_row_predict(c: sqlite3.Connection) -> None:
 
     def make(mode: str) -> Callable[..., Any]:
         @_kernel
-        def row(model: str, features: str) -> Any:
-            label, value, proba = predictor.outputs(model, json.loads(features))
+        def row(model: str, *features: str) -> Any:
+            label, value, proba = predictor.outputs(model, _merged_row(features))
             if mode == "label":
                 return _plain(label)
             return value if mode == "value" else json.dumps(proba)
@@ -259,7 +299,25 @@ def _register_row_predict(c: sqlite3.Connection) -> None:
         ("value", "dbdl_predict_value"),
         ("proba", "dbdl_predict_proba"),
     ):
-        c.create_function(name, 2, make(mode))
+        c.create_function(name, -1, make(mode))
+
+
+def _merged_row(parts: tuple[str, ...]) -> Any:
+    """One row's features: one JSON value as it is (an object, or an array in feature order),
+    or several JSON objects merged (later keys win)."""
+    if not parts:
+        raise DbdlError("pass the row's features: dbdl_predict(model, json_object(...))")
+    if len(parts) == 1:
+        return json.loads(parts[0])
+    merged: dict[str, Any] = {}
+    for part in parts:
+        values = json.loads(part) if part is not None else None
+        if not isinstance(values, dict):
+            raise DbdlError(
+                f"dbdl_predict takes JSON objects of features after the model name, got {part!r}"
+            )
+        merged.update(values)
+    return merged
 
 
 class SQLiteBackend(Backend):
@@ -354,7 +412,10 @@ class SQLiteBackend(Backend):
             f"min(NULLIF(typeof({self.q(c)}), 'null')), max(NULLIF(typeof({self.q(c)}), 'null'))"
             for c in names
         ]
-        row = conn.execute(text(f"SELECT {', '.join(parts)} FROM {table}")).one()
+        row: list[Any] = []
+        for start in range(0, len(parts), MAX_PIECES * 5):  # ≤ 1000 result columns per scan
+            chunk = ", ".join(parts[start : start + MAX_PIECES * 5])
+            row += conn.execute(text(f"SELECT {chunk} FROM {table}")).one()
         kinds: dict[str, ColumnKind] = {}
         for i, c in enumerate(names):
             lo, hi = row[2 * i], row[2 * i + 1]
@@ -406,6 +467,16 @@ class SQLiteBackend(Backend):
 
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
         return f"dbdl_scale_blob({column}, :{mean_param}, :{std_param}, {int(width)})"
+
+    def group_pieces(self, pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+        """At most :data:`MAX_PIECES` pieces: a wider row becomes ``dbdl_row(...)`` chunks of
+        float32 bytes (nested again past 100 chunks), in the same order."""
+        while len(pieces) > MAX_PIECES:
+            pieces = [
+                (f"dbdl_row({', '.join(sql for sql, _ in pieces[i : i + MAX_PIECES])})", True)
+                for i in range(0, len(pieces), MAX_PIECES)
+            ]
+        return pieces
 
     def create_packed(
         self,
@@ -501,10 +572,17 @@ class SQLiteBackend(Backend):
         ).scalar_one()
 
     def table_exists(self, conn: Connection, table: str) -> bool:
-        name = table.split(".")[-1].strip('"').replace('""', '"')
+        """Whether ``table`` (quoted as the database reads it, ``schema.name`` or ``name``)
+        exists; names compare without ASCII case, as SQLite does."""
+        parts = [m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2)
+                 for m in _NAME_PART.finditer(table)]
+        schema = f"{self.q(parts[0])}." if len(parts) > 1 else ""
         found = conn.execute(
-            text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :n"),
-            {"n": name},
+            text(
+                f"SELECT count(*) FROM {schema}sqlite_master WHERE type = 'table'"
+                " AND lower(name) = lower(:n)"
+            ),
+            {"n": parts[-1]},
         )
         return bool(found.scalar())
 
@@ -544,7 +622,8 @@ class SQLiteBackend(Backend):
         rows = conn.execute(
             text(f"SELECT {', '.join(selected)} FROM {stage} AS s ORDER BY s.{rn}"), params
         )
-        insert = f"INSERT INTO {result} VALUES ({', '.join('?' * len(columns))})"
+        target = result.replace("\\:", ":")  # the driver reads no :name placeholders
+        insert = f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})"
         width = len(kept)
         labels = np.asarray(classes, dtype=object)
         while batch := rows.fetchmany(rows_per_buffer):
@@ -573,6 +652,17 @@ class SQLiteBackend(Backend):
         raw = conn.connection.driver_connection
         if raw is not None:
             raw.interrupt()
+
+    def work_tables(self, conn: Connection) -> list[str]:
+        """Every ``dbdl_*`` table of the file but the model store's and the meta table."""
+        store = {*SQLITE_TABLES.values(), self.table("meta")}
+        names = conn.execute(
+            text(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name LIKE 'dbdl\\_%' ESCAPE '\\'"
+            )
+        ).scalars()
+        return [q for q in (self.q(n) for n in names) if q not in store]
 
 
 __all__ = ["SQLiteBackend", "register_kernels", "stats_from_bytes"]

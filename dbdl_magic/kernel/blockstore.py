@@ -226,7 +226,7 @@ class Archiver:
                     data = block.raw
                     self.run(
                         f"INSERT INTO {t['blocks']} (hash, dtype, encoding, data, raw_size, refs)"
-                        " VALUES ($1, $2, 0, $3, $4, 0) ON CONFLICT (hash) DO NOTHING",
+                        " VALUES ($1, $2, 0, $3, $4, 0) ON CONFLICT DO NOTHING",
                         [block.hash, block.dtype, data, len(block.raw)],
                     )
                 else:
@@ -234,7 +234,7 @@ class Archiver:
                     data = delta
                     self.run(
                         f"INSERT INTO {t['blocks']} (hash, dtype, encoding, base, data, raw_size,"
-                        " refs) VALUES ($1, $2, 1, $3, $4, $5, 0) ON CONFLICT (hash) DO NOTHING",
+                        " refs) VALUES ($1, $2, 1, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
                         [block.hash, block.dtype, base[0], data, len(block.raw)],
                     )
                     self._ref(base[0], 1)

@@ -3,6 +3,11 @@
 Every function here is safe in a parallel worker: no SPI (``plpy.execute`` and friends), all
 inputs arrive as arguments. ``GD`` is PL/Python's per-backend dict; it caches the live model
 between calls so that the state is decoded only when it did not come from this process.
+
+Any role allowed to call the SQL functions may send anything, so every entry point checks its
+arguments and reports a failure as a :class:`~dbdl_magic.kernel.errors.KernelError` naming the
+function (see :func:`~dbdl_magic.kernel.errors.clean_errors`), never as torch's own exception.
+Limits: see :mod:`dbdl_magic.kernel.limits`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 from . import KERNEL_VERSION
-from .evaluate import Evaluator, combine_stats, metrics_json, stats_to_bytes
+from .errors import DataError, clean_errors
+from .evaluate import (
+    Evaluator,
+    combine_stats,
+    metrics_json,
+    parse_config,
+    stats_from_bytes,
+    stats_length,
+    stats_to_bytes,
+)
+from .limits import max_parameters
 from .predict import predict_buffer
 from .state import combine_states, state_info
 from .train import Trainer
@@ -39,14 +54,31 @@ def _cache(GD: dict[str, Any], name: str) -> dict[str, Any]:
     return cache
 
 
+_CONFIG_CACHE_CHARS = 1 << 16  # longer config texts are parsed every time, never kept
+
+
 def _config(GD: dict[str, Any], text: str) -> dict[str, Any]:
     cache = _cache(GD, "dbdl_configs")
-    config = cache.get(text)
+    config = cache.get(text) if isinstance(text, str) else None
     if config is None:
-        config = cache[text] = json.loads(text)
+        config = parse_config(text)
+        if len(text) <= _CONFIG_CACHE_CHARS:
+            cache[text] = config
     return config
 
 
+def _keep(cache: dict[str, Any], key: str, entry: tuple[bytes, Any]) -> None:
+    """Cache a live trainer/evaluator; the cached networks together stay within the server's
+    parameter limit (older entries are dropped), so a caller cycling through run/member keys
+    cannot pile up models in this process."""
+    cache.pop(key, None)
+    total = sum(e[1].plan.parameters for e in cache.values()) + entry[1].plan.parameters
+    if total > max_parameters():
+        cache.clear()
+    cache[key] = entry
+
+
+@clean_errors("dbdl.train")
 def train_transition(
     GD: dict[str, Any],
     state: bytes | None,
@@ -59,6 +91,8 @@ def train_transition(
 ) -> bytes:
     """SGD over one buffer. ``state`` is None on the first buffer of each worker."""
     config = _config(GD, config_text)
+    if buffer_id is None:
+        raise DataError("buffer_id is NULL")
     trainers = _cache(GD, "dbdl_trainers")
     cached = trainers.get(_member_key(config))
     if state is None:
@@ -78,10 +112,11 @@ def train_transition(
 
     trainer.train_buffer(x, y, int(buffer_id), progress, float(config.get("progress_every", 0.5)))
     out = trainer.to_bytes()
-    trainers[_member_key(config)] = (out, trainer)
+    _keep(trainers, _member_key(config), (out, trainer))
     return out
 
 
+@clean_errors("dbdl.train_combine")
 def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
     """Sample-weighted model averaging of two partial states."""
     return combine_states(a, b)
@@ -94,48 +129,84 @@ def _evaluator(GD: dict[str, Any], model: bytes, config: dict[str, Any]) -> Eval
     if cached is not None and cached[0] == model and cached[1].config is config:
         return cached[1]
     evaluator = Evaluator(config, model)
-    evaluators[key] = (model, evaluator)
+    _keep(evaluators, key, (model, evaluator))
     return evaluator
 
 
+@clean_errors("dbdl.evaluate")
 def eval_transition(
     GD: dict[str, Any], acc: bytes | None, x: bytes, y: bytes, model: bytes, config_text: str
 ) -> bytes:
     """Add one buffer's loss and metric statistics."""
-    from .evaluate import stats_from_bytes
-
     config = _config(GD, config_text)
     evaluator = _evaluator(GD, model, config)
-    vector = evaluator.score_buffer(x, y, None if acc is None else stats_from_bytes(acc))
+    previous = None if acc is None else stats_from_bytes(acc, stats_length(config))
+    vector = evaluator.score_buffer(x, y, previous)
     return stats_to_bytes(vector)
 
 
+@clean_errors("dbdl.eval_combine")
 def eval_combine(a: bytes | None, b: bytes | None) -> bytes | None:
     """Partial statistics add."""
     return combine_stats(a, b)
 
 
+@clean_errors("dbdl.metrics")
 def metrics(acc: bytes | None, config_text: str) -> str:
     """Metrics JSON from the evaluate aggregate's statistics."""
     return metrics_json(acc, config_text)
 
 
+@clean_errors("dbdl.predict_buffer")
 def predict(GD: dict[str, Any], x: bytes, model: bytes, config_text: str) -> bytes:
     """Predictions for one packed feature buffer, as little-endian float32 (n × outputs)."""
     config = _config(GD, config_text)
     return predict_buffer(_evaluator(GD, model, config), x).astype("<f4").tobytes()
 
 
+@clean_errors("dbdl.state_info")
 def info(state: bytes) -> str:
     """Header of a training state as JSON."""
     return json.dumps(state_info(state))
 
 
+#: Third-party modules the kernels import (some only when they need them, e.g. zstandard).
+KERNEL_REQUIREMENTS = ("torch", "numpy", "safetensors", "zstandard")
+
+
+def _unimportable() -> dict[str, str]:
+    """Missing module → error, over the requirements and every ``dbdl_magic.kernel`` module."""
+    import importlib
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]
+    own = [f"{package}.{m.name}" for m in pkgutil.iter_modules(sys.modules[package].__path__)]
+    missing: dict[str, str] = {}
+    for name in (*KERNEL_REQUIREMENTS, *own):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # the module that is really missing, e.g. a kernel's import
+            missing.setdefault(exc.name or name, f"{type(exc).__name__}: {exc}")
+    return missing
+
+
 def kernel_info() -> str:
-    """What the server's Python can do: versions, device, interpreter."""
+    """What the server's Python can do: versions, device, interpreter.
+
+    Imports every module the kernels use first; raises ImportError naming the ones missing
+    (``cannot import: a, b``) so that a check fails here rather than in the middle of a run.
+    """
+    missing = _unimportable()
+    if missing:
+        raise ImportError(
+            f"the dbdl kernels cannot import: {', '.join(missing)} ("
+            + "; ".join(missing.values())
+            + f"; sys.path = {sys.path})"
+        )
     import numpy
     import safetensors
     import torch
+    import zstandard
 
     return json.dumps(
         {
@@ -143,6 +214,7 @@ def kernel_info() -> str:
             "torch": torch.__version__,
             "numpy": numpy.__version__,
             "safetensors": safetensors.__version__,
+            "zstandard": zstandard.__version__,
             "cuda": torch.cuda.is_available(),
             "python": sys.version.split()[0],
             "threads": torch.get_num_threads(),
@@ -153,6 +225,13 @@ def kernel_info() -> str:
 
 # -- storage routines (SPI; called only from PARALLEL UNSAFE functions, never in parallel plans)
 PG_TABLES = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints", "models")}
+
+
+def _required(**arguments: Any) -> None:
+    """Refuse NULL arguments of the store routines, naming them."""
+    missing = [name for name, value in arguments.items() if value is None]
+    if missing:
+        raise DataError(f"argument(s) {', '.join(missing)} must not be NULL")
 
 
 def _pg_type(value: Any) -> str:
@@ -207,6 +286,11 @@ def archive(
     deltas: bool,
 ) -> str:
     """Store a checkpoint as content-addressed blocks; JSON byte counts."""
+    _required(name=name, version=version, iteration=iteration, block_bytes=block_bytes)
+    if parent_name is not None:
+        _required(parent_version=parent_version, parent_iteration=parent_iteration)
+    if block_bytes < 1:
+        raise DataError(f"block_bytes={block_bytes} must be positive")
     archiver = _archiver(plpy, GD, block_bytes=block_bytes, deltas=deltas)
     parent = None if parent_name is None else (parent_name, parent_version, parent_iteration)
     return json.dumps(archiver.archive(name, version, iteration, parent))
@@ -214,14 +298,17 @@ def archive(
 
 def materialize(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: int) -> None:
     """Rebuild a checkpoint's hot state from its blocks."""
+    _required(name=name, version=version, iteration=iteration)
     _archiver(plpy, GD).materialize(name, version, iteration)
 
 
 def release(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: int | None) -> int:
     """Drop block references of a model version (or one checkpoint) and collect garbage."""
+    _required(name=name, version=version)
     return _archiver(plpy, GD).release(name, version, iteration)
 
 
+@clean_errors("dbdl.predict_rows")
 def predict_rows(
     GD: dict[str, Any], x: bytes, model: bytes, config_text: str
 ) -> list[tuple[int, int | None, float, list[float] | None]]:
@@ -241,6 +328,10 @@ def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: 
     """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array."""
     from .rowpredict import RowPredictor
 
+    _required(model=model, features=features)
+    _, colon, version = str(model).partition(":")
+    if colon and not version.isdigit():
+        raise DataError(f"model {model[:100]!r}: the version after ':' must be a whole number")
     predictor = GD.get("dbdl_rows")
     if predictor is None:
         predictor = GD["dbdl_rows"] = RowPredictor(spi_runner(plpy, GD), PG_TABLES)

@@ -7,14 +7,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import LimitError, clean_errors
 from .evaluate import Evaluator
+from .limits import max_activation_bytes
 from .train import buffer_tensors
 
 
+@clean_errors("prediction")
 def predict_buffer(evaluator: Evaluator, x: bytes) -> np.ndarray:
     """Class probabilities (n × k) or regression values in original units (n × 1)."""
     cfg: dict[str, Any] = evaluator.config
-    X, _ = buffer_tensors(x, None, cfg, evaluator.device)
+    X, _ = buffer_tensors(x, None, cfg, evaluator.device, targets=False)
+    out_bytes = 4 * X.shape[0] * int(cfg["n_outputs"])
+    if out_bytes > max_activation_bytes():
+        raise LimitError(
+            f"predictions of {X.shape[0]:,} rows × {cfg['n_outputs']} outputs take "
+            f"{out_bytes:,} bytes, over this server's limit DBDL_MAX_ACTIVATION_BYTES="
+            f"{max_activation_bytes():,}; send smaller buffers"
+        )
     out = evaluator.outputs(X)
     if cfg["task"] == "classification":
         return torch.softmax(out, dim=1).cpu().numpy().astype(np.float32)

@@ -1,13 +1,29 @@
 -- dbdl_magic kernels for PostgreSQL (PL/Python). Run by dbdl_magic.install() / `dbdl install URL`
--- as a superuser; idempotent. The server's python3 must be able to import torch, numpy,
--- safetensors and dbdl_magic (start the server with PYTHONPATH pointing at them).
+-- as a superuser; idempotent (also upgrades an install of kernel version 1). The server's python3
+-- must be able to import torch, numpy, safetensors, zstandard and dbdl_magic (start the server
+-- with PYTHONPATH pointing at them).
 --
--- Rules kept here (see shared/DESIGN.md §4-5): every function that can run in a parallel plan
--- is PARALLEL SAFE and never touches SPI; the training aggregate has a combine function and a
--- bytea state (so it also pushes down on Citus and runs per segment on Greenplum).
+-- Rules kept here: every function that can run in a parallel plan is PARALLEL SAFE and never
+-- touches SPI; the training aggregate has a combine function and a bytea state (so it also
+-- pushes down on Citus and runs per segment on Greenplum).
+--
+-- Privileges (the database is shared): nothing here is writable by PUBLIC.
+--  * schema dbdl: USAGE only. Every function pins search_path = pg_catalog, pg_temp, and the
+--    client casts every argument to the declared type, so no other role can slip an overload or
+--    an operator in front of a kernel.
+--  * the model store lives in schema dbdl_store, which only its owner (the installer) can reach.
+--    Roles see it through the views dbdl.models / checkpoints / blocks / checkpoint_blocks, which
+--    show and accept only rows owned by current_user (security_barrier + CHECK OPTION): names
+--    are unique per owner, and weight blocks are deduplicated within one owner's models (never
+--    across owners, which would leak what another role stores). Admins read dbdl_store directly;
+--    a role shares its models by granting itself (GRANT alice TO carol; carol: SET ROLE alice).
+--  * work tables (staged rows, packed buffers) live in a schema per role that only that role
+--    can use, created on first use by dbdl.work_schema().
 
 CREATE EXTENSION IF NOT EXISTS plpython3u;
 CREATE SCHEMA IF NOT EXISTS dbdl;
+CREATE SCHEMA IF NOT EXISTS dbdl_store;
+REVOKE ALL ON SCHEMA dbdl, dbdl_store FROM PUBLIC;
 
 CREATE TABLE IF NOT EXISTS dbdl.meta (key text PRIMARY KEY, value text NOT NULL);
 
@@ -115,8 +131,42 @@ from dbdl_magic.kernel import plpython
 return plpython.row_predict(plpy, GD, model, features, "proba")
 $$;
 
--- Model store (see dbdl_magic/store.py).
-CREATE TABLE IF NOT EXISTS dbdl.models (
+-- Model store: tables in dbdl_store (no PUBLIC access), one owner column each.
+-- An install of kernel version 1 kept the tables in schema dbdl: move them, owned by the
+-- installer (who is the only role that could tell whose they were).
+DO $migrate$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['checkpoint_blocks', 'blocks', 'checkpoints', 'models'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = 'dbdl' AND c.relname = t AND c.relkind = 'r') THEN
+            EXECUTE format('ALTER TABLE dbdl.%I SET SCHEMA dbdl_store', t);
+            EXECUTE format('ALTER TABLE dbdl_store.%I ADD COLUMN IF NOT EXISTS owner text'
+                           ' NOT NULL DEFAULT CAST(current_user AS text)', t);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'checkpoints_name_version_fkey'
+               AND conrelid = to_regclass('dbdl_store.checkpoints')) THEN
+        ALTER TABLE dbdl_store.checkpoints DROP CONSTRAINT checkpoints_name_version_fkey;
+        ALTER TABLE dbdl_store.checkpoints DROP CONSTRAINT checkpoints_pkey;
+        ALTER TABLE dbdl_store.models DROP CONSTRAINT models_pkey;
+        ALTER TABLE dbdl_store.models ADD PRIMARY KEY (owner, name, version);
+        ALTER TABLE dbdl_store.checkpoints ADD PRIMARY KEY (owner, name, version, iteration);
+        ALTER TABLE dbdl_store.checkpoints ADD FOREIGN KEY (owner, name, version)
+            REFERENCES dbdl_store.models (owner, name, version) ON DELETE CASCADE;
+        ALTER TABLE dbdl_store.blocks DROP CONSTRAINT blocks_pkey;
+        ALTER TABLE dbdl_store.blocks ADD PRIMARY KEY (owner, hash);
+        ALTER TABLE dbdl_store.checkpoint_blocks DROP CONSTRAINT checkpoint_blocks_pkey;
+        ALTER TABLE dbdl_store.checkpoint_blocks ADD PRIMARY KEY
+            (owner, name, version, iteration, ord);
+        DROP INDEX IF EXISTS dbdl_store.checkpoint_blocks_hash;
+    END IF;
+END
+$migrate$;
+
+CREATE TABLE IF NOT EXISTS dbdl_store.models (
+    owner text NOT NULL DEFAULT CAST(current_user AS text),
     name text NOT NULL,
     version integer NOT NULL,
     status text NOT NULL,
@@ -130,10 +180,11 @@ CREATE TABLE IF NOT EXISTS dbdl.models (
     error text,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (name, version)
+    PRIMARY KEY (owner, name, version)
 );
 
-CREATE TABLE IF NOT EXISTS dbdl.checkpoints (
+CREATE TABLE IF NOT EXISTS dbdl_store.checkpoints (
+    owner text NOT NULL DEFAULT CAST(current_user AS text),
     name text NOT NULL,
     version integer NOT NULL,
     iteration integer NOT NULL,
@@ -142,33 +193,84 @@ CREATE TABLE IF NOT EXISTS dbdl.checkpoints (
     new_bytes bigint,         -- bytes this checkpoint added to the block store
     metrics text,
     created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (name, version, iteration),
-    FOREIGN KEY (name, version) REFERENCES dbdl.models (name, version) ON DELETE CASCADE
+    PRIMARY KEY (owner, name, version, iteration),
+    FOREIGN KEY (owner, name, version) REFERENCES dbdl_store.models (owner, name, version)
+        ON DELETE CASCADE
 );
-ALTER TABLE dbdl.checkpoints ALTER COLUMN state SET STORAGE EXTERNAL;
+ALTER TABLE dbdl_store.checkpoints ALTER COLUMN state SET STORAGE EXTERNAL;
 
 -- Content-addressed weight blocks (see dbdl_magic/kernel/blockstore.py).
-CREATE TABLE IF NOT EXISTS dbdl.blocks (
-    hash bytea PRIMARY KEY,     -- BLAKE2b-256 over dtype tag + raw bytes
+CREATE TABLE IF NOT EXISTS dbdl_store.blocks (
+    owner text NOT NULL DEFAULT CAST(current_user AS text),
+    hash bytea NOT NULL,        -- BLAKE2b-256 over dtype tag + raw bytes
     dtype text NOT NULL,
     encoding smallint NOT NULL, -- 0 raw, 1 delta (XOR + zstd) against block "base"
     base bytea,
     data bytea NOT NULL,
     raw_size integer NOT NULL,
-    refs integer NOT NULL DEFAULT 0
+    refs integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, hash)
 );
-ALTER TABLE dbdl.blocks ALTER COLUMN data SET STORAGE EXTERNAL;
+ALTER TABLE dbdl_store.blocks ALTER COLUMN data SET STORAGE EXTERNAL;
 
-CREATE TABLE IF NOT EXISTS dbdl.checkpoint_blocks (
+CREATE TABLE IF NOT EXISTS dbdl_store.checkpoint_blocks (
+    owner text NOT NULL DEFAULT CAST(current_user AS text),
     name text NOT NULL,
     version integer NOT NULL,
     iteration integer NOT NULL,
     ord integer NOT NULL,
     label text NOT NULL,
     hash bytea NOT NULL,
-    PRIMARY KEY (name, version, iteration, ord)
+    PRIMARY KEY (owner, name, version, iteration, ord)
 );
-CREATE INDEX IF NOT EXISTS checkpoint_blocks_hash ON dbdl.checkpoint_blocks (hash);
+CREATE INDEX IF NOT EXISTS checkpoint_blocks_owner_hash
+    ON dbdl_store.checkpoint_blocks (owner, hash);
+
+-- What every role sees and writes: its own rows only.
+CREATE OR REPLACE VIEW dbdl.models WITH (security_barrier) AS
+    SELECT name, version, status, spec, encoding, options, query, history, model_iteration,
+           parent, error, created_at, updated_at
+    FROM dbdl_store.models WHERE owner = CAST(current_user AS text)
+    WITH LOCAL CHECK OPTION;
+CREATE OR REPLACE VIEW dbdl.checkpoints WITH (security_barrier) AS
+    SELECT name, version, iteration, state, logical_bytes, new_bytes, metrics, created_at
+    FROM dbdl_store.checkpoints WHERE owner = CAST(current_user AS text)
+    WITH LOCAL CHECK OPTION;
+CREATE OR REPLACE VIEW dbdl.blocks WITH (security_barrier) AS
+    SELECT hash, dtype, encoding, base, data, raw_size, refs
+    FROM dbdl_store.blocks WHERE owner = CAST(current_user AS text)
+    WITH LOCAL CHECK OPTION;
+CREATE OR REPLACE VIEW dbdl.checkpoint_blocks WITH (security_barrier) AS
+    SELECT name, version, iteration, ord, label, hash
+    FROM dbdl_store.checkpoint_blocks WHERE owner = CAST(current_user AS text)
+    WITH LOCAL CHECK OPTION;
+
+-- Work tables: one schema per role, owned by it, reachable by no one else. SECURITY DEFINER
+-- (creating a schema for a role needs the installer's rights), so it checks that the session
+-- may act as that role, and refuses a schema of that name that someone else already owns.
+CREATE OR REPLACE FUNCTION dbdl.work_schema(role_name text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    schema_name text := 'dbdl_work_' || substr(md5(role_name), 1, 16);
+    owner_name text;
+BEGIN
+    IF NOT pg_has_role(session_user, role_name, 'MEMBER') THEN
+        RAISE EXCEPTION 'dbdl.work_schema: % cannot act as role %', session_user, role_name;
+    END IF;
+    SELECT r.rolname INTO owner_name FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+        WHERE n.nspname = schema_name;
+    IF owner_name IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I AUTHORIZATION %I', schema_name, role_name);
+        EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', schema_name);
+        EXECUTE format('COMMENT ON SCHEMA %I IS %L', schema_name,
+                       'dbdl_magic work tables of role ' || role_name);
+    ELSIF owner_name <> role_name THEN
+        RAISE EXCEPTION 'dbdl.work_schema: schema % exists but belongs to %, not %',
+            schema_name, owner_name, role_name;
+    END IF;
+    RETURN schema_name;
+END
+$$;
 
 -- Storage routines: they use SPI, so they are PARALLEL UNSAFE and only ever called on their own.
 CREATE OR REPLACE FUNCTION dbdl.archive_checkpoint(
@@ -193,10 +295,52 @@ from dbdl_magic.kernel import plpython
 return plpython.release(plpy, GD, name, version, iteration)
 $$;
 
-GRANT USAGE, CREATE ON SCHEMA dbdl TO PUBLIC;
+-- Kernel version 1 let every role CREATE in schema dbdl: drop what non-superusers put there
+-- (an overload there could run as whoever calls it).
+DO $sweep$
+DECLARE
+    o record;
+BEGIN
+    FOR o IN SELECT p.oid::regprocedure AS f, p.prokind FROM pg_proc p
+             JOIN pg_namespace n ON n.oid = p.pronamespace
+             JOIN pg_roles r ON r.oid = p.proowner
+             WHERE n.nspname = 'dbdl' AND NOT r.rolsuper LOOP
+        RAISE WARNING 'dbdl install: dropping % (created in schema dbdl by a non-superuser)', o.f;
+        EXECUTE format('DROP %s %s CASCADE',
+                       CASE o.prokind WHEN 'a' THEN 'AGGREGATE' WHEN 'p' THEN 'PROCEDURE'
+                       ELSE 'FUNCTION' END, o.f);
+    END LOOP;
+    FOR o IN SELECT c.oid::regclass AS t FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_roles r ON r.oid = c.relowner
+             WHERE n.nspname = 'dbdl' AND NOT r.rolsuper AND c.relkind IN ('r', 'p')
+    LOOP
+        RAISE WARNING 'dbdl install: dropping % (created in schema dbdl by a non-superuser)', o.t;
+        EXECUTE format('DROP TABLE IF EXISTS %s CASCADE', o.t);
+    END LOOP;
+END
+$sweep$;
+
+-- Every function resolves names in pg_catalog only (its SQL is schema-qualified).
+DO $pin$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'dbdl' AND p.prokind = 'f' LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+    END LOOP;
+END
+$pin$;
+
+GRANT USAGE ON SCHEMA dbdl TO PUBLIC;
+REVOKE ALL ON dbdl.models, dbdl.checkpoints, dbdl.blocks, dbdl.checkpoint_blocks, dbdl.meta,
+    dbdl_store.models, dbdl_store.checkpoints, dbdl_store.blocks, dbdl_store.checkpoint_blocks
+    FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dbdl.models, dbdl.checkpoints, dbdl.blocks,
     dbdl.checkpoint_blocks TO PUBLIC;
 GRANT SELECT ON dbdl.meta TO PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dbdl FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dbdl TO PUBLIC;
 
 -- The installer then records the kernel version in dbdl.meta (a bound value).
