@@ -56,9 +56,9 @@ import numpy as np
 import torch
 
 import dbdl_magic as dl
+from dbdl_magic.events import Callbacks
 from dbdl_magic.kernel.netbuild import build_network
-from dbdl_magic.runs import Callbacks
-from dbdl_magic.spec import parse_spec
+from dbdl_magic.store.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -57,8 +57,8 @@ import numpy as np
 import torch
 
 import dbdl_magic as dl
-from dbdl_magic.runs import Callbacks
-from dbdl_magic.selection import label as trial_label
+from dbdl_magic.events import Callbacks
+from dbdl_magic.training.selection import label as trial_label
 
 ROOT = be.ROOT
 RESULTS = be.RESULTS

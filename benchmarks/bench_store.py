@@ -63,10 +63,10 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import event, text
 
 import dbdl_magic as dl
-from dbdl_magic import store
 from dbdl_magic.api import Database
 from dbdl_magic.kernel.blockstore import block_hash, split_state
 from dbdl_magic.kernel.netbuild import build_network
+from dbdl_magic.store import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -509,7 +509,7 @@ def serving_stats(db: Database, name: str, base: str) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     serving = f"{name}_serving"
     with db.engine.connect() as conn:
-        info = store.read_model(conn, db.backend, serving, with_state=False)["options"]
+        info = registry.read_model(conn, db.backend, serving, with_state=False)["options"]
     approx = info["approximate_dedup"]
     tensor_blocks = int(
         scalar(
@@ -583,7 +583,7 @@ def bench_load(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
 
         def read_state(db: Database, name: str = name) -> bytes:
             with db.engine.connect() as conn:
-                return store.read_model(conn, db.backend, name)["state"]
+                return registry.read_model(conn, db.backend, name)["state"]
 
         sources: dict[str, dict[str, Callable[[], Any]]] = {
             f"{backend} store": {
@@ -939,13 +939,13 @@ def render_storage(mode: Mode, storage: dict[str, Any]) -> list[str]:
         f" {storage['base'][0]['holdout']:.4f} on them). *new ÷ logical* = bytes the store"
         " added for the serving copy ÷ its logical bytes — 0 whenever the canonical fine-tune"
         " is still stored, since every block of the copy is then either the canonical's or a"
-        " replacement taken from the store. The meaningful figure is *beyond base*: the"
+        " replacement taken from the registry. The meaningful figure is *beyond base*: the"
         " serving copy's blocks the base model does not reference ÷ its logical bytes (what"
         " serving it costs if only the base and the copy are kept), next to the same for the"
         " canonical fine-tune. *taken from* = which stored model held each replacement block"
         " (*ft history* = the fine-tune's own earlier checkpoints). *hot copy* = the full state"
         " the copy also keeps in `checkpoints.state` (every model's latest checkpoint has one),"
-        " outside the block store. Accuracies are on the validation rows the copy was built"
+        " outside the block registry. Accuracies are on the validation rows the copy was built"
         " with.",
         "",
         table(
@@ -1002,7 +1002,7 @@ def render_load(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
         f"### 2. Load time: block store vs files (median of {rows[0]['repeats']} rotating repeats,"
         " warm caches)",
         "",
-        "*read* = store: `store.read_model` (fetch blocks, verify every BLAKE2b address,"
+        "*read* = store: `registry.read_model` (fetch blocks, verify every BLAKE2b address,"
         " reassemble the checkpoint); files: `load_file` / `torch.load(weights_only=True)` →"
         " tensors. *→ module* = a ready `nn.Module`: `dl.load_model(db, name, device='cpu')`;"
         " files: build the network + `load_state_dict`. *÷ safetensors* compares *→ module*."

@@ -12,12 +12,13 @@ import pandas as pd
 from sqlalchemy import create_engine, make_url
 from sqlalchemy.engine import Engine
 
-from . import store
-from .backends import Backend, backend_for
-from .errors import InputError, InstallError
-from .model import DBModel, GroupedModel, group_keys, is_router, load_stored
-from .options import TrainOptions
-from .runs import Callbacks, TrainingRun, generated_name
+from dbdl_magic.backends import Backend, backend_for
+from dbdl_magic.errors import InputError, InstallError
+from dbdl_magic.events import Callbacks
+from dbdl_magic.options import TrainOptions
+from dbdl_magic.store import registry
+from dbdl_magic.store.modules import DBModel, GroupedModel, group_keys, is_router, load_stored
+from dbdl_magic.training.run import TrainingRun, generated_name
 
 DEFAULT_DATABASE = "dbdl.db"
 
@@ -159,14 +160,15 @@ def load_model(
 ) -> DBModel | GroupedModel:
     """Load a stored model (latest version by default) as a torch module.
 
-    A model trained with ``group_by`` comes back as a :class:`~dbdl_magic.model.GroupedModel`
-    (one module per group, routed by the group column); ``group="DE"`` returns that group's
-    own :class:`~dbdl_magic.model.DBModel` instead.
+    A model trained with ``group_by`` comes back as a
+    :class:`~dbdl_magic.store.modules.GroupedModel` (one module per group, routed by the
+    group column); ``group="DE"`` returns that group's own
+    :class:`~dbdl_magic.store.modules.DBModel` instead.
     """
     db = connect(con, check=False)
     with db.engine.connect() as conn:
         if group is not None:
-            row = store.read_model(conn, db.backend, name, version, with_state=False)
+            row = registry.read_model(conn, db.backend, name, version, with_state=False)
             if not is_router(row):
                 raise InputError(
                     f"model {name!r} version {row['version']} was not trained with group_by; "
@@ -189,7 +191,7 @@ def list_models(con: str | Engine | Database | None = None) -> pd.DataFrame:
     """What the database stores: one row per model version."""
     db = connect(con, check=False)
     with db.engine.connect() as conn:
-        return store.list_models(conn, db.backend)
+        return registry.list_models(conn, db.backend)
 
 
 def predict(
@@ -218,14 +220,14 @@ def predict(
     63 bytes and ending in ``~<index in classes_>`` when the name is longer or would clash
     (ignoring case) with a key column or another class's column; the returned DataFrame maps
     each to its class in ``frame.attrs["proba_columns"]``
-    (:func:`dbdl_magic.predicting.proba_columns`).
+    (:func:`dbdl_magic.serving.predicting.proba_columns`).
 
     A model trained with ``group_by`` scores each row with its group's model (the query must
     hold the group column; rows are matched by ``CAST(column AS TEXT)``, as in training).
     Rows of groups without a model raise :class:`InputError` unless ``fallback`` names a
     stored model (``"name"`` or ``"name:version"``, same features) that scores them.
     """
-    from .predicting import predict as run_prediction
+    from dbdl_magic.serving.predicting import predict as run_prediction
 
     db = connect(con, check=False).require()
     return run_prediction(db.backend, name, query, into=into, proba=proba, version=version,
@@ -249,7 +251,7 @@ def serving_copy(
     Returns the serving model (stored as ``into`` or ``<name>_serving``) and the log of
     replacements. The canonical model is not changed.
     """
-    from .approx import serving_copy as build
+    from dbdl_magic.store.approx import serving_copy as build
 
     db = connect(con, check=False).require()
     key, log = build(db.backend, name, validation_query, version=version, budget=budget,
@@ -264,7 +266,7 @@ def delete_model(con: str | Engine | Database | None, name: str, version: int | 
     """
     db = connect(con, check=False)
     with db.engine.begin() as conn:
-        return store.delete_model(conn, db.backend, name, version)
+        return registry.delete_model(conn, db.backend, name, version)
 
 
 def predict_in_database(
@@ -303,6 +305,6 @@ def predict_in_database(
     }
     key = {"name": model.name, "version": model.version, "iteration": model.info["iteration"]}
     with db.engine.begin() as conn:
-        store.ensure_hot_state(conn, db.backend, key, key["iteration"])
+        registry.ensure_hot_state(conn, db.backend, key, key["iteration"])
         out = db.backend.predict_buffer(conn, payload, key, config)
     return np.frombuffer(out, dtype="<f4").reshape(len(frame), -1)

@@ -12,9 +12,9 @@ DATASETS = ("digits", "breast_cancer")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import api
-    from .datasets import breast_cancer_frame, digits_frame, load_table
-    from .monitor import TextMonitor
+    from dbdl_magic import api
+    from dbdl_magic.datasets import breast_cancer_frame, digits_frame, load_table
+    from dbdl_magic.notebook.monitor import TextMonitor
 
     db = api.connect(args.database)
     frame = digits_frame() if args.dataset == "digits" else breast_cancer_frame()
@@ -47,22 +47,24 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from . import api
-
+    from dbdl_magic import api
     db = api.install(args.url)
     print(f"dbdl kernels installed in {db.url}; server: {db.info}")
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
-    from . import api
-
+    from dbdl_magic import api
     print(api.list_models(args.url).to_string(index=False))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reports import NotebookReportError, executed_notebook_path, render_notebook_report
+    from dbdl_magic.notebook.reports import (
+        NotebookReportError,
+        executed_notebook_path,
+        render_notebook_report,
+    )
 
     try:
         html = render_notebook_report(
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dbdl`` console script."""
     args = build_parser().parse_args(argv)
-    from .errors import DbdlError
+    from dbdl_magic.errors import DbdlError
 
     try:
         return args.func(args)

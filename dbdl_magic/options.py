@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .kernel.limits import MAX_THREADS
-from .kernel.train import OPTIMIZERS
+from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.limits import MAX_THREADS
+from dbdl_magic.kernel.train import OPTIMIZERS
 
 
 @dataclass

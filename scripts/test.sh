@@ -5,6 +5,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/lint-imports   # the layer contracts in .importlinter
 
 rc=0
 .venv/bin/python -m pytest -q "$@" || rc=$?

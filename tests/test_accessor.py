@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
-import dbdl_magic.accessor  # noqa: F401 - registers df.dl
+import dbdl_magic.notebook.accessor  # noqa: F401 - registers df.dl
 
 
 @pytest.fixture

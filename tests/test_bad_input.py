@@ -26,7 +26,7 @@ import dbdl_magic as dl
 from dbdl_magic.api import Database
 from dbdl_magic.backends.postgres import install_sql
 from dbdl_magic.errors import DbdlError, InputError, InstallError, SpecError, TrainingError
-from dbdl_magic.runs import Callbacks
+from dbdl_magic.events import Callbacks
 
 # Work tables the library creates (SQLite names carry a ``dbdl_`` prefix).
 WORK_PREFIXES = (

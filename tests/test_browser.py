@@ -306,7 +306,7 @@ def test_quickstart_in_jupyterlab_shows_live_widget_then_report(browser_context,
 
 
 def test_html_report_renders_in_the_browser(browser_context, tmp_path: Path) -> None:
-    from dbdl_magic.reports import render_notebook_report
+    from dbdl_magic.notebook.reports import render_notebook_report
 
     source = Path(shutil.copy(NOTEBOOK, tmp_path))
     html = render_notebook_report(source, tmp_path / "report" / "quickstart.html", timeout=300)

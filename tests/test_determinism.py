@@ -16,7 +16,7 @@ from sqlalchemy import text
 import dbdl_magic as dl
 from dbdl_magic.datasets import load_table
 from dbdl_magic.errors import InputError
-from dbdl_magic.runs import Callbacks
+from dbdl_magic.events import Callbacks
 
 pytestmark = pytest.mark.postgres
 

@@ -11,9 +11,9 @@ from torch import nn
 
 import dbdl_magic as dl
 from dbdl_magic.datasets import digits_frame, load_table
+from dbdl_magic.events import Callbacks
 from dbdl_magic.kernel.netbuild import build_network
 from dbdl_magic.kernel.train import make_optimizer
-from dbdl_magic.runs import Callbacks
 
 
 def mixed_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -64,7 +64,7 @@ def test_packing_encodes_like_the_client(db):
     frame = mixed_frame(120)
     load_table(db.engine, "customers", frame)
     backend = db.backend
-    from dbdl_magic.packing import PackOptions, infer_encoding, pack, stage_query
+    from dbdl_magic.data.packing import PackOptions, infer_encoding, pack, stage_query
 
     opts = PackOptions(target="churned", validation=0.0, rows_per_buffer=50)
     stage, packed = backend.table("stage_t"), backend.table("packed_t")

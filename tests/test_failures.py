@@ -23,10 +23,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 import dbdl_magic as dl
-from dbdl_magic import store
 from dbdl_magic.datasets import load_table
 from dbdl_magic.errors import TrainingError
-from dbdl_magic.runs import Callbacks, TrainingRun
+from dbdl_magic.events import Callbacks
+from dbdl_magic.store import registry
+from dbdl_magic.training.run import TrainingRun
 
 # parallel=1: the same seed gives the same model only with the same number of workers
 OPTIONS = dict(target="label", model="mlp:32,16", epochs=3, batch_size=64, seed=7, lr=2e-3,
@@ -223,7 +224,7 @@ def test_two_sessions_train_one_name_at_once(db, monkeypatch):
     load_table(db.engine, "data", synthetic(800))
     url = url_of(db)
     barrier = threading.Barrier(2, timeout=120)
-    create, next_version = TrainingRun._create_members, store.next_version
+    create, next_version = TrainingRun._create_members, registry.next_version
 
     def together(self, *args, **kwargs):
         barrier.wait()
@@ -235,7 +236,7 @@ def test_two_sessions_train_one_name_at_once(db, monkeypatch):
         return version
 
     monkeypatch.setattr(TrainingRun, "_create_members", together)
-    monkeypatch.setattr(store, "next_version", slow_next_version)
+    monkeypatch.setattr(registry, "next_version", slow_next_version)
     options = {**OPTIONS, "epochs": 2}
 
     def session():

@@ -12,9 +12,9 @@ import torch
 from sqlalchemy import text
 
 import dbdl_magic as dl
-import dbdl_magic.accessor  # registers df.dl
+import dbdl_magic.notebook.accessor  # registers df.dl
 from dbdl_magic.datasets import load_table
-from dbdl_magic.model import DBModel, GroupedModel, group_key_candidates, group_keys
+from dbdl_magic.store.modules import DBModel, GroupedModel, group_key_candidates, group_keys
 
 FEATURES = ["plan", "age", "spend"]
 
@@ -250,8 +250,7 @@ def test_group_value_text_rule():
 def test_every_group_runs_its_own_search_in_the_same_queries(db):
     """group_by with grid: each group trains every configuration, halving stops the weak ones
     within the group, and the router sends each group to its own best trial."""
-    from dbdl_magic import store
-
+    from dbdl_magic.store import registry
     rng = np.random.default_rng(3)
     n = 1200
     kind = rng.choice(["line", "wave"], size=n)
@@ -265,7 +264,7 @@ def test_every_group_runs_its_own_search_in_the_same_queries(db):
                      name="shapes")
     assert isinstance(model, GroupedModel) and model.version == 9  # 2 groups × 4 trials
     with db.engine.connect() as conn:
-        members = [store.read_model(conn, db.backend, "shapes", v, with_state=False)
+        members = [registry.read_model(conn, db.backend, "shapes", v, with_state=False)
                    for v in range(1, 9)]
     for group in ("line", "wave"):
         mine = [m for m in members if m["options"]["group"] == group]

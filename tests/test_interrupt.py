@@ -15,7 +15,8 @@ from sqlalchemy import text
 
 import dbdl_magic as dl
 from dbdl_magic.datasets import load_table
-from dbdl_magic.runs import Callbacks, TrainingRun
+from dbdl_magic.events import Callbacks
+from dbdl_magic.training.run import TrainingRun
 
 
 def synthetic(n: int, width: int = 32, seed: int = 0) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from dbdl_magic.errors import SpecError
 from dbdl_magic.kernel import evaluate, state, train
 from dbdl_magic.kernel.netbuild import SpecError as KernelSpecError
 from dbdl_magic.kernel.netbuild import build_network
-from dbdl_magic.spec import parse_spec, sequential_to_spec
+from dbdl_magic.store.spec import parse_spec, sequential_to_spec
 
 
 def make_config(task: str = "classification", width: int = 4, n_out: int = 2, **extra):

@@ -30,7 +30,7 @@ from dbdl_magic.errors import DbdlError, InputError, SpecError
 from dbdl_magic.kernel import evaluate, limits, netbuild, plpython, state, train
 from dbdl_magic.kernel.errors import ConfigError, KernelError, LimitError, clean_errors
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.spec import parse_spec
+from dbdl_magic.store.spec import parse_spec
 
 K = 3  # classes of the test configs
 WIDTH = 4

@@ -14,8 +14,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
 
-from dbdl_magic.monitor import TextMonitor, members_frame, summary_line
-from dbdl_magic.report import (
+from dbdl_magic.notebook.figures import (
     RED,
     TrainingReport,
     curves_png,
@@ -23,7 +22,8 @@ from dbdl_magic.report import (
     metrics_table_html,
     short_error,
 )
-from dbdl_magic.widgets import WidgetMonitor
+from dbdl_magic.notebook.monitor import TextMonitor, members_frame, summary_line
+from dbdl_magic.notebook.widgets import WidgetMonitor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

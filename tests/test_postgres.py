@@ -11,8 +11,8 @@ from sqlalchemy import text
 import dbdl_magic as dl
 from dbdl_magic.backends.base import Member
 from dbdl_magic.datasets import digits_frame, load_table
+from dbdl_magic.events import Callbacks
 from dbdl_magic.kernel import KERNEL_VERSION
-from dbdl_magic.runs import Callbacks
 
 
 def test_install_is_idempotent_and_checked(pg_db):

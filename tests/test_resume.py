@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 import dbdl_magic as dl
 from dbdl_magic.datasets import load_table
 from dbdl_magic.errors import InputError, TrainingError
-from dbdl_magic.runs import Callbacks
+from dbdl_magic.events import Callbacks
 
 # parallel=1: "auto" may change the worker count between runs (it follows measured times),
 # and a different number of averaged partial models gives a (slightly) different model
@@ -47,7 +47,7 @@ def assert_same_run(a, b) -> None:
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import dbdl_magic as dl
-    from dbdl_magic.runs import Callbacks
+    from dbdl_magic.events import Callbacks
     url, options = sys.argv[1], eval(sys.argv[2])
     def on_progress(done, total, seen=[0]):
         seen[0] += 1

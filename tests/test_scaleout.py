@@ -19,13 +19,13 @@ import torch
 from sqlalchemy import event, text
 
 import dbdl_magic as dl
-from dbdl_magic import store
 from dbdl_magic.datasets import load_table
 from dbdl_magic.errors import InputError, SpecError
+from dbdl_magic.events import Callbacks
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.runs import Callbacks
-from dbdl_magic.scaling import cpu_count
-from dbdl_magic.selection import trials as search_trials
+from dbdl_magic.store import registry
+from dbdl_magic.training.scaling import cpu_count
+from dbdl_magic.training.selection import trials as search_trials
 
 FEATURES = [f"p{i}" for i in range(64)]
 
@@ -51,7 +51,7 @@ def training_queries(db) -> Iterator[list[str]]:
 def stored(db, name: str, version: int | None = None) -> dict[str, Any]:
     """The stored model row (options, spec, parent, history), without its state."""
     with db.engine.connect() as conn:
-        return store.read_model(conn, db.backend, name, version, with_state=False)
+        return registry.read_model(conn, db.backend, name, version, with_state=False)
 
 
 def versions(db, name: str) -> list[dict[str, Any]]:

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from dbdl_magic import scaling, selection
 from dbdl_magic.errors import InputError
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.scaling import (
+from dbdl_magic.training import scaling, selection
+from dbdl_magic.training.scaling import (
     MAX_AUTO_WORKERS,
     MIN_PARALLEL_SECONDS,
     REQUIRED_GAIN,
@@ -20,7 +20,14 @@ from dbdl_magic.scaling import (
     plan_workers,
     threads_per_worker,
 )
-from dbdl_magic.selection import halving_rungs, label, maximize, rank, trial_options, trials
+from dbdl_magic.training.selection import (
+    halving_rungs,
+    label,
+    maximize,
+    rank,
+    trial_options,
+    trials,
+)
 
 
 def opts(**kwargs) -> TrainOptions:

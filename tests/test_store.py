@@ -10,7 +10,7 @@ from sqlalchemy import text
 import dbdl_magic as dl
 from dbdl_magic.datasets import digits_frame, load_table
 from dbdl_magic.kernel import blockstore, state, train
-from dbdl_magic.spec import parse_spec
+from dbdl_magic.store.spec import parse_spec
 
 
 def make_state(seed: int = 0, width: int = 300) -> bytes:

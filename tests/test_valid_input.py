@@ -18,7 +18,7 @@ import dbdl_magic as dl
 from dbdl_magic.backends.sqlite import MAX_PIECES, register_kernels
 from dbdl_magic.datasets import digits_frame, load_table
 from dbdl_magic.errors import InputError
-from dbdl_magic.predicting import MAX_NAME_BYTES, proba_columns
+from dbdl_magic.serving.predicting import MAX_NAME_BYTES, proba_columns
 
 
 def wide_frame(n: int, d: int, seed: int = 0) -> pd.DataFrame:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from ..errors import InstallError
-from .base import Backend
+from dbdl_magic.backends.base import Backend
+from dbdl_magic.errors import InstallError
 
 
 def backend_for(engine: Engine) -> Backend:
     """The backend for ``engine``'s dialect."""
     name = engine.dialect.name
     if name == "sqlite":
-        from .sqlite import SQLiteBackend
+        from dbdl_magic.backends.sqlite import SQLiteBackend
 
         return SQLiteBackend(engine)
     if name == "postgresql":
-        from .postgres import PostgresBackend
+        from dbdl_magic.backends.postgres import PostgresBackend
 
         return PostgresBackend(engine)
     raise InstallError(f"no dbdl backend for the {name!r} dialect; use SQLite or PostgreSQL")

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from ..kernel.blockstore import Archiver, Run
+from dbdl_magic.kernel.blockstore import Archiver, Run
 
 ProgressSink = Callable[[int], None]
 

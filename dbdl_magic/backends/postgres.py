@@ -22,10 +22,10 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from ..errors import InstallError
-from ..kernel import KERNEL_VERSION
-from ..kernel.blockstore import Run
-from .base import Backend, ColumnKind, ProgressSink, RunSession
+from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession
+from dbdl_magic.errors import InstallError
+from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel.blockstore import Run
 
 SCHEMA = "dbdl"
 #: the model store: views in schema ``dbdl`` that show each role only its own rows

@@ -20,16 +20,16 @@ import numpy as np
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import DbdlError, TrainingError
-from ..kernel import KERNEL_VERSION
-from ..kernel.blockstore import Run
-from ..kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
-from ..kernel.plpython import kernel_info
-from ..kernel.predict import predict_buffer
-from ..kernel.rowpredict import RowPredictor
-from ..kernel.state import state_info
-from ..kernel.train import Trainer, mix_seed
-from .base import Backend, ColumnKind, ProgressSink
+from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink
+from dbdl_magic.errors import DbdlError, TrainingError
+from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel.blockstore import Run
+from dbdl_magic.kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
+from dbdl_magic.kernel.plpython import kernel_info
+from dbdl_magic.kernel.predict import predict_buffer
+from dbdl_magic.kernel.rowpredict import RowPredictor
+from dbdl_magic.kernel.state import state_info
+from dbdl_magic.kernel.train import Trainer, mix_seed
 
 PAGE_SIZE = 65536
 # SQLite lets one session write at a time, and an iteration's statement holds the write lock

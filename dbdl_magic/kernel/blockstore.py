@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .state import read_header
+from dbdl_magic.kernel.state import read_header
 
 RAW, DELTA = 0, 1
 DEFAULT_BLOCK_BYTES = 256 * 1024 - 1024  # just under a page multiple (64 KiB SQLite pages)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, clean_errors
-from .limits import check_task, max_activation_bytes
-from .state import check_model_tensors, decode_state
-from .train import buffer_tensors, make_loss, pick_device, plan_for, set_threads
+from dbdl_magic.kernel.errors import ConfigError, DataError, clean_errors
+from dbdl_magic.kernel.limits import check_task, max_activation_bytes
+from dbdl_magic.kernel.state import check_model_tensors, decode_state
+from dbdl_magic.kernel.train import buffer_tensors, make_loss, pick_device, plan_for, set_threads
 
 MAX_CHUNK = 8192
 

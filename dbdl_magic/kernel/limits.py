@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, LimitError
+from dbdl_magic.kernel.errors import ConfigError, LimitError
 
 DEFAULT_MAX_PARAMETERS = 200_000_000
 DEFAULT_MAX_ACTIVATION_BYTES = 2 * 2**30

@@ -22,8 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import KernelError
-from .limits import MAX_SIZE, is_int, is_number, max_activation_bytes, max_parameters
+from dbdl_magic.kernel.errors import KernelError
+from dbdl_magic.kernel.limits import (
+    MAX_SIZE,
+    is_int,
+    is_number,
+    max_activation_bytes,
+    max_parameters,
+)
 
 Shape = tuple[int, ...]
 #: training keeps every layer's output and its gradient

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import KERNEL_VERSION
-from .errors import DataError, clean_errors
-from .evaluate import (
+from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel.errors import DataError, clean_errors
+from dbdl_magic.kernel.evaluate import (
     Evaluator,
     combine_stats,
     metrics_json,
@@ -29,10 +29,10 @@ from .evaluate import (
     stats_length,
     stats_to_bytes,
 )
-from .limits import max_parameters
-from .predict import predict_buffer
-from .state import combine_states, state_info
-from .train import Trainer
+from dbdl_magic.kernel.limits import max_parameters
+from dbdl_magic.kernel.predict import predict_buffer
+from dbdl_magic.kernel.state import combine_states, state_info
+from dbdl_magic.kernel.train import Trainer
 
 Notice = Callable[[str], None]
 
@@ -268,7 +268,7 @@ def spi_runner(plpy: Any, GD: dict[str, Any]) -> Callable[[str, Any], list[tuple
 
 
 def _archiver(plpy: Any, GD: dict[str, Any], **kwargs: Any) -> Any:
-    from .blockstore import Archiver
+    from dbdl_magic.kernel.blockstore import Archiver
 
     return Archiver(spi_runner(plpy, GD), PG_TABLES, **kwargs)
 
@@ -326,7 +326,7 @@ def predict_rows(
 
 def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: str) -> Any:
     """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array."""
-    from .rowpredict import RowPredictor
+    from dbdl_magic.kernel.rowpredict import RowPredictor
 
     _required(model=model, features=features)
     _, colon, version = str(model).partition(":")

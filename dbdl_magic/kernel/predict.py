@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LimitError, clean_errors
-from .evaluate import Evaluator
-from .limits import max_activation_bytes
-from .train import buffer_tensors
+from dbdl_magic.kernel.errors import LimitError, clean_errors
+from dbdl_magic.kernel.evaluate import Evaluator
+from dbdl_magic.kernel.limits import max_activation_bytes
+from dbdl_magic.kernel.train import buffer_tensors
 
 
 @clean_errors("prediction")

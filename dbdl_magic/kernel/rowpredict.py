@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blockstore import Archiver, Run
-from .evaluate import Evaluator
+from dbdl_magic.kernel.blockstore import Archiver, Run
+from dbdl_magic.kernel.evaluate import Evaluator
 
 
 class RowPredictor:
@@ -95,7 +95,7 @@ def group_version(
 
 
 def input_shape(enc: dict[str, Any]) -> list[int]:
-    """Same rule as :attr:`dbdl_magic.encoding.Encoding.input_shape`."""
+    """Same rule as :attr:`dbdl_magic.data.encoding.Encoding.input_shape`."""
     features = enc["features"]
     if len(features) == 1 and features[0]["kind"] == "array":
         shape = features[0]["shape"]
@@ -112,7 +112,7 @@ def _width(f: dict[str, Any]) -> int:
 
 
 def encode_row(enc: dict[str, Any], values: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
-    """Encode one row exactly as the packer does (see ``dbdl_magic.encoding``)."""
+    """Encode one row exactly as the packer does (see ``dbdl_magic.data.encoding``)."""
     features = enc["features"]
     if not isinstance(values, Mapping):
         if len(values) != len(features):

@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import KernelError
-from .limits import all_finite
+from dbdl_magic.kernel.errors import KernelError
+from dbdl_magic.kernel.limits import all_finite
 
 MAGIC = b"DBDL"
 FORMAT_VERSION = 1

@@ -21,11 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import KERNEL_VERSION
-from .errors import DataError, KernelError, clean_errors
-from .limits import OPTIMIZERS, all_finite, check_config, check_freeze, clamp_threads
-from .netbuild import NetworkPlan, check_budget, plan_network
-from .state import (
+from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel.errors import DataError, KernelError, clean_errors
+from dbdl_magic.kernel.limits import (
+    OPTIMIZERS,
+    all_finite,
+    check_config,
+    check_freeze,
+    clamp_threads,
+)
+from dbdl_magic.kernel.netbuild import NetworkPlan, check_budget, plan_network
+from dbdl_magic.kernel.state import (
     StateError,
     TrainState,
     check_model_tensors,

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from .backends.base import Backend
-from .errors import InputError
+from dbdl_magic.backends.base import Backend
+from dbdl_magic.errors import InputError
 
 log = logging.getLogger(__name__)
 

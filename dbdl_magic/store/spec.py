@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SpecError
-from .kernel.netbuild import LAYERS
+from dbdl_magic.errors import SpecError
+from dbdl_magic.kernel.netbuild import LAYERS
 
 _ACTIVATIONS = {
     "relu": "ReLU",

@@ -4,7 +4,7 @@ While the run goes on the display shows a header, a progress bar (moving within 
 elapsed/ETA, loss and metric curves and a metrics table that grows one row per iteration; runs
 that train several models (groups, selection) add a members table below, redrawn once per
 iteration. When the run ends the same display becomes a
-:class:`~dbdl_magic.report.TrainingReport`.
+:class:`~dbdl_magic.notebook.figures.TrainingReport`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ import ipywidgets as widgets
 import pandas as pd
 from IPython.display import DisplayHandle, display
 
-from .monitor import cohort_text, start_members_frame, workers_text
-from .report import TrainingReport, cohort_table_html, curves_png, metrics_table_html
-from .runs import Callbacks
+from dbdl_magic.events import Callbacks
+from dbdl_magic.notebook.figures import (
+    TrainingReport,
+    cohort_table_html,
+    curves_png,
+    metrics_table_html,
+)
+from dbdl_magic.notebook.monitor import cohort_text, start_members_frame, workers_text
 
 
 def _hms(seconds: float) -> str:
@@ -39,7 +44,7 @@ class _LiveView:
 
 
 class WidgetMonitor:
-    """A :class:`~dbdl_magic.monitor.Monitor` drawn with ipywidgets.
+    """A :class:`~dbdl_magic.notebook.monitor.Monitor` drawn with ipywidgets.
 
     ``refresh`` bounds the update rate: in-iteration progress at most every ``refresh`` seconds,
     the curves at most once per iteration and every ``max(refresh, 1)`` seconds, or five times

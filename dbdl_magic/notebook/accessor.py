@@ -10,12 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
-from . import api
-from .kernel.evaluate import metrics_from_stats, stats_to_bytes
+from dbdl_magic import api
 
 
 @pd.api.extensions.register_dataframe_accessor("dl")
@@ -45,9 +42,9 @@ class DLAccessor:
     ) -> Any:
         """Train on this frame inside the database ``con`` (default: in-memory SQLite).
 
-        Returns the trained module (a :class:`~dbdl_magic.model.DBModel`).
+        Returns the trained module (a :class:`~dbdl_magic.store.modules.DBModel`).
         """
-        from .monitor import make_monitor
+        from dbdl_magic.notebook.monitor import make_monitor
 
         frame = self._frame
         if target not in frame.columns:
@@ -87,7 +84,7 @@ class DLAccessor:
     ) -> pd.Series | pd.DataFrame:
         """Predictions aligned with ``df.index`` (``proba=True``: one column per class).
 
-        A per-group model (:class:`~dbdl_magic.model.GroupedModel`) routes every row by its
+        A per-group model (:class:`~dbdl_magic.store.modules.GroupedModel`) routes every row by its
         ``group_by`` column; ``fallback`` (a module) scores rows of groups it has no model for.
         """
         extra = {"fallback": fallback} if fallback is not None else {}
@@ -105,27 +102,4 @@ class DLAccessor:
 
     def evaluate(self, model: Any) -> dict[str, Any]:
         """Loss and metrics of ``model`` on this frame (which must hold the target column)."""
-        enc = model.encoding
-        if enc.target.name not in self._frame.columns:
-            raise KeyError(f"the frame lacks the target column {enc.target.name!r}")
-        outputs = model._outputs(self._frame)
-        truth = self._frame[enc.target.name]
-        config = {"task": model.task, "n_outputs": enc.target.n_outputs}
-        if model.task == "classification":
-            lookup = {c: i for i, c in enumerate(enc.target.classes)}
-            y = np.array([lookup.get(v, -1) for v in truth.tolist()])
-            if (y < 0).any():
-                raise ValueError("the frame has target labels the model never saw")
-            loss = torch.nn.functional.cross_entropy(outputs, torch.from_numpy(y)).item()
-            k = enc.target.n_outputs
-            pred = outputs.argmax(1).numpy()
-            extra = np.bincount(y * k + pred, minlength=k * k).astype(np.float64)
-        else:
-            values = truth.to_numpy(dtype=np.float64)
-            pred = outputs[:, 0].numpy().astype(np.float64) * enc.target.std + enc.target.mean
-            scaled = (values - enc.target.mean) / enc.target.std
-            loss = float(np.mean((outputs[:, 0].numpy() - scaled) ** 2))
-            err = pred - values
-            extra = np.array([err @ err, np.abs(err).sum(), values.sum(), values @ values])
-        stats = np.concatenate([[len(truth), loss * len(truth)], extra])
-        return metrics_from_stats(stats_to_bytes(stats), config)
+        return model.evaluate(self._frame)

@@ -17,13 +17,13 @@ import pandas as pd
 import torch
 from sqlalchemy import text
 
-from . import store
-from .backends.base import Backend
-from .encoding import Encoding
-from .errors import InputError
-from .kernel.blockstore import assemble, decode_block, split_state
-from .kernel.netbuild import build_network
-from .kernel.state import decode_state
+from dbdl_magic.backends.base import Backend
+from dbdl_magic.data.encoding import Encoding
+from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.blockstore import assemble, decode_block, split_state
+from dbdl_magic.kernel.netbuild import build_network
+from dbdl_magic.kernel.state import decode_state
+from dbdl_magic.store import registry
 
 _TENSOR_DTYPES = ("F32", "F64", "F16", "BF16")
 
@@ -81,7 +81,7 @@ def serving_copy(
         raise InputError(f"budget={budget!r} must be an accuracy drop in [0, 1)")
     engine = backend.engine
     with engine.connect() as conn:
-        row = store.read_model(conn, backend, name, version)
+        row = registry.read_model(conn, backend, name, version)
         frame = pd.read_sql(text(validation_query), conn, params=params or {})
     enc = Encoding.from_json(row["encoding"])
     if enc.target.name not in frame.columns:
@@ -122,18 +122,18 @@ def serving_copy(
     assemble([(b.hash, b.dtype, 0, b.raw, None) for b in split_state(new_state)])  # sanity
     target_name = into or f"{name}_serving"
     with engine.begin() as conn:
-        key = {"name": target_name, "version": store.next_version(conn, backend, target_name)}
+        key = {"name": target_name, "version": registry.next_version(conn, backend, target_name)}
         options = {"approximate_dedup": {
             "source": f"{row['name']}:{row['version']}", "budget": budget,
             "original_accuracy": original, "accuracy": current,
             "replacements": [r.__dict__ for r in log],
         }}
-        store.create_model(conn, backend, key, spec=row["spec"], encoding=row["encoding"]
+        registry.create_model(conn, backend, key, spec=row["spec"], encoding=row["encoding"]
                            if isinstance(row["encoding"], str) else enc.to_json(),
                            options=options, query=row["query"],
                            parent=f"{row['name']}:{row['version']}")
-        store.write_checkpoint(conn, backend, key, 0, new_state)
+        registry.write_checkpoint(conn, backend, key, 0, new_state)
         backend.archive(conn, key, 0, None, 256 * 1024 - 1024, False)
-        store.set_status(conn, backend, key, "complete", row["history"])
+        registry.set_status(conn, backend, key, "complete", row["history"])
     return key, pd.DataFrame([r.__dict__ for r in log],
                              columns=["label", "replaced_by", "relative_distance", "accuracy"])

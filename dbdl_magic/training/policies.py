@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encoding import Encoding
-from .errors import InputError
-from .kernel.netbuild import build_network
-from .options import TrainOptions
+from dbdl_magic.data.encoding import Encoding
+from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.netbuild import build_network
+from dbdl_magic.options import TrainOptions
 
 
 class EarlyStopping:

@@ -12,10 +12,10 @@ import math
 import random
 from typing import Any
 
-from .errors import InputError, SpecError
-from .kernel.netbuild import SpecError as KernelSpecError
-from .options import TrainOptions
-from .spec import parse_spec
+from dbdl_magic.errors import InputError, SpecError
+from dbdl_magic.kernel.netbuild import SpecError as KernelSpecError
+from dbdl_magic.options import TrainOptions
+from dbdl_magic.store.spec import parse_spec
 
 #: options a search may vary (``model`` is the architecture)
 SEARCHABLE = ("lr", "batch_size", "optimizer", "model", "weight_decay", "momentum")

@@ -15,7 +15,6 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,39 +22,31 @@ import pandas as pd
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from . import store
-from .backends.base import Backend, Member, RunSession
-from .encoding import Encoding
-from .errors import DbdlError, InputError, SpecError, TrainingError
-from .kernel.netbuild import SpecError as KernelSpecError
-from .kernel.netbuild import build_network
-from .kernel.train import initial_state, warm_start_state
-from .model import DBModel, GroupedModel, load_stored
-from .options import TrainOptions
-from .packing import PackedData, PackOptions, infer_encoding, pack, stage_query
-from .policies import EarlyStopping, frozen_layers, warm_encoding
-from .scaling import (
+from dbdl_magic.backends.base import Backend, Member, RunSession
+from dbdl_magic.data.encoding import Encoding
+from dbdl_magic.data.packing import PackedData, PackOptions, infer_encoding, pack, stage_query
+from dbdl_magic.errors import DbdlError, InputError, SpecError, TrainingError
+from dbdl_magic.events import Callbacks
+from dbdl_magic.kernel.netbuild import SpecError as KernelSpecError
+from dbdl_magic.kernel.netbuild import build_network
+from dbdl_magic.kernel.train import initial_state, warm_start_state
+from dbdl_magic.options import TrainOptions
+from dbdl_magic.store import registry
+from dbdl_magic.store.modules import DBModel, GroupedModel, load_stored
+from dbdl_magic.store.spec import parse_spec
+from dbdl_magic.training.policies import EarlyStopping, frozen_layers, warm_encoding
+from dbdl_magic.training.scaling import (
     MIN_PARALLEL_SECONDS,
     WorkerPlan,
     cpu_count,
     plan_workers,
     threads_per_worker,
 )
-from .selection import halving_rungs, maximize, rank, trial_options
-from .selection import label as trial_label
-from .selection import trials as search_trials
-from .spec import parse_spec
+from dbdl_magic.training.selection import halving_rungs, maximize, rank, trial_options
+from dbdl_magic.training.selection import label as trial_label
+from dbdl_magic.training.selection import trials as search_trials
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Callbacks:
-    """Hooks for monitors: run start facts, each iteration's row, in-iteration progress."""
-
-    on_start: Callable[[dict[str, Any]], None] | None = None
-    on_iteration: Callable[[dict[str, Any]], None] | None = None
-    on_progress: Callable[[int, int], None] | None = None  # (samples done, samples per epoch)
 
 
 def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -178,8 +169,8 @@ class TrainingRun:
         first_epoch = 0
         error: BaseException | None = None
         try:
-            store.mark_orphans(backend, self.name)
-            store.sweep_work_tables(backend)
+            registry.mark_orphans(backend, self.name)
+            registry.sweep_work_tables(backend)
             resumed = self._resumable() if opts.resume else None
             source = self._source() if opts.init_from and resumed is None else None
             data = self._pack(specs, stage, vstage, packed_table, source, trials)
@@ -220,7 +211,7 @@ class TrainingRun:
     def _cleanup(self, tables: tuple[str, ...], error: BaseException | None) -> None:
         """Drop the run's work tables. When that fails too (the server is still down), the
         run's own ``error`` stays the one raised: this failure is logged and noted on it, and
-        the next run or listing drops the tables (:func:`store.sweep_work_tables`)."""
+        the next run or listing drops the tables (:func:`registry.sweep_work_tables`)."""
         backend = self.backend
         try:
             with backend.engine.begin() as conn:
@@ -243,10 +234,10 @@ class TrainingRun:
             if m.status == "training":
                 m.status = "complete"
             best = m.best_iteration()
-            store.set_status(conn, self.backend, m.key, "complete", m.history,
+            registry.set_status(conn, self.backend, m.key, "complete", m.history,
                              model_iteration=best)
             if best is not None:
-                store.ensure_hot_state(conn, self.backend, m.key, best)
+                registry.ensure_hot_state(conn, self.backend, m.key, best)
         if self.cohort and self.history:  # final statuses in the run's last row
             self.history[-1]["members"] = [m.summary() for m in self.members]
         return self._finish_cohort(conn, data)
@@ -275,11 +266,11 @@ class TrainingRun:
         backend = self.backend
         with backend.engine.connect() as conn:
             try:
-                latest = store.read_model(conn, backend, self.name, with_state=False)
+                latest = registry.read_model(conn, backend, self.name, with_state=False)
             except InputError:
                 return self._fresh(f"there is no run named {self.name!r}")
             token = latest["options"].get("work_token")
-            run = store.read_run(conn, backend, self.name, token) if token else []
+            run = registry.read_run(conn, backend, self.name, token) if token else []
         if latest["status"] == "complete":
             raise InputError(
                 f"model {self.name!r} version {latest['version']} is complete; nothing to resume "
@@ -313,7 +304,7 @@ class TrainingRun:
                 backend.drop_table(conn, backend.table(f"{prefix}_{token}"))
             for row in run:
                 if row["options"].get("member") is None and self.cohort:
-                    store.delete_model(conn, backend, self.name, row["version"])
+                    registry.delete_model(conn, backend, self.name, row["version"])
         return members
 
     def _fresh(self, why: str) -> None:
@@ -355,7 +346,8 @@ class TrainingRun:
             raise InputError(f"init_from={self.options.init_from!r}: use 'name' or 'name:version'")
         with self.backend.engine.connect() as conn:
             try:
-                return store.read_model(conn, self.backend, name, int(version) if version else None)
+                number = int(version) if version else None
+                return registry.read_model(conn, self.backend, name, number)
             except InputError as exc:
                 raise InputError(f"init_from={self.options.init_from!r}: {exc}") from exc
 
@@ -454,7 +446,7 @@ class TrainingRun:
         """A model version and checkpoint 0 for every member."""
         backend, enc = self.backend, data.encoding
         backend.lock_name(conn, self.name)  # until this transaction commits the new rows
-        first_version = store.next_version(conn, backend, self.name)
+        first_version = registry.next_version(conn, backend, self.name)
         plan = self._member_plan(data, trials)
         self._claim(conn, list(range(first_version, first_version + len(plan))))
         for i, (label, group, trial) in enumerate(plan):
@@ -462,7 +454,7 @@ class TrainingRun:
             spec = _spec(opts.model)
             key = {"name": self.name, "version": first_version + i}
             member = self._member_run(data, i, key, opts, label, group, trial)
-            store.create_model(
+            registry.create_model(
                 conn,
                 backend,
                 key,
@@ -483,7 +475,7 @@ class TrainingRun:
                         "this architecture (no tensor has the same name and shape)"
                     )
                 parent = (source["name"], source["version"], source["iteration"])
-            store.write_checkpoint(conn, backend, key, 0, first)
+            registry.write_checkpoint(conn, backend, key, 0, first)
             backend.archive(conn, key, 0, parent, opts.block_bytes, opts.deltas)
             self.members.append(member)
 
@@ -561,9 +553,9 @@ class TrainingRun:
             )
         for m in self.members:
             if m.status == "training":
-                store.ensure_hot_state(conn, self.backend, m.key, len(m.history))
-            store.set_status(conn, self.backend, m.key, "training", m.history)
-            store.set_options(conn, self.backend, m.key, self._stored_options(m))
+                registry.ensure_hot_state(conn, self.backend, m.key, len(m.history))
+            registry.set_status(conn, self.backend, m.key, "training", m.history)
+            registry.set_options(conn, self.backend, m.key, self._stored_options(m))
         return done
 
     def _announce(self, data: PackedData, first_epoch: int) -> None:
@@ -670,7 +662,7 @@ class TrainingRun:
                     parallel_note=plan.note,
                 )
                 rows[m.member] = row
-            store.record_iteration(
+            registry.record_iteration(
                 conn, backend, epoch + 1, [(m.key, rows[m.member], [*m.history, rows[m.member]])
                                           for m in alive]
             )
@@ -757,7 +749,7 @@ class TrainingRun:
         if not self.cohort:
             return self.members[0].key
         backend.lock_name(conn, self.name)  # another run of this name may allocate too
-        key = {"name": self.name, "version": store.next_version(conn, backend, self.name)}
+        key = {"name": self.name, "version": registry.next_version(conn, backend, self.name)}
         stored = {**opts.to_json_dict(), "work_token": self.token}
         if self.cohort == "groups":
             if opts.grid:  # every group searched: route to each group's best trial
@@ -766,11 +758,11 @@ class TrainingRun:
                 stored["selection"] = {"metric": self.selection_metric, "leaderboards": boards}
             else:
                 stored["groups"] = {m.group: m.key["version"] for m in self.members}
-            store.create_model(
+            registry.create_model(
                 conn, backend, key, spec=_spec(opts.model), encoding=data.encoding.to_json(),
                 options=stored, query=self.query,
             )
-            store.set_status(conn, backend, key, status, self.history)
+            registry.set_status(conn, backend, key, status, self.history)
             return key
         board = self.leaderboard()
         best = next(m for m in self.members if m.key["version"] == board[0]["version"])
@@ -780,15 +772,15 @@ class TrainingRun:
                        "best_version": best.key["version"]},
             trial=best.trial, label=best.label,
         )
-        store.create_model(
+        registry.create_model(
             conn, backend, key, spec=_spec(best.options.model),
             encoding=data.encoding.to_json(), options=stored, query=self.query,
             parent=f"{self.name}:{best.key['version']}",
         )
-        store.copy_checkpoint(conn, backend, best.key, iteration, key)
+        registry.copy_checkpoint(conn, backend, best.key, iteration, key)
         backend.archive(conn, key, iteration, (self.name, best.key["version"], iteration),
                         opts.block_bytes, opts.deltas)
-        store.set_status(conn, backend, key, status, best.history[:iteration],
+        registry.set_status(conn, backend, key, status, best.history[:iteration],
                          model_iteration=iteration)
         return key
 
@@ -815,8 +807,8 @@ class TrainingRun:
         status = "interrupted" if lost else "failed"
         for m in self.members:
             with contextlib.suppress(Exception), self.backend.engine.begin() as conn:
-                store.set_status(conn, self.backend, m.key, status, error=str(exc)[:2000])
-                row = store.read_model(conn, self.backend, m.key["name"], m.key["version"],
+                registry.set_status(conn, self.backend, m.key, status, error=str(exc)[:2000])
+                row = registry.read_model(conn, self.backend, m.key["name"], m.key["version"],
                                        with_state=False)
                 m.history = list(row["history"] or [])
         committed = max((len(m.history) for m in self.members), default=0)

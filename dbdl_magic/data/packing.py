@@ -20,9 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, StatementError
 
-from .backends.base import Backend, ColumnKind
-from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
-from .errors import InputError
+from dbdl_magic.backends.base import Backend, ColumnKind
+from dbdl_magic.data.encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
+from dbdl_magic.errors import InputError
 
 RN = "__dbdl_rn"
 ONE_STATEMENT = "dbdl_one_statement"  # a bound value that keeps the staged query one statement

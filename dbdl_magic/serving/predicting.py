@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import text
 
-from . import store
-from .backends.base import Backend
-from .encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
-from .errors import InputError
-from .model import is_router, unknown_groups_message
-from .packing import RN, _aggregate_row, _quote_dotted, feature_sql, stage_query
+from dbdl_magic.backends.base import Backend
+from dbdl_magic.data.encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
+from dbdl_magic.data.packing import RN, _aggregate_row, _quote_dotted, feature_sql, stage_query
+from dbdl_magic.errors import InputError
+from dbdl_magic.store import registry
+from dbdl_magic.store.modules import is_router, unknown_groups_message
 
 ROWS_PER_BUFFER = 8192
 ORIG = "__dbdl_orig_rn"  # a per-group stage's row number in the query (orders the union back)
@@ -195,7 +195,7 @@ def predict(
     """Score ``query`` with model ``name``; see :func:`dbdl_magic.api.predict`."""
     engine = backend.engine
     with engine.connect() as conn:
-        row = store.read_model(conn, backend, name, version, with_state=False)
+        row = registry.read_model(conn, backend, name, version, with_state=False)
         if is_router(row):
             fb_row = _fallback_row(conn, backend, fallback, row, proba) if fallback else None
             grouped = True
@@ -221,7 +221,7 @@ def predict(
         with engine.begin() as conn:
             if into:  # the into table appears whole or not at all
                 _begin_ddl(backend, conn)
-            store.ensure_hot_state(conn, backend, key, int(key["iteration"]))
+            registry.ensure_hot_state(conn, backend, key, int(key["iteration"]))
             stage_query(backend, conn, query, params or {}, stage)
             columns = _check_features(backend, conn, stage, encoding)
             key_columns = _key_columns(encoding, columns, keys)
@@ -272,7 +272,7 @@ def _fallback_row(
         fb_name, fb_version = fallback.name, int(fallback.version)
     else:
         raise InputError(f"fallback={fallback!r} must be a stored model's 'name' or 'name:version'")
-    row = store.read_model(conn, backend, fb_name, fb_version, with_state=False)
+    row = registry.read_model(conn, backend, fb_name, fb_version, with_state=False)
     what = f"fallback model {row['name']!r} version {row['version']}"
     if is_router(row):
         raise InputError(f"{what} is itself a per-group model; the fallback must be one model")
@@ -392,7 +392,7 @@ def _predict_grouped(
             work += [sub, packed, res]
             with engine.begin() as conn:
                 if stored is None:
-                    stored = store.read_model(
+                    stored = registry.read_model(
                         conn, backend, name, groups[scored[member]], with_state=False
                     )
                 if stored["iteration"] is None:
@@ -403,7 +403,7 @@ def _predict_grouped(
                 enc = Encoding.from_json(stored["encoding"])
                 key = {"name": stored["name"], "version": stored["version"],
                        "iteration": stored["iteration"]}
-                store.ensure_hot_state(conn, backend, key, int(key["iteration"]))
+                registry.ensure_hot_state(conn, backend, key, int(key["iteration"]))
                 conn.execute(
                     text(
                         f"CREATE TABLE {sub} AS SELECT r.{q(SUB)} AS {q(RN)},"

@@ -2,7 +2,7 @@
 
 :class:`TrainingReport` renders as HTML (summary line, embedded PNG, metrics table and, for
 cohort runs, the leaderboard of a selection or the per-group table) and as text (the
-deterministic :func:`~dbdl_magic.monitor.summary_line`). Figures are drawn with
+deterministic :func:`~dbdl_magic.notebook.monitor.summary_line`). Figures are drawn with
 :class:`matplotlib.figure.Figure` on an Agg canvas, so pyplot's global state is never touched.
 """
 
@@ -18,7 +18,13 @@ from typing import Any
 
 import pandas as pd
 
-from .monitor import format_cell, frame_or_none, is_metric, ranking_metric, summary_line
+from dbdl_magic.notebook.monitor import (
+    format_cell,
+    frame_or_none,
+    is_metric,
+    ranking_metric,
+    summary_line,
+)
 
 RED = "#c62828"
 HTML_ROWS = 100  # member / group rows shown in HTML tables, then "… N more"
@@ -190,7 +196,7 @@ class TrainingReport:
 
     @property
     def summary(self) -> str:
-        """:func:`~dbdl_magic.monitor.summary_line`, plus the error of a failed run."""
+        """:func:`~dbdl_magic.notebook.monitor.summary_line`, plus the error of a failed run."""
         line = summary_line(
             SimpleNamespace(
                 name=self.name,

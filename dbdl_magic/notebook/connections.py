@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
-from . import api
-from .errors import InputError
+from dbdl_magic import api
+from dbdl_magic.errors import InputError
 
 
 @dataclass

@@ -9,8 +9,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .encoding import Encoding
-from .errors import InputError
+from dbdl_magic.data.encoding import Encoding
+from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.evaluate import metrics_from_stats, stats_to_bytes
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -38,6 +39,34 @@ class _EncodedModule(nn.Module):
     @property
     def classes_(self) -> list[Any]:
         return list(self.encoding.target.classes)
+
+    def evaluate(self, frame: pd.DataFrame) -> dict[str, Any]:
+        """Loss and metrics of this model on ``frame`` (which must hold the target column),
+        computed by the same statistics as the database's evaluate kernel."""
+        enc = self.encoding
+        if enc.target.name not in frame.columns:
+            raise KeyError(f"the frame lacks the target column {enc.target.name!r}")
+        outputs = self._outputs(frame)
+        truth = frame[enc.target.name]
+        config = {"task": self.task, "n_outputs": enc.target.n_outputs}
+        if self.task == "classification":
+            lookup = {c: i for i, c in enumerate(enc.target.classes)}
+            y = np.array([lookup.get(v, -1) for v in truth.tolist()])
+            if (y < 0).any():
+                raise ValueError("the frame has target labels the model never saw")
+            loss = torch.nn.functional.cross_entropy(outputs, torch.from_numpy(y)).item()
+            k = enc.target.n_outputs
+            pred = outputs.argmax(1).numpy()
+            extra = np.bincount(y * k + pred, minlength=k * k).astype(np.float64)
+        else:
+            values = truth.to_numpy(dtype=np.float64)
+            pred = outputs[:, 0].numpy().astype(np.float64) * enc.target.std + enc.target.mean
+            scaled = (values - enc.target.mean) / enc.target.std
+            loss = float(np.mean((outputs[:, 0].numpy() - scaled) ** 2))
+            err = pred - values
+            extra = np.array([err @ err, np.abs(err).sum(), values.sum(), values @ values])
+        stats = np.concatenate([[len(truth), loss * len(truth)], extra])
+        return metrics_from_stats(stats_to_bytes(stats), config)
 
 
 class DBModel(_EncodedModule):
@@ -104,8 +133,8 @@ class DBModel(_EncodedModule):
 
 def model_from_stored(row: dict[str, Any], device: str = "auto") -> DBModel:
     """Assemble a :class:`DBModel` from a stored model row and its last checkpoint."""
-    from .kernel.netbuild import build_network
-    from .kernel.state import decode_state
+    from dbdl_magic.kernel.netbuild import build_network
+    from dbdl_magic.kernel.state import decode_state
 
     encoding = Encoding.from_json(row["encoding"])
     net = build_network(row["spec"], encoding.input_shape, encoding.target.n_outputs)
@@ -137,9 +166,8 @@ def load_stored(
 
     The router version of a per-group run (``group_by``) comes back as a
     :class:`GroupedModel` holding every group's model."""
-    from . import store
-
-    row = store.read_model(conn, backend, name, version)
+    from dbdl_magic.store import registry
+    row = registry.read_model(conn, backend, name, version)
     if is_router(row):
         return grouped_from_stored(conn, backend, row, device)
     if row["state"] is None:
@@ -442,12 +470,11 @@ def grouped_from_stored(
     conn: Any, backend: Any, row: dict[str, Any], device: str = "auto"
 ) -> GroupedModel:
     """Assemble the :class:`GroupedModel` of a router row: every group's model checkpoint."""
-    from . import store
-
+    from dbdl_magic.store import registry
     options = row["options"]
     models: dict[str, DBModel] = {}
     for group, version in options["groups"].items():
-        member = store.read_model(conn, backend, row["name"], int(version))
+        member = registry.read_model(conn, backend, row["name"], int(version))
         if member["state"] is None:
             raise InputError(
                 f"model {row['name']!r} version {version} (group {group!r}) has no checkpoint"

@@ -16,10 +16,10 @@ from sqlalchemy.engine import Engine
 from traitlets import Bool, Enum, Float, Int, Unicode
 from traitlets.config import Configurable
 
-from . import api
-from .connections import ConnectionRegistry
-from .errors import DbdlError, InputError, InstallError
-from .monitor import make_monitor
+from dbdl_magic import api
+from dbdl_magic.errors import DbdlError, InputError, InstallError
+from dbdl_magic.notebook.connections import ConnectionRegistry
+from dbdl_magic.notebook.monitor import make_monitor
 
 # Same rule as SQLAlchemy's text(): ``:name`` not preceded by ``:`` or a word character.
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
@@ -313,7 +313,7 @@ def _short_traceback(
 
 def load_ipython_extension(shell: Any) -> None:
     """``%load_ext dbdl_magic`` (idempotent)."""
-    from . import accessor  # noqa: F401 - registers df.dl
+    from dbdl_magic.notebook import accessor  # noqa: F401 - registers df.dl
 
     magics = DbdlMagic(shell)
     shell.register_magics(magics)

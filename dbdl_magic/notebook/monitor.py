@@ -1,6 +1,6 @@
 """Training monitors: what a person watches while the database trains.
 
-A monitor turns :class:`~dbdl_magic.runs.Callbacks` into a display and, when the run ends,
+A monitor turns :class:`~dbdl_magic.training.run.Callbacks` into a display and, when the run ends,
 into a static summary. :func:`make_monitor` picks live ipywidgets inside a Jupyter kernel and
 plain text elsewhere (terminals, CI logs, ``dbdl demo``).
 
@@ -20,7 +20,7 @@ from typing import Any, Protocol, TextIO
 
 import pandas as pd
 
-from .runs import Callbacks
+from dbdl_magic.events import Callbacks
 
 # row keys not printed on the iteration line (members and the parallel note get lines of their own)
 _SKIP = {"epoch", "samples", "workers", "combines", "db_device", "train_seconds"}
@@ -264,7 +264,7 @@ def in_jupyter_kernel() -> bool:
 def make_monitor(kind: str = "auto", *, refresh: float = 0.5, title: str = "") -> Monitor:
     """``auto``: widgets in a Jupyter kernel, text elsewhere; ``widgets`` / ``text`` force one."""
     if kind == "widgets" or (kind == "auto" and in_jupyter_kernel()):
-        from .widgets import WidgetMonitor
+        from dbdl_magic.notebook.widgets import WidgetMonitor
 
         return WidgetMonitor(refresh=refresh, title=title)
     return TextMonitor()

@@ -2,7 +2,8 @@
 
 The database computes the statistics (means, deviations, category lists) with SQL aggregates
 when the data is packed; the same :class:`Encoding` then encodes new rows identically, either in
-SQL (:mod:`dbdl_magic.packing`) or on a DataFrame in the client (:meth:`Encoding.encode_frame`).
+SQL (:mod:`dbdl_magic.data.packing`) or on a DataFrame in the client
+(:meth:`Encoding.encode_frame`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from dbdl_magic.errors import InputError
 
 NUMERIC, CATEGORICAL, ARRAY = "numeric", "categorical", "array"
 

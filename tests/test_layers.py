@@ -1,0 +1,30 @@
+"""The package's folders are its layers: import-linter checks the contracts in .importlinter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept():
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    kept = [line for line in out.stdout.splitlines() if line.rstrip().endswith("KEPT")]
+    assert len(kept) == 4, out.stdout  # layers, kernel, notebook, backends
+
+
+def test_kernel_imports_without_the_rest_of_the_package():
+    """What the database server's python3 imports: the kernels and nothing of the fronts."""
+    code = (
+        "import sys, dbdl_magic.kernel.plpython, dbdl_magic.kernel.blockstore;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('pandas', 'sqlalchemy', 'IPython', 'ipywidgets', 'matplotlib')"
+        " or (m.startswith('dbdl_magic.') and not m.startswith('dbdl_magic.kernel')));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
