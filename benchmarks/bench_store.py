@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_store.py --quick --write  # ... and updates RESULTS.md
     .venv/bin/python benchmarks/bench_store.py --full           # ~15-30 min, updates RESULTS.md
 
-Three measurements in one run, on synthetic data (32 numeric features, 4 classes from a seeded
+Four measurements in one run, on synthetic data (32 numeric features, 4 classes from a seeded
 nonlinear rule; fine-tunes see a *drifted* rule), Adam lr 1e-3, batch 256, 2 torch threads
 for the timed parts (training, which is not timed, uses 1):
 
@@ -23,10 +23,17 @@ for the timed parts (training, which is not timed, uses 1):
    from a safetensors file (``safetensors.torch.load_file``) and from
    ``torch.load(weights_only=True)`` of a ``state_dict``, for a ~1M and a ~10M parameter MLP;
    medians of repeats that rotate through the sources (warm caches for all of them).
-3. ``predict``: ``dl.predict(db, name, query, into="scores")`` vs ``pandas.read_sql`` + torch
-   in the client (``model.predict``) and, separately, writing the client's predictions back
-   (executemany / binary COPY), on ≥ 1M rows × 32 features (quick: 100k). The database
-   variant's time is split by SQL statement (SQLAlchemy cursor events) to show where it goes.
+3. ``predict``: ``dl.predict(db, name, query, into="scores")`` vs two client paths that end
+   with the predictions in a table: ``pandas.read_sql`` + ``model.predict`` + write back, and
+   the fastest client path (PostgreSQL binary COPY out parsed by numpy, the module, binary COPY
+   back; SQLite the driver's cursor into numpy, the module, executemany), on ≥ 1M rows × 32
+   features (quick: 100k). The database variant's time is split by SQL statement (SQLAlchemy
+   cursor events) and, on PostgreSQL, by dbdl function (``pg_stat_user_functions``).
+4. ``rows``: row-level SQL prediction (one kernel call per row) over 100k rows (quick: 5k), the
+   JSON and numeric forms.
+
+``--before REV`` runs parts 2-4 on the code of git revision REV first (exported to a temp dir,
+with its own PostgreSQL server) for a before/after table.
 
 A throwaway PostgreSQL server with PL/Python is started with ``tests/pgserver.py``.
 """
@@ -111,6 +118,7 @@ class Mode:
     load_repeats: int
     predict_rows: int
     predict_repeats: int
+    row_rows: int  # rows scored one SQL call at a time (row-level prediction)
     quiet: float  # seconds to wait at most for an idle machine before a timed measurement
 
 
@@ -124,6 +132,7 @@ QUICK = Mode(
     load_repeats=5,
     predict_rows=100_000,
     predict_repeats=1,
+    row_rows=5_000,
     quiet=0.0,
 )
 FULL = Mode(
@@ -136,6 +145,7 @@ FULL = Mode(
     load_repeats=7,
     predict_rows=1_000_000,
     predict_repeats=3,
+    row_rows=100_000,
     quiet=20.0,
 )
 
@@ -585,9 +595,29 @@ def bench_load(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             with db.engine.connect() as conn:
                 return registry.read_model(conn, db.backend, name)["state"]
 
+        def read_stored(db: Database, name: str = name) -> Any:
+            """What dl.load_model reads: the weight blocks alone where the code can (after this
+            change), else the whole checkpoint."""
+            if not hasattr(registry, "read_weights"):
+                return read_state(db)
+            with db.engine.connect() as conn:
+                row = registry.read_model(conn, db.backend, name, with_state=False)
+                key = {"name": row["name"], "version": row["version"]}
+                return registry.read_weights(conn, db.backend, key, row["iteration"])
+
+        def bytes_read(db: Database, name: str = name) -> int:
+            if not hasattr(registry, "read_weights"):
+                return len(read_state(db))
+            stats: dict[str, int] = {}
+            with db.engine.connect() as conn:
+                row = registry.read_model(conn, db.backend, name, with_state=False)
+                key = {"name": row["name"], "version": row["version"]}
+                registry.read_weights(conn, db.backend, key, row["iteration"], stats)
+            return stats["bytes"]
+
         sources: dict[str, dict[str, Callable[[], Any]]] = {
             f"{backend} store": {
-                "read": lambda db=db: read_state(db),
+                "read": lambda db=db: read_stored(db),
                 "module": lambda db=db, name=name: dl.load_model(db, name, device="cpu"),
             }
             for backend, db in dbs.items()
@@ -623,6 +653,7 @@ def bench_load(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
         sizes = {
             "safetensors file": st_path.stat().st_size,
             "torch.load file": pt_path.stat().st_size,
+            **{f"{backend} store": bytes_read(db) for backend, db in dbs.items()},
         }
         st_module = median(times["safetensors file", "module"])
         for source in sources:
@@ -631,6 +662,7 @@ def bench_load(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
                 "params": sum(v.numel() for v in weights.values()),
                 "source": source,
                 "bytes": sizes.get(source, len(state)),
+                "state_bytes": len(state),
                 "read": median(times[source, "read"]),
                 "module": median(times[source, "module"]),
                 "module_min": min(times[source, "module"]),
@@ -656,11 +688,12 @@ class StatementTimer:
     """Sums the time of each kind of SQL statement run on an engine (cursor events)."""
 
     KINDS: ClassVar[list[tuple[re.Pattern[str], str]]] = [
-        (re.compile(r"row_number\(\) OVER", re.I), "stage query"),
-        (re.compile(r"^\s*SELECT .* AS p0", re.I | re.S), "encode query (execute)"),
+        (re.compile(r"^\s*CREATE (UNLOGGED )?TABLE \S+ AS SELECT (row_number\(\) OVER|src\.\*)",
+                    re.I), "stage query"),
+        (re.compile(r"predict_(rows|batch)\(", re.I), "score + write"),
         (re.compile(r"typeof\(", re.I), "check column types (scan)"),
         (re.compile(r"string_agg\(", re.I), "pack buffers"),
-        (re.compile(r"predict_rows\(", re.I), "score + write"),
+        (re.compile(r"^\s*SELECT .* AS p0", re.I | re.S), "encode query (execute)"),
         (re.compile(r"^\s*INSERT INTO", re.I), "write predictions"),
     ]
 
@@ -689,7 +722,7 @@ class StatementTimer:
 @contextlib.contextmanager
 def sqlite_kernel_timer(seconds: dict[str, float]) -> Iterator[None]:
     """Time SQLite's predict kernel, which runs in this process between the SQL statements, by
-    wrapping it (PostgreSQL runs it inside the ``predict_rows`` statement)."""
+    wrapping it (PostgreSQL runs it inside the scoring statement)."""
     from dbdl_magic.backends import sqlite as module
 
     original = module.predict_buffer
@@ -708,6 +741,19 @@ def sqlite_kernel_timer(seconds: dict[str, float]) -> Iterator[None]:
         module.predict_buffer = original
 
 
+def pg_function_seconds(conninfo: str) -> dict[str, float]:
+    """Total time per dbdl function so far (``pg_stat_user_functions``, self time)."""
+    import psycopg
+
+    time.sleep(1.2)  # sessions flush their function statistics at most once a second
+    with psycopg.connect(conninfo) as con:
+        rows = con.execute(
+            "SELECT funcname, self_time FROM pg_stat_user_functions WHERE schemaname IN"
+            " ('dbdl', 'dbdl_store')"
+        ).fetchall()
+    return {str(name): float(ms) / 1e3 for name, ms in rows}
+
+
 def write_back(backend: str, targets: Targets, ids: np.ndarray, predictions: np.ndarray) -> None:
     """The client's predictions into table ``client_scores`` (executemany / binary COPY)."""
     columns = {"id": ids.astype(np.int64), "prediction": predictions.astype(np.int64)}
@@ -718,22 +764,93 @@ def write_back(backend: str, targets: Targets, ids: np.ndarray, predictions: np.
         write_postgres(targets.pg_conninfo, "client_scores", columns)
 
 
-def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+def score_on_client(model: Any, x: np.ndarray) -> np.ndarray:
+    """Class indices of raw feature rows ``x`` (float64, the model's feature order): the
+    model's encoding ``(v - mean) / std`` in numpy, then its network in 65,536-row chunks."""
+    enc = model.encoding
+    mean = np.array([f.mean for f in enc.features])
+    std = np.array([f.std for f in enc.features])
+    encoded = ((x - mean) / std).astype(np.float32)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(encoded), 65_536):
+            out.append(model.net(torch.from_numpy(encoded[i : i + 65_536])).argmax(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def fast_client_postgres(targets: Targets, db: Database, query: str) -> dict[str, float]:
+    """The fastest client path: binary COPY of the query out (parsed by numpy as a record
+    array), the module on the client, binary COPY of (id, prediction) back."""
+    import psycopg
+
+    assert targets.pg_conninfo
+    started = time.perf_counter()
+    model = dl.load_model(db, "scorer", device="cpu")
+    with (
+        psycopg.connect(targets.pg_conninfo) as con,
+        con.cursor() as cur,
+        cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy,
+    ):
+        chunks = [bytes(chunk) for chunk in copy]
+    data = b"".join(chunks)
+    fields = [("count", ">i2"), ("len_id", ">i4"), ("id", ">i8")]
+    for c in FEATURES:
+        fields += [(f"len_{c}", ">i4"), (c, ">f8")]
+    header = 19 + int.from_bytes(data[15:19], "big")  # signature, flags, extension area
+    rec = np.frombuffer(data, dtype=np.dtype(fields), count=(len(data) - header - 2)
+                        // np.dtype(fields).itemsize, offset=header)
+    x = np.stack([rec[c].astype(np.float64) for c in FEATURES], axis=1)
+    ids = rec["id"].astype(np.int64)
+    read = time.perf_counter() - started
+    labels = np.asarray(model.encoding.target.classes)[score_on_client(model, x)]
+    scored = time.perf_counter() - started
+    write_postgres(targets.pg_conninfo, "client_scores", {"id": ids,
+                                                          "prediction": labels.astype(np.int64)})
+    total = time.perf_counter() - started
+    return {"read": read, "predict": scored - read, "write": total - scored, "total": scored,
+            "total_with_write": total}
+
+
+def fast_client_sqlite(targets: Targets, db: Database, query: str) -> dict[str, float]:
+    """The fastest client path for SQLite: the driver's cursor (no pandas) into numpy, the
+    module on the client, executemany of (id, prediction) into a new table."""
+    started = time.perf_counter()
+    model = dl.load_model(db, "scorer", device="cpu")
+    with contextlib.closing(sqlite3.connect(targets.sqlite_path)) as con:
+        rows = np.array(con.execute(query).fetchall(), dtype=np.float64)
+        read = time.perf_counter() - started
+        labels = np.asarray(model.encoding.target.classes)[score_on_client(model, rows[:, 1:])]
+        scored = time.perf_counter() - started
+        con.execute("DROP TABLE IF EXISTS client_scores")
+        con.execute("CREATE TABLE client_scores (id INTEGER, prediction INTEGER)")
+        con.executemany("INSERT INTO client_scores VALUES (?, ?)",
+                        zip(rows[:, 0].astype(np.int64).tolist(), labels.tolist(), strict=True))
+        con.commit()
+    total = time.perf_counter() - started
+    return {"read": read, "predict": scored - read, "write": total - scored, "total": scored,
+            "total_with_write": total}
+
+
+def setup_predict(mode: Mode, targets: Targets) -> dict[str, Database]:
+    """Tables ``predict_train`` and ``pred_data`` and model ``scorer`` in both databases."""
     targets.load("predict_train", labelled(mode.store_rows, SEED))
     targets.load("pred_data", unlabelled(mode.predict_rows, SEED + 30))
-    query = f"SELECT id, {', '.join(FEATURES)} FROM pred_data"
     dbs = {backend: dl.connect(url) for backend, url in targets.urls().items()}
     for db in dbs.values():
-        dl.train(
-            db,
-            "SELECT * FROM predict_train",
-            name="scorer",
-            model=STORE_MODEL,
-            epochs=3,
-            seed=SEED,
-            **COMMON,
-        )
-    dbs = setup_done(dbs)
+        dl.train(db, "SELECT * FROM predict_train", name="scorer", model=STORE_MODEL, epochs=3,
+                 seed=SEED, **COMMON)
+    return setup_done(dbs)
+
+
+def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    query = f"SELECT id, {', '.join(FEATURES)} FROM pred_data"
+    dbs = setup_predict(mode, targets)
+    if targets.pg_conninfo:  # function timings for the breakdown
+        import psycopg
+
+        with psycopg.connect(targets.pg_conninfo, autocommit=True) as con:
+            con.execute("ALTER DATABASE bench SET track_functions = 'all'")
+        dbs["postgresql"].engine.dispose()
     # The first call in a fresh connection pays for importing torch and the kernels into the
     # database process (PostgreSQL) and decoding the model: timed once here, on 1,000 rows,
     # and left out of the throughput below.
@@ -749,6 +866,7 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             backends.reverse()
         for backend, db in backends:
             wait_quiet(mode.quiet)
+            before = pg_function_seconds(targets.pg_conninfo) if backend != "sqlite" else {}
             with StatementTimer(db.engine) as timer, sqlite_kernel_timer(timer.seconds):
                 started = time.perf_counter()
                 n = dl.predict(db, "scorer", query, into="scores", replace=True)
@@ -756,8 +874,21 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             assert n == mode.predict_rows, n
             split = dict(timer.seconds)
             split["rest (client Python)"] = total - sum(split.values())
+            if backend != "sqlite":
+                after = pg_function_seconds(targets.pg_conninfo)
+                for name, seconds in after.items():
+                    if seconds - before.get(name, 0.0) > 0.005:
+                        split[f"  of which {name}()"] = seconds - before.get(name, 0.0)
             runs[backend, "database"].append({"total": total, **split})
             log(f"predict {backend} in database: {total:.1f} s ({n / total:,.0f} rows/s)")
+
+            wait_quiet(mode.quiet)
+            fast = (fast_client_sqlite if backend == "sqlite" else fast_client_postgres)(
+                targets, db, query)
+            runs[backend, "client, fastest"].append(fast)
+            log(f"predict {backend} fastest client: {fast['total_with_write']:.1f} s")
+            fast_ids = pd.read_sql("SELECT id, prediction FROM client_scores ORDER BY id",
+                                   db.engine)
 
             wait_quiet(mode.quiet)
             started = time.perf_counter()
@@ -770,7 +901,7 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             scored = time.perf_counter() - started
             write_back(backend, targets, frame["id"].to_numpy(), np.asarray(predictions))
             total = time.perf_counter() - started
-            runs[backend, "client"].append(
+            runs[backend, "client, read_sql"].append(
                 {
                     "read": read,
                     "predict": scored - read,
@@ -785,17 +916,16 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             )
             if backend not in agree:
                 inside = pd.read_sql("SELECT id, prediction FROM scores ORDER BY id", db.engine)
-                agree[backend] = float(
-                    (
-                        inside["prediction"].to_numpy()
-                        == np.asarray(predictions)[np.argsort(frame["id"].to_numpy())]
-                    ).mean()
-                )
+                expected = np.asarray(predictions)[np.argsort(frame["id"].to_numpy())]
+                agree[backend] = float(min(
+                    (inside["prediction"].to_numpy() == expected).mean(),
+                    (fast_ids["prediction"].to_numpy() == expected).mean(),
+                ))
             del frame
     results = []
     for (backend, variant), samples in runs.items():
         keys = samples[0].keys()
-        row = {k: median([s[k] for s in samples]) for k in keys}
+        row = {k: median([s.get(k, 0.0) for s in samples]) for k in keys}
         row.update(
             backend=backend,
             variant=variant,
@@ -805,6 +935,37 @@ def bench_predict(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
             cold=cold[backend] if variant == "database" else float("nan"),
         )
         results.append(row)
+    for db in dbs.values():
+        db.engine.dispose()
+    return results
+
+
+def bench_rows(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    """Row-level SQL prediction (``dbdl.predict`` / ``dbdl_predict`` per row) over
+    ``mode.row_rows`` rows of ``pred_data``: the JSON form (the whole row) and, on PostgreSQL,
+    the numeric form (the features as arguments). Warm: a first statement of 100 rows in the
+    same connection is left out."""
+    dbs = {backend: dl.connect(url) for backend, url in targets.urls().items()}
+    sub = f"(SELECT * FROM pred_data LIMIT {mode.row_rows})"
+    forms = {
+        ("postgresql", "JSON"): f"SELECT count(dbdl.predict('scorer', to_jsonb(p))) FROM {sub} p",
+        ("postgresql", "numeric"):
+            f"SELECT count(dbdl.predict('scorer', {', '.join(FEATURES)})) FROM {sub} p",
+        ("sqlite", "JSON"):
+            "SELECT count(dbdl_predict('scorer', json_object("
+            + ", ".join(f"'{c}', {c}" for c in FEATURES) + f"))) FROM {sub}",
+    }
+    results = []
+    for (backend, form), sql in forms.items():
+        if backend not in dbs:
+            continue
+        with dbs[backend].engine.connect() as conn:
+            conn.execute(text(sql.replace(f"LIMIT {mode.row_rows}", "LIMIT 100"))).all()
+            wait_quiet(mode.quiet)
+            seconds = timed(lambda conn=conn, sql=sql: conn.execute(text(sql)).all())
+        results.append({"backend": backend, "form": form, "rows": mode.row_rows,
+                        "seconds": seconds, "rows_per_s": mode.row_rows / seconds})
+        log(f"row-level {backend} {form}: {mode.row_rows / seconds:,.0f} rows/s")
     for db in dbs.values():
         db.engine.dispose()
     return results
@@ -836,6 +997,10 @@ def render(mode: Mode, facts: dict[str, str], results: dict[str, Any]) -> str:
         parts += render_load(mode, results["load"])
     if results.get("predict"):
         parts += render_predict(mode, results["predict"])
+    if results.get("rows"):
+        parts += render_rows(mode, results["rows"])
+    if results.get("before"):
+        parts += render_before_after(results, results["before"], results["before_label"])
     return "\n".join(parts) + "\n"
 
 
@@ -992,7 +1157,7 @@ def render_load(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
         by_model.setdefault(r["model"], r)
     notes = "; ".join(
         f"{fmt_params(r['params'])}: weights {mb(r['weight_bytes'])} MB, checkpoint"
-        f" {mb(next(x['bytes'] for x in rows if x['model'] == m and 'store' in x['source']))} MB"
+        f" {mb(r.get('state_bytes', r['bytes']))} MB"
         f" in {r['blocks']} blocks, BLAKE2b of all blocks {r['hashing'] * 1e3:.0f} ms, building"
         f" the module (random init) {r['build'] * 1e3:.0f} ms"
         for m, r in by_model.items()
@@ -1002,12 +1167,14 @@ def render_load(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
         f"### 2. Load time: block store vs files (median of {rows[0]['repeats']} rotating repeats,"
         " warm caches)",
         "",
-        "*read* = store: `registry.read_model` (fetch blocks, verify every BLAKE2b address,"
-        " reassemble the checkpoint); files: `load_file` / `torch.load(weights_only=True)` →"
+        "*read* = store: `registry.read_weights` (one query for the network's blocks, each"
+        " BLAKE2b address verified, tensors built from them; the code before this change read"
+        " and reassembled the whole checkpoint, weights + Adam moments, with"
+        " `registry.read_model`); files: `load_file` / `torch.load(weights_only=True)` →"
         " tensors. *→ module* = a ready `nn.Module`: `dl.load_model(db, name, device='cpu')`;"
         " files: build the network + `load_state_dict`. *÷ safetensors* compares *→ module*."
-        " The store reads the whole checkpoint (weights + Adam moments), the files only the"
-        f" weights. {notes}.",
+        " *bytes read* = block bytes fetched (a block stored as a delta needs its base block"
+        f" too). {notes}.",
         "",
         table(
             [
@@ -1043,13 +1210,16 @@ def render_predict(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
         f" median of {rows[0]['repeats']})",
         "",
         "*database* = `dl.predict(db, 'scorer', query, into='scores', replace=True)`: the"
-        " predictions end up in a table. *client* = `dl.load_model` + `pandas.read_sql(query)`"
-        " + `model.predict` in 65,536-row chunks (the predictions end up in client memory);"
-        " *+ write back* also stores them in a table (SQLite executemany, PostgreSQL binary"
-        " COPY), i.e. the same end state as the database variant. *agree* = share of rows"
-        " where the database's and the client's predicted labels are equal. Throughput is"
-        " warm: *first call* = a `dl.predict` of 1,000 rows in a fresh connection, not"
-        " included in the throughput (PostgreSQL imports torch and the kernels into the backend).",
+        " predictions end up in a table. *client, read_sql* = `dl.load_model` +"
+        " `pandas.read_sql(query)` + `model.predict` in 65,536-row chunks; *client, fastest* ="
+        " `dl.load_model` + the driver's fastest read (PostgreSQL: binary `COPY (query) TO"
+        " STDOUT` parsed by numpy as one record array; SQLite: the sqlite3 cursor, no pandas) +"
+        " the encoding in numpy and the network in 65,536-row chunks. *+ write back* also"
+        " stores (id, prediction) in a table (SQLite executemany, PostgreSQL binary COPY), the"
+        " end state of the database variant. *agree* = the smallest share, over the database"
+        " and the fastest client variants, of rows whose label equals read_sql + `model.predict`."
+        " Throughput is warm: *first call* = a `dl.predict` of 1,000 rows in a fresh connection,"
+        " not included (PostgreSQL imports torch and the kernels into the backend).",
         "",
         table(
             [
@@ -1078,18 +1248,70 @@ def render_predict(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
         ),
         "",
         "Where the time goes (seconds, medians): database variant by SQL statement kind (cursor"
-        " execute time) plus, for SQLite, the predict kernel, which runs in this process;"
-        " *rest* = the remaining client-side Python (for SQLite: fetching the encoded rows,"
-        " packing them into buffers and building the inserted rows); client variant by step.",
+        " execute time), for PostgreSQL with the server's own time in the dbdl functions"
+        " (`pg_stat_user_functions` self time: `predict_batch` = the kernel: reading the"
+        " buffer, encoding, the network, the output arrays; `array_image` / `int4_array` = the"
+        " arrays in and out), for SQLite with the predict kernel, which runs in this process;"
+        " *rest* = the remaining client-side Python (SQLite: fetching the rows, building the"
+        " raw matrix, the inserted tuples); client variants by step.",
         "",
     ]
     lines = []
     for r in rows:
         skip = {"backend", "variant", "rows", "repeats", "agree", "cold", "total"}
         skip.add("total_with_write")
-        parts = [f"{k} {v:.2f}" for k, v in r.items() if k not in skip and isinstance(v, float)]
+        parts = [f"{k.strip()} {v:.2f}" for k, v in r.items()
+                 if k not in skip and isinstance(v, float)]
         lines.append(f"- {r['backend']} {r['variant']}: " + ", ".join(parts))
     return out + lines
+
+
+def render_rows(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        "",
+        f"### 4. Row-level SQL prediction ({rows[0]['rows']:,} rows, {STORE_MODEL})",
+        "",
+        "One kernel call per row from plain SQL, warm (a 100-row statement in the same"
+        " connection first): PostgreSQL `SELECT count(dbdl.predict('scorer', to_jsonb(p)))`"
+        " (*JSON*) and `dbdl.predict('scorer', f0, …, f31)` (*numeric*); SQLite"
+        " `dbdl_predict('scorer', json_object(…))`.",
+        "",
+        table(["backend", "form", "rows", "seconds", "rows/s"],
+              [[r["backend"], r["form"], f"{r['rows']:,}", f"{r['seconds']:.2f}",
+                f"**{r['rows_per_s']:,.0f}**"] for r in rows]),
+    ]
+
+
+def render_before_after(results: dict[str, Any], before: dict[str, Any], label: str) -> list[str]:
+    """One table of the same measurements by the code before this change and after it."""
+    lines = []
+    for r in results.get("predict", []):
+        old = next((o for o in before.get("predict", []) if o["backend"] == r["backend"]
+                    and o["variant"] == r["variant"]), None)
+        if old is not None:
+            n, m = r["rows"], old["rows"]
+            lines.append([f"predict {r['backend']} {r['variant']} (rows/s incl. write back)",
+                          f"{m / old.get('total_with_write', old['total']):,.0f}",
+                          f"{n / r.get('total_with_write', r['total']):,.0f}"])
+    for r in results.get("load", []):
+        old = next((o for o in before.get("load", []) if o["model"] == r["model"]
+                    and o["source"] == r["source"]), None)
+        if old is not None:
+            lines.append([f"load {r['model']} from {r['source']} (→ module ms)",
+                          f"{old['module'] * 1e3:.1f}", f"{r['module'] * 1e3:.1f}"])
+    for r in results.get("rows", []):
+        old = next((o for o in before.get("rows", []) if o["backend"] == r["backend"]
+                    and o["form"] == r["form"]), None)
+        if old is not None:
+            lines.append([f"row-level {r['backend']} {r['form']} (rows/s; before on"
+                          f" {old['rows']:,} rows)", f"{old['rows_per_s']:,.0f}",
+                          f"{r['rows_per_s']:,.0f}"])
+    if not lines:
+        return []
+    return ["", f"### Before and after, same run ({label})", "",
+            "The same benchmark run first on the code before this change (exported from git,"
+            " its own PostgreSQL server with that code's kernels), then on this tree.", "",
+            table(["measurement", "before", "after"], lines)]
 
 
 def write_section(path: Path, body: str) -> None:
@@ -1104,6 +1326,38 @@ def write_section(path: Path, body: str) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------------
+def run_before(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
+    """This script, on ``git archive REV`` of dbdl_magic and kernels in a temp dir (the client,
+    and the PostgreSQL server, whose PL/Python path follows where dbdl_magic is imported, run
+    that code; ``dbdl_magic/sql`` points at its own kernels); returns its raw results."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="dbdl-before-") as tmp:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", args.before, "dbdl_magic", "kernels"],
+            cwd=ROOT, capture_output=True, check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        (Path(tmp) / "dbdl_magic" / "sql").symlink_to(Path(tmp) / "kernels")
+        for folder, _dirs, _files in os.walk(tmp):
+            os.chmod(folder, 0o755)  # the server's OS user must read it
+        out = Path(tmp) / "before.json"
+        argv = [sys.executable, str(Path(__file__).resolve()), "--no-write", "--json", str(out),
+                "--only", ",".join(sorted(only)), "--full" if args.full else "--quick",
+                "--row-rows", str(args.before_row_rows)]
+        for flag, value in (("--predict-rows", args.predict_rows), ("--repeats", args.repeats),
+                            ("--quiet", args.quiet)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if args.no_postgres:
+            argv.append("--no-postgres")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [tmp, os.environ.get("PYTHONPATH")]))}
+        log(f"benchmarking {args.before} exported to {tmp}")
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["results"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -1112,20 +1366,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="update RESULTS.md in quick mode")
     parser.add_argument("--no-write", action="store_true", help="never update RESULTS.md")
     parser.add_argument(
-        "--only", default="storage,load,predict", help="comma list of storage, load, predict"
+        "--only", default="storage,load,predict,rows",
+        help="comma list of storage, load, predict, rows",
     )
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
+    parser.add_argument("--predict-rows", type=int, help="rows of the prediction benchmark")
+    parser.add_argument("--row-rows", type=int, help="rows of the row-level benchmark")
+    parser.add_argument("--repeats", type=int, help="repeats of the prediction benchmark")
+    parser.add_argument("--quiet", type=float,
+                        help="seconds to wait at most for idle CPUs before a timed step")
+    parser.add_argument(
+        "--before", metavar="REV",
+        help="first run the same parts on git revision REV (exported), for a before/after table",
+    )
+    parser.add_argument("--before-row-rows", type=int, default=5_000,
+                        help="rows of the row-level benchmark on the --before code")
     args = parser.parse_args(argv)
 
     # a kill (nohup runs) unwinds the context managers: the PostgreSQL server and temp files go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = FULL if args.full else QUICK
+    for field, value in (("predict_rows", args.predict_rows), ("row_rows", args.row_rows),
+                         ("predict_repeats", args.repeats), ("quiet", args.quiet)):
+        if value is not None:
+            setattr(mode, field, value)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     write = (args.full or args.write) and not args.no_write
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
     results: dict[str, Any] = {}
+    if args.before:
+        results["before"] = run_before(args, only - {"storage"})
+        results["before_label"] = f"before = git {args.before}, after = this work tree"
     with databases(not args.no_postgres) as targets:
         facts = machine_facts(targets)
         if "storage" in only:
@@ -1134,6 +1407,11 @@ def main(argv: list[str] | None = None) -> int:
             results["load"] = bench_load(mode, targets)
         if "predict" in only:
             results["predict"] = bench_predict(mode, targets)
+        if "rows" in only:
+            if "predict" not in only:
+                for db in setup_predict(mode, targets).values():
+                    db.engine.dispose()
+            results["rows"] = bench_rows(mode, targets)
     facts["benchmark wall time"] = f"{time.perf_counter() - started:.0f} s"
     body = render(mode, facts, results)
     print(body)

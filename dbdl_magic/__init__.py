@@ -14,7 +14,8 @@ import-linter, see ``.importlinter``)::
     backends/              SQL phrasing per dialect (SQLite, PostgreSQL/Citus/Greenplum)
     kernel/                the math that runs inside the database (torch, numpy only)
 
-``options``, ``errors``, ``events`` and ``datasets`` are shared vocabulary, importable by all.
+``options``, ``errors``, ``display``, ``events`` and ``datasets`` are shared vocabulary, importable
+by all.
 """
 
 from __future__ import annotations

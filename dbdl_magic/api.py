@@ -133,13 +133,74 @@ def train(
 ) -> DBModel | GroupedModel:
     """Train a model on the rows of ``query`` inside the database; returns the torch module.
 
-    Options (see :class:`~dbdl_magic.options.TrainOptions`): ``model`` ("mlp:64,32", a JSON
-    spec or an ``nn.Sequential``), ``epochs``, ``lr``, ``batch_size``, ``optimizer``
-    (sgd/adam/adamw), ``momentum``, ``nesterov``, ``weight_decay``, ``validation`` (fraction)
-    or ``validation_query``, ``task``, ``features``, ``impute``, ``image_shape``, ``seed``,
-    ``device`` (where the returned module lives), ``db_device`` (where the kernels run),
-    ``parallel`` (PostgreSQL segments), ``threads``, ``params`` (values bound to ``:name``
-    placeholders in the query), ``rows_per_buffer``, ``max_categories``.
+    ``name`` names the stored model (default: a generated name); ``callbacks`` receive the
+    run's events. Bad option values raise :class:`~dbdl_magic.errors.InputError` naming the
+    option. The options, generated from :class:`~dbdl_magic.options.TrainOptions` by
+    ``python -m dbdl_magic.options --docstring`` (tests/test_options.py checks this list):
+
+    - ``target``: the label column to predict
+    - ``model="mlp:64,32"``: `linear`, `mlp:64,32` (add `dropout=0.2`, `bn`, `ln`, `act=gelu`),
+      `cnn:16,32` for an image column, a JSON spec `{"layers": [...]}`, or an `nn.Sequential` of
+      supported layers (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm,
+      ReLU/GELU/ELU/SiLU/LeakyReLU/Tanh/Sigmoid/Softplus, Dropout, Flatten, Max/Avg/AdaptiveAvg
+      pooling); only the JSON spec reaches the database, never pickled code; a `grid` may search
+      it
+    - ``epochs=10``: iterations: passes over the training rows
+    - ``lr=0.001``: learning rate; a `grid` may search it
+    - ``batch_size=64``: rows per minibatch; a `grid` may search it
+    - ``optimizer="adam"``: the optimizer; a `grid` may search it
+    - ``momentum=0.0``: momentum (sgd); a `grid` may search it
+    - ``nesterov=False``: Nesterov momentum (sgd with momentum > 0)
+    - ``weight_decay=None``: L2 penalty (None: the optimizer's own, 0.01 for adamw, else 0); a
+      `grid` may search it
+    - ``validation=0.2``: fraction of the rows held out for validation
+    - ``validation_query=None``: a second query whose rows are the validation set, instead of a
+      fraction (%%dbtrain: a variable holding it, or the SQL)
+    - ``task="auto"``: `auto` (text/bool or small-integer targets are classification),
+      `classification` or `regression`
+    - ``features=None``: the feature columns (None: every column but the target and group_by;
+      %%dbtrain: comma-separated)
+    - ``impute=None``: `mean` or `zero` fills NULL numeric features (None: a NULL is an error
+      naming the column)
+    - ``max_categories=100``: most distinct values of a text feature (one-hot encoded)
+    - ``image_shape=None``: e.g. (8, 8) or '8x8' for a SQLite float32 BLOB column (PostgreSQL
+      2-D real[] arrays carry their shape)
+    - ``rows_per_buffer=None``: rows packed per buffer (None: chosen from the data and the
+      model)
+    - ``seed=0``: seed of the shuffle, split, initial weights and dropout: the same seed gives
+      the same model
+    - ``device="auto"``: device of the returned module (`auto`: cuda when this machine has one)
+    - ``db_device="auto"``: device of the kernels in the database (`auto`: a GPU when the
+      database host's torch sees one)
+    - ``parallel="auto"``: PostgreSQL: parallel workers (segments) per iteration, N or `auto`
+      (estimated from a measured worker start-up)
+    - ``sync_every=None``: average the workers' models every this fraction of an epoch (e.g.
+      0.25: 4 times per epoch; None: once)
+    - ``threads=None``: torch threads per database process (capped at the server's cores)
+    - ``group_by=None``: one model per value of this column, trained in the same queries
+    - ``grid=None``: model selection in one pass: {option: [values]} (random search: also (low,
+      high)); %%dbtrain: a variable holding it, or a dict literal
+    - ``search=None``: `grid` (every configuration, the default with a grid) or `random` (draws
+      `trials` of them)
+    - ``trials=None``: configurations to draw (random search; with a grid: a sample of it)
+    - ``halving=True``: successive halving: the worse half of the configurations stops at each
+      rung
+    - ``params={}``: values bound to `:name` placeholders in the query, never pasted into SQL
+      (%%dbtrain binds them from the notebook's variables)
+    - ``patience=None``: early stopping: iterations without improvement of `monitor` before
+      stopping
+    - ``monitor="val_loss"``: the metric early stopping and model selection watch
+    - ``min_delta=0.0``: the least change of `monitor` that counts as an improvement
+    - ``restore_best=True``: after early stopping, the model is the best iteration's (not the
+      last)
+    - ``on_interrupt="raise"``: on Ctrl-C: `raise`, or `return` the last completed iteration's
+      model (%%dbtrain always returns)
+    - ``resume=False``: continue the interrupted run of this name (same query and options)
+    - ``init_from=None``: warm start from a stored model: `name` or `name:version`
+    - ``freeze=None``: with init_from: layer indices to freeze (e.g. [0, 2] or '0,2') or
+      'all_but_last'
+    - ``block_bytes=261120``: bytes per stored weight block (checkpoints share equal blocks)
+    - ``deltas=True``: store a checkpoint's blocks as lossless deltas against the previous one
     """
     db = connect(con, check=False).require()
     opts = TrainOptions.from_kwargs(target=target, **options)

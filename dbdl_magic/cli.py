@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dbdl_magic.options import flag_arguments, values_from_flags
+
 DATASETS = ("digits", "breast_cancer")
 
 
@@ -30,19 +32,18 @@ def _demo(args: argparse.Namespace) -> int:
         f"SELECT * FROM {table}",
         target=target,
         name=f"demo_{args.dataset}",
-        model=args.model,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        validation=0.2,
-        seed=args.seed,
         callbacks=TextMonitor().callbacks(),
+        **values_from_flags(args),
     )
     last = model.history.iloc[-1]
-    print(
-        f"model {model.name} v{model.version}: {len(model.history)} iterations, held-out "
-        f"accuracy {last['val_accuracy']:.4f}, F1 {last['val_f1']:.4f}, on {model.device}"
+    scores = ", ".join(
+        f"{label} {last[key]:.4f}"
+        for key, label in (("val_accuracy", "held-out accuracy"), ("val_f1", "F1"),
+                           ("train_loss", "training loss"))
+        if key in last and last[key] == last[key]
     )
+    print(f"model {model.name} v{model.version}: {len(model.history)} iterations, {scores}, "
+          f"on {model.device}")
     return 0
 
 
@@ -89,11 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train on a bundled real data set in the embedded SQLite")
     demo.add_argument("--database", default=None, help="SQLAlchemy URL (default: ./dbdl.db)")
     demo.add_argument("--dataset", choices=DATASETS, default="digits")
-    demo.add_argument("--model", default="mlp:64")
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
+    training = demo.add_argument_group("training options (those of dl.train; default: dl.train's)")
+    for flags, kwargs in flag_arguments(exclude=("target",)):  # the data set names the target
+        training.add_argument(*flags, **kwargs)
     demo.set_defaults(func=_demo)
     install = sub.add_parser("install", help="install the kernels into a database (idempotent)")
     install.add_argument("url")

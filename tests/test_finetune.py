@@ -34,7 +34,7 @@ FEATURES = ", ".join(f"p{i}" for i in range(64))
 def test_head_only_fine_tune_freezes_and_deduplicates(digits_db):
     db = digits_db
     base = dl.train(db, f"SELECT {FEATURES}, digit FROM digits WHERE id % 2 = 0",
-                    name="base", target="digit", model="mlp:128,64", epochs=3, seed=0)
+                    name="base", target="digit", model="mlp:128,64", epochs=6, seed=0)
     tuned = dl.train(db, f"SELECT {FEATURES}, digit FROM digits WHERE id % 2 = 1",
                      name="tuned", target="digit", model="mlp:128,64", epochs=3, seed=1,
                      init_from="base", freeze="all_but_last")

@@ -66,8 +66,10 @@ FUNCTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
                 ("stats", "config")),
     "predict_buffer": ("SELECT dbdl.predict_buffer(CAST(%s AS bytea), CAST(%s AS bytea), "
                        "CAST(%s AS text))", ("x", "state", "config")),
-    "predict_rows": ("SELECT count(*) FROM dbdl.predict_rows(CAST(%s AS bytea), "
-                     "CAST(%s AS bytea), CAST(%s AS text))", ("x", "state", "config")),
+    "predict_batch": ("SELECT count(*) FROM dbdl.predict_batch(CAST(%s AS bytea), "
+                      "CAST(%s AS bytea), CAST(%s AS text))", ("x", "state", "config")),
+    "int4_array": ("SELECT cardinality(dbdl.int4_array(CAST(%s AS bytea)))", ("x",)),
+    "float8_array": ("SELECT cardinality(dbdl.float8_array(CAST(%s AS bytea)))", ("x",)),
     "state_info": ("SELECT dbdl.state_info(CAST(%s AS bytea))", ("state",)),
     "kernel_info": ("SELECT dbdl.kernel_info()", ()),
     "predict": ("SELECT dbdl.predict(CAST(%s AS text), CAST(%s AS jsonb))", ("name", "json")),
@@ -84,7 +86,7 @@ FUNCTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
                        "CAST(%s AS integer))", ("name", "int", "int")),
 }
 STORE = ("predict", "predict_array", "predict_value", "predict_proba", "materialize_checkpoint",
-         "release_blocks")
+         "release_blocks", "int4_array", "float8_array")
 # kernels that take states, configs and buffers get most of the cases
 WEIGHTS = {name: (1 if name in STORE or name == "kernel_info" else 6) for name in FUNCTIONS}
 

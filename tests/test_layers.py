@@ -14,7 +14,8 @@ def test_import_contracts_are_kept():
     out = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     kept = [line for line in out.stdout.splitlines() if line.rstrip().endswith("KEPT")]
-    assert len(kept) == 4, out.stdout  # layers, kernel, notebook, backends
+    # layers, kernel, notebook, backends, vocabulary, display, notebook-modules
+    assert len(kept) == 7, out.stdout
 
 
 def test_kernel_imports_without_the_rest_of_the_package():
@@ -28,3 +29,21 @@ def test_kernel_imports_without_the_rest_of_the_package():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_layer_table_lists_every_module():
+    text = (ROOT / "README.md").read_text()
+    start, end = text.index("<!-- layer-table"), text.index("<!-- /layer-table -->")
+    table = text[start:end]
+    missing = []
+    for path in sorted((ROOT / "dbdl_magic").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        rel = path.relative_to(ROOT / "dbdl_magic")
+        folder = f"`{rel.parent}/`" if rel.parent.name else None
+        if f"`{rel.name}`" not in table or (folder and folder not in table):
+            missing.append(str(rel))
+    assert missing == [], f"README layer table misses {missing}"
+    folders = {p.parent.name for p in (ROOT / "dbdl_magic").rglob("*.py")} - {"dbdl_magic"}
+    listed = {f for f in folders if f"`{f}/`" in table or f == "sql"}
+    assert listed == folders

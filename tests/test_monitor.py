@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import struct
@@ -14,13 +15,20 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
 
+from dbdl_magic.display import short_error
+from dbdl_magic.events import (
+    CohortMember,
+    IterationFinished,
+    MemberProgress,
+    RunFinished,
+    RunStarted,
+)
 from dbdl_magic.notebook.figures import (
     RED,
     TrainingReport,
     curves_png,
     metric_columns,
     metrics_table_html,
-    short_error,
 )
 from dbdl_magic.notebook.monitor import TextMonitor, members_frame, summary_line
 from dbdl_magic.notebook.widgets import WidgetMonitor
@@ -28,43 +36,50 @@ from dbdl_magic.notebook.widgets import WidgetMonitor
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def start_info(epochs: int = 3, name: str = "digits") -> dict[str, Any]:
-    """The keys ``TrainingRun._announce`` passes to ``on_start``."""
-    return {
-        "name": name,
-        "version": 2,
-        "database": "sqlite:///tmp/t.db",
-        "backend": "sqlite",
-        "rows": 160,
-        "validation_rows": 40,
-        "buffers": 1,
-        "parameters": 650,
-        "workers": 1,
-        "epochs": epochs,
-        "device": "cpu",
-    }
+def start_info(epochs: int = 3, name: str = "digits") -> RunStarted:
+    """The facts of an ordinary run (``on_start``)."""
+    return RunStarted(
+        name=name,
+        version=2,
+        database="sqlite:///tmp/t.db",
+        backend="sqlite",
+        rows=160,
+        validation_rows=40,
+        buffers=1,
+        parameters=650,
+        workers=1,
+        epochs=epochs,
+        device="cpu",
+    )
 
 
-def iteration_row(epoch: int) -> dict[str, Any]:
-    """A row as ``TrainingRun._iteration`` passes to ``on_iteration``."""
-    return {
-        "epoch": epoch,
-        "train_loss": 2.0 / epoch,
-        "val_loss": 2.2 / epoch,
-        "val_accuracy": 0.5 + 0.1 * epoch,
-        "val_f1": 0.45 + 0.1 * epoch,
-        "seconds": 0.123456 * epoch,
-        "train_seconds": 0.1,
-        "samples": 160,
-        "workers": 1,
-        "combines": 0,
-        "db_device": "cpu",
-        "stored_bytes": 2600,
-    }
+def iteration_row(epoch: int) -> IterationFinished:
+    """An iteration of an ordinary run (``on_iteration``)."""
+    return IterationFinished(
+        epoch=epoch,
+        metrics={
+            "train_loss": 2.0 / epoch,
+            "val_loss": 2.2 / epoch,
+            "val_accuracy": 0.5 + 0.1 * epoch,
+            "val_f1": 0.45 + 0.1 * epoch,
+        },
+        seconds=0.123456 * epoch,
+        train_seconds=0.1,
+        samples=160,
+        workers=1,
+        combines=0,
+        db_device="cpu",
+        stored_bytes=2600,
+    )
+
+
+def history_of(iterations: list[IterationFinished]) -> pd.DataFrame:
+    """A model's history: one row per iteration."""
+    return pd.DataFrame([it.to_row() for it in iterations])
 
 
 def fake_model(epochs: int = 3, name: str = "digits", status: str = "complete") -> SimpleNamespace:
-    history = pd.DataFrame([iteration_row(e) for e in range(1, epochs + 1)])
+    history = history_of([iteration_row(e) for e in range(1, epochs + 1)])
     return SimpleNamespace(name=name, version=2, status=status, history=history)
 
 
@@ -308,7 +323,7 @@ def test_report_and_monitor_on_a_real_trained_model(tmp_path, displays: Captured
         monitor.finish(model)
     finally:
         db.engine.dispose()
-    assert monitor.info["rows"] + monitor.info["validation_rows"] == 200
+    assert monitor.started.rows + monitor.started.validation_rows == 200
     assert monitor.progress.value == monitor.progress.max
     report = TrainingReport(model)
     assert repr(report) == summary_line(model)
@@ -325,39 +340,43 @@ def test_report_and_monitor_on_a_real_trained_model(tmp_path, displays: Captured
 CONFIGS = ["lr=0.1 optimizer=sgd", "lr=0.01 optimizer=adam", "lr=0.001 optimizer=adam", "lr=1"]
 
 
-def cohort_info(cohort: str, labels: list[str], **extra: Any) -> dict[str, Any]:
-    """``on_start`` facts of a cohort run (the contract of ``runs.Callbacks``)."""
-    members = [
-        {
-            "member": i,
-            "label": label,
-            "version": 3 + i,
-            "group": label.partition("=")[2] if cohort == "groups" else None,
-            "trial": None if cohort == "groups" else {"label": label},
-        }
+def cohort_info(cohort: str, labels: list[str], **extra: Any) -> RunStarted:
+    """The facts of a cohort run (``on_start``)."""
+    members = tuple(
+        CohortMember(
+            member=i,
+            label=label,
+            version=3 + i,
+            group=label.partition("=")[2] if cohort == "groups" else None,
+            trial=None if cohort == "groups" else {"label": label},
+        )
         for i, label in enumerate(labels)
-    ]
-    return {**start_info(), "workers": "auto", "cohort": cohort, "members": members, **extra}
+    )
+    return dataclasses.replace(
+        start_info(), workers="auto", cohort=cohort, members=members, **extra
+    )
 
 
-def selection_info() -> dict[str, Any]:
+def selection_info() -> RunStarted:
     return cohort_info("selection", CONFIGS, selection_metric="val_loss", selection_mode="min")
 
 
-def member(i: int, label: str, status: str, epoch: int, val_loss: float | None) -> dict[str, Any]:
-    return {
-        "member": i,
-        "label": label,
-        "status": status,
-        "epoch": epoch,
-        "train_loss": 1.5 if val_loss is None else val_loss - 0.1,
-        "val_loss": val_loss,
-        "val_accuracy": None if val_loss is None else 1 - val_loss / 2,
-        "samples": 160,
-    }
+def member(i: int, label: str, status: str, epoch: int, val_loss: float | None) -> MemberProgress:
+    return MemberProgress(
+        member=i,
+        label=label,
+        status=status,
+        epoch=epoch,
+        metrics={
+            "train_loss": 1.5 if val_loss is None else val_loss - 0.1,
+            "val_loss": val_loss,
+            "val_accuracy": None if val_loss is None else 1 - val_loss / 2,
+        },
+        samples=160,
+    )
 
 
-def selection_row(epoch: int) -> dict[str, Any]:
+def selection_row(epoch: int) -> IterationFinished:
     """Epoch 1: all four train; epoch 2: ``lr=1`` and ``lr=0.1`` were halved after epoch 1."""
     losses = {0: 0.9, 1: 0.5 / epoch, 2: 0.7 / epoch, 3: None}  # lr=1 diverged (no metrics)
     members = []
@@ -366,15 +385,17 @@ def selection_row(epoch: int) -> dict[str, Any]:
         status, last = ("halved", 1) if halved else ("training", epoch)
         members.append(member(i, label, status, last, losses[i]))
     note = "auto: 1 worker (est. 2 workers 3.1 s vs 1 worker 2.0 s)"
-    return {**iteration_row(epoch), "members": members, "parallel_note": note}
+    return dataclasses.replace(
+        iteration_row(epoch), members=tuple(members), parallel_note=note
+    )
 
 
-def groups_row(epoch: int, n: int) -> dict[str, Any]:
+def groups_row(epoch: int, n: int) -> IterationFinished:
     members = [
         member(i, f"bucket={i}", "early-stopped" if i == 3 else "training", epoch, 0.1 * (i + 1))
         for i in reversed(range(n))  # not in label order
     ]
-    return {**iteration_row(epoch), "members": members}
+    return dataclasses.replace(iteration_row(epoch), members=tuple(members))
 
 
 def leaderboard() -> pd.DataFrame:
@@ -392,14 +413,14 @@ def leaderboard() -> pd.DataFrame:
 
 def selection_model(status: str = "complete") -> SimpleNamespace:
     model = fake_model(status=status)
-    model.history = pd.DataFrame([selection_row(e) for e in (1, 2, 3)])
+    model.history = history_of([selection_row(e) for e in (1, 2, 3)])
     model.leaderboard = leaderboard()
     return model
 
 
 def grouped_model() -> SimpleNamespace:
     model = fake_model()
-    model.history = pd.DataFrame([groups_row(e, 3) for e in (1, 2, 3)])
+    model.history = history_of([groups_row(e, 3) for e in (1, 2, 3)])
     model.group_table = pd.DataFrame(
         {
             "group": ["a", "b", "c"],
@@ -413,7 +434,7 @@ def grouped_model() -> SimpleNamespace:
     return model
 
 
-def text_run(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def text_run(info: RunStarted, rows: list[IterationFinished]) -> str:
     stream = io.StringIO()
     monitor = TextMonitor(stream=stream)
     monitor.on_start(info)
@@ -423,7 +444,7 @@ def text_run(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def test_members_frame_ranks_and_sorts() -> None:
-    members = selection_row(2)["members"]
+    members = selection_row(2).member_rows()
     board = members_frame(members, "val_loss", "min")
     assert list(board["label"]) == [CONFIGS[1], CONFIGS[2], CONFIGS[0], CONFIGS[3]]
     assert list(board["rank"]) == [1, 2, 3, 4]  # no value (diverged): last
@@ -432,7 +453,7 @@ def test_members_frame_ranks_and_sorts() -> None:
     ]  # fmt: skip
     best_accuracy = members_frame(members, "val_accuracy", "max")
     assert list(best_accuracy["label"]) == list(board["label"])
-    by_label = members_frame(groups_row(1, 12)["members"])
+    by_label = members_frame(groups_row(1, 12).member_rows())
     assert "rank" not in by_label.columns
     assert list(by_label["label"])[:3] == ["bucket=0", "bucket=1", "bucket=2"]
     assert list(by_label["label"])[-1] == "bucket=11"  # numbers compare as numbers
@@ -483,7 +504,7 @@ def test_text_monitor_ordinary_run_unchanged() -> None:
 
 
 def test_history_with_members_column_is_ignored() -> None:
-    history = pd.DataFrame([selection_row(e) for e in (1, 2)])
+    history = history_of([selection_row(e) for e in (1, 2)])
     history["val_note"] = "text"  # a non-numeric metric-like column is ignored too
     assert "members" in history.columns
     assert metric_columns(history) == ["train_loss", "val_loss", "val_accuracy", "val_f1"]
@@ -574,3 +595,124 @@ def test_report_grouped_model() -> None:
     assert summary_line(SimpleNamespace(**vars(fake_model()), leaderboard=pd.DataFrame())) == (
         summary_line(fake_model())
     )  # an empty leaderboard is no leaderboard
+
+
+# -- the records are the contract of what a run sends --------------------------------------------
+def observed_run(tmp_path, **options: Any) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """Train on 200 digits (a ``half`` column to group by), keeping the dicts the run sends."""
+    import dbdl_magic as dl
+    from dbdl_magic.datasets import digits_frame, load_table
+    from dbdl_magic.events import Callbacks
+
+    frame = digits_frame().head(200)
+    frame["half"] = ["low" if d < 5 else "high" for d in frame["digit"]]
+    starts: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    db = dl.connect(f"sqlite:///{tmp_path / 'observed.db'}")
+    try:
+        load_table(db.engine, "digits", frame)
+        model = dl.train(
+            db, "SELECT * FROM digits", target="digit", model="linear", epochs=2, seed=0,
+            callbacks=Callbacks(on_start=starts.append, on_iteration=rows.append), **options,
+        )
+    finally:
+        db.engine.dispose()
+    assert len(starts) == 1 and len(rows) == 2
+    return starts[0], rows, model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"grid": {"lr": [0.1, 0.01]}}, {"group_by": "half"}],
+    ids=["one model", "selection", "groups"],
+)
+def test_records_cover_every_key_a_real_run_sends(tmp_path, options: dict[str, Any]) -> None:
+    info, rows, model = observed_run(tmp_path, **options)
+    started = RunStarted.from_info(info)
+    assert started.extra == {} and started.to_info() == info
+    assert started.rows + started.validation_rows == 200 and started.epochs == 2
+    cohort = "selection" if "grid" in options else "groups" if options else None
+    assert started.cohort == cohort and len(started.members) == (2 if cohort else 0)
+    for row in rows:
+        it = IterationFinished.from_row(row)
+        assert it.extra == {} and all(m.extra == {} for m in it.members)
+        assert it.to_row() == {k: v for k, v in row.items() if v is not None or k in it.metrics}
+        assert set(it.metrics) >= {"train_loss", "val_loss", "val_accuracy", "val_f1"}
+        assert it.seconds is not None and it.seconds >= it.train_seconds > 0
+        assert len(it.members) == (2 if cohort else 0)
+    assert [it.epoch for it in map(IterationFinished.from_row, rows)] == [1, 2]
+    # the model's stored history is the same record
+    finished = RunFinished.from_model(model)
+    assert finished.summary_line() == summary_line(model)
+    assert [it.epoch for it in finished.history] == [1, 2]
+    last = IterationFinished.from_row(rows[-1])
+    assert finished.history[-1].metrics == pytest.approx(last.metrics)
+    if cohort == "selection":
+        assert finished.ranked_by == "val_loss" and len(finished.leaderboard) == 2
+        assert f"best: {finished.leaderboard[0]['label']} val_loss " in summary_line(model)
+    elif cohort == "groups":
+        assert summary_line(model).endswith("| 2 groups")
+
+    # a monitor shows the run's dicts and their records alike
+    as_dicts, as_records = io.StringIO(), io.StringIO()
+    for stream, start, its in (
+        (as_dicts, info, rows),
+        (as_records, started, [IterationFinished.from_row(r) for r in rows]),
+    ):
+        monitor = TextMonitor(stream=stream)
+        monitor.on_start(start)
+        for it in its:
+            monitor.on_iteration(it)
+        monitor.finish(model)
+    assert as_dicts.getvalue() == as_records.getvalue()
+    lines = as_dicts.getvalue().splitlines()
+    assert lines[0].startswith(f"training {model.name} v") and "160 training rows" in lines[0]
+    assert ("; 2 models (" in lines[0]) == bool(cohort)
+    assert lines[-1] == summary_line(model)
+
+
+def test_records_refuse_rows_without_their_keys() -> None:
+    with pytest.raises(ValueError, match="an iteration row: missing 'epoch'"):
+        IterationFinished.from_row({"train_loss": 1.0})
+    with pytest.raises(ValueError, match="on_start facts: missing 'database', 'backend'"):
+        RunStarted.from_info({"name": "m", "version": 1, "rows": 3})
+    with pytest.raises(ValueError, match="members must be a list"):
+        IterationFinished.from_row({"epoch": 1, "members": "lr=1"})
+    with pytest.raises(TypeError, match="leaderboard must be a DataFrame or a list of dicts"):
+        RunFinished.from_model(fake_model(), leaderboard="best")
+    unknown = IterationFinished.from_row({"epoch": 1, "train_loss": 0.5, "lr_now": 0.1})
+    assert unknown.extra == {"lr_now": 0.1}
+    assert unknown.to_row() == {"epoch": 1, "train_loss": 0.5, "lr_now": 0.1}
+
+
+def test_report_of_a_run_finished_record(displays: CapturedIO) -> None:
+    """The widget monitor consumes a :class:`RunFinished` as it does a model."""
+    run = RunFinished(
+        name="digits",
+        version=2,
+        status="interrupted",
+        history=tuple(iteration_row(e) for e in (1, 2)),
+        error="KeyboardInterrupt",
+    )
+    assert run.summary_line() == (
+        "dbdl: model digits v2 interrupted | 2 iteration(s) | train_loss 1.000 | "
+        "val_loss 1.100 | val_accuracy 0.700 | val_f1 0.650 | KeyboardInterrupt"
+    )
+    report = TrainingReport(run)
+    assert report.alert and repr(report) == run.summary_line()
+    assert body_rows(report.html_table()) == 2 and "0.7000" in report.html_table()
+    monitor = WidgetMonitor(refresh=0.0)
+    monitor.on_start(start_info(epochs=2))
+    monitor.on_finish(run)
+    final = displays.outputs[-1]
+    assert final.update and final.data["text/plain"] == run.summary_line()
+    assert RED in final.data["text/html"]
+
+
+def test_summary_line_of_a_failed_model_names_its_error() -> None:
+    model = fake_model(status="failed")
+    model.info = {"error": "TrainingError: the server ran out of memory\nCONTEXT: ..."}
+    line = summary_line(model)
+    assert line.startswith("dbdl: model digits v2 failed | 3 iteration(s) | train_loss 0.667")
+    assert line.endswith("| TrainingError: the server ran out of memory")
+    assert repr(TrainingReport(model)) == line

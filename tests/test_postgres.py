@@ -130,7 +130,7 @@ def test_kernel_queries_skip_jit_and_stay_in_one_warm_server_process(pg_db, made
     frame["region"] = np.where(frame.index % 2 == 0, "even", "odd")
     load_table(pg_db.engine, "digits", frame)
     seen: list[tuple[str, int, str]] = []
-    kernels = ("dbdl.train(", "dbdl.evaluate(", "dbdl.predict_rows(", "dbdl.predict_buffer(")
+    kernels = ("dbdl.train(", "dbdl.evaluate(", "dbdl.predict_batch(", "dbdl.predict_buffer(")
 
     @event.listens_for(pg_db.engine, "before_cursor_execute")
     def before(conn, cursor, statement, parameters, context, executemany):
@@ -151,6 +151,6 @@ def test_kernel_queries_skip_jit_and_stay_in_one_warm_server_process(pg_db, made
         dl.predict(pg_db, "plain", "SELECT * FROM digits")
     finally:
         event.remove(pg_db.engine, "before_cursor_execute", before)
-    assert {k for k, _, _ in seen} >= {"dbdl.train(", "dbdl.evaluate(", "dbdl.predict_rows("}
+    assert {k for k, _, _ in seen} >= {"dbdl.train(", "dbdl.evaluate(", "dbdl.predict_batch("}
     assert {settings for _, _, settings in seen} == {"off/lz4"}
     assert len({pid for _, pid, _ in seen}) == 1, seen

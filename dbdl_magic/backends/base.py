@@ -425,10 +425,9 @@ class Backend(ABC):
     def predict_into(
         self,
         conn: Connection,
-        stage: str,
-        packed: str,
+        source: str,
         result: str,
-        pieces: list[tuple[str, bool]],
+        features: list[dict[str, Any]],
         params: dict[str, Any],
         keys: list[str],
         outputs: list[str],
@@ -438,8 +437,11 @@ class Backend(ABC):
         rows_per_buffer: int,
         with_rn: bool,
     ) -> None:
-        """Create ``result``: the key columns of ``stage`` plus ``outputs`` (``prediction``,
-        then ``proba_<class>``), scored inside the database with checkpoint ``key``."""
+        """Create ``result``: the key columns of ``source`` (a staged table, or on SQLite the
+        query itself; ``params`` bound) plus ``outputs`` (``prediction``, then
+        ``proba_<class>``), scored inside the database with checkpoint ``key`` a buffer of
+        about ``rows_per_buffer`` rows at a time from the raw values of ``features``; with
+        ``with_rn`` also ``__dbdl_rn``, increasing in the rows' order."""
 
     # -- block store -----------------------------------------------------------------------------
     @abstractmethod
@@ -511,9 +513,6 @@ class Backend(ABC):
 
     def drop_table(self, conn: Connection, table: str) -> None:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
-
-    def cancel(self, conn: Connection) -> None:  # noqa: B027 - optional
-        """Cancel the statement running on ``conn`` (used on KeyboardInterrupt)."""
 
     # -- sessions: who is training what -----------------------------------------------------------
     # A training run holds a session from its start to its end. Other sessions ask through it

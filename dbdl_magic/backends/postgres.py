@@ -18,8 +18,8 @@ from contextlib import contextmanager, suppress
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession
@@ -86,6 +86,7 @@ class PostgresBackend(Backend):
     _flavor: str | None = None
     _lz4: bool | None = None  # does the server offer lz4 TOAST compression?
     _work_schema: str | None = None
+    _lock_engine: Engine | None = None
 
     #: how long a statement of this package waits for a lock before failing: another role that
     #: holds a lock on the shared model store cannot stall a run for longer than this
@@ -131,6 +132,14 @@ class PostgresBackend(Backend):
         if name in STORE_TABLES:
             return f"{self.q(SCHEMA)}.{self.q(name)}"
         return f"{self.q(self.work_schema)}.{self.q(name)}"
+
+    @property
+    def lock_engine(self) -> Engine:
+        """An engine on a separate pool with the same connection arguments, for the sessions
+        that only hold a run's advisory locks (they never import torch)."""
+        if self._lock_engine is None:
+            self._lock_engine = create_engine(self.engine.url, pool=self.engine.pool.recreate())
+        return self._lock_engine
 
     @property
     def work_schema(self) -> str:
@@ -563,10 +572,9 @@ class PostgresBackend(Backend):
     def predict_into(
         self,
         conn: Connection,
-        stage: str,
-        packed: str,
+        source: str,
         result: str,
-        pieces: list[tuple[str, bool]],
+        features: list[dict[str, Any]],
         params: dict[str, Any],
         keys: list[str],
         outputs: list[str],
@@ -576,44 +584,127 @@ class PostgresBackend(Backend):
         rows_per_buffer: int,
         with_rn: bool,
     ) -> None:
-        rn = self.q("__dbdl_rn")
-        row_bytes = " || ".join(
-            sql if is_bytes else f"float4send(CAST({sql} AS real))" for sql, is_bytes in pieces
-        )
-        conn.execute(
-            text(
-                f"CREATE UNLOGGED TABLE {packed} AS SELECT (s.{rn} - 1) / :rpb AS buffer_id,"
-                f" min(s.{rn}) AS first_rn,"
-                f" string_agg({row_bytes}, CAST('' AS bytea) ORDER BY s.{rn}) AS x"
-                f" FROM {stage} AS s GROUP BY 1"
-            ),
-            {**params, "rpb": rows_per_buffer},
-        )
-        conn.execute(text(f"ANALYZE {stage}"))  # row estimates for the join back to the keys
-        config = {**config, "proba": len(outputs) > 1}
-        values: dict[str, Any] = {**key, "config": json.dumps(config)}
-        if config["task"] == "classification":
+        """One statement: the staged rows (``source``, a table whose physical order is the row
+        order) are read a range of heap pages at a time (a TID range scan, no sort, no row
+        numbers); each range's key columns are aggregated into arrays and its raw feature
+        values into one ``double precision[]``, whose image the kernel scores in one call
+        (:func:`dbdl_magic.kernel.plpython.predict_batch`); the keys and the predictions are
+        unnested side by side into ``result``."""
+        q = self.q
+        name = source.replace("\\:", ":")
+        pages = int(conn.execute(
+            text("SELECT pg_relation_size(CAST(:t AS regclass))"
+                 " / CAST(current_setting('block_size') AS bigint)"),
+            {"t": name},
+        ).scalar_one())
+        # rows per page from the first page (a TID range scan of one page): ranges of about
+        # rows_per_buffer rows
+        rows = int(conn.execute(
+            text(f"SELECT count(*) FROM {source} WHERE ctid < CAST('(1,0)' AS tid)")
+        ).scalar_one()) * max(pages, 1)
+        step = max(1, -(-rows_per_buffer * max(pages, 1) // max(rows, 1)))
+        values: dict[str, Any] = {
+            **params, **key, "last_page": max(pages - 1, 0), "step": step,
+            "config": json.dumps({**config, "proba": len(outputs) > 1}),
+        }
+        row_sql = self._raw_row_sql(features, values)
+        by_tid = any(k in self._array_columns(conn, name) for k in keys)
+        gathered = ["s.ctid"] if by_tid else [f"s.{q(k)}" for k in keys]
+        aggs = [f"array_agg({g}) AS a{i}" for i, g in enumerate(gathered)]
+        task = config["task"]
+        if task == "classification":
             whens = []
             for j, cls in enumerate(classes):
                 values[f"c{j}"] = cls
                 whens.append(f"WHEN {j} THEN :c{j}")
-            selected = [f"CASE r.label {' '.join(whens)} END AS prediction"]
-            selected += [f"r.proba[{j + 1}] AS {self.q(c)}" for j, c in enumerate(outputs[1:])]
+            outs = ["o.labels"] + [
+                f"o.proba[{j} * r.n + 1 : {j + 1} * r.n]" for j in range(len(outputs) - 1)
+            ]
+            made = ("dbdl.int4_array(r.labels) AS labels, dbdl.float4_array(r.proba) AS proba"
+                    if len(outputs) > 1 else "dbdl.int4_array(r.labels) AS labels")
+            predicted = [f"CASE u.v0 {' '.join(whens)} END"]
         else:
-            selected = ["r.value AS prediction"]
-        columns = ([f"s.{rn}"] if with_rn else []) + [f"s.{self.q(k)}" for k in keys]
+            outs, made = ["o.vals"], "dbdl.float8_array(r.vals) AS vals"
+            predicted = ["u.v0"]
+        predicted += [f"u.v{j}" for j in range(1, len(outputs))]
+        names = [f"a{i}" for i in range(len(gathered))] + [f"v{j}" for j in range(len(outs))]
+        kept = [f"t.{q(k)}" for k in keys] if by_tid else [f"u.a{i}" for i in range(len(keys))]
+        selected = (["CAST(g.p AS bigint) * 16777216 + u.i AS " + q("__dbdl_rn")] if with_rn
+                    else []) + [f"{k} AS {q(c)}" for k, c in zip(kept, keys, strict=True)]
+        selected += [f"{e} AS {q(c)}" for e, c in zip(predicted, outputs, strict=True)]
         ck = self.table("checkpoints")
         self._kernel_settings(conn)
+        major = int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
+        if major >= 14:  # a memo of each range's arrays would only copy them
+            conn.execute(text("SET LOCAL enable_memoize = off"))
+            pages_of = ("s.ctid >= CAST(format('(%s,0)', g.p) AS tid) AND s.ctid <"
+                        " CAST(format('(%s,0)', g.p + CAST(:step AS integer)) AS tid)")
+        else:  # no TID range scans before PostgreSQL 14: every TID the pages can hold
+            pages_of = ("s.ctid = ANY(CAST(ARRAY(SELECT format('(%s,%s)', pp, oo) FROM"
+                        " generate_series(g.p, g.p + CAST(:step AS integer) - 1) AS pp,"
+                        " generate_series(1, 291) AS oo) AS tid[]))")
+        conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
         conn.execute(
             text(
-                f"CREATE TABLE {result} AS SELECT {', '.join(columns + selected)}"
-                f" FROM {packed} AS p CROSS JOIN LATERAL dbdl.predict_rows(CAST(p.x AS bytea),"
-                f" (SELECT c.state FROM {ck} AS c WHERE c.name = :name AND c.version = :version"
-                "  AND c.iteration = :iteration), CAST(:config AS text)) AS r"
-                f" JOIN {stage} AS s ON s.{rn} = p.first_rn + r.i"
+                f"CREATE TABLE {result} AS SELECT {', '.join(selected)}"
+                " FROM generate_series(0, CAST(:last_page AS integer), CAST(:step AS integer))"
+                " AS g(p)"
+                " CROSS JOIN LATERAL (SELECT "
+                + ", ".join([*aggs, f"dbdl.array_image(array_agg({row_sql})) AS x"])
+                + f" FROM {source} AS s"
+                f" WHERE {pages_of}) AS b"
+                " CROSS JOIN LATERAL dbdl.predict_batch(b.x, (SELECT c.state FROM"
+                f" {ck} AS c WHERE c.name = CAST(:name AS text)"
+                " AND c.version = CAST(:version AS integer)"
+                " AND c.iteration = CAST(:iteration AS integer)), CAST(:config AS text)) AS r"
+                f" CROSS JOIN LATERAL (SELECT {made} OFFSET 0) AS o"
+                f" CROSS JOIN LATERAL unnest({', '.join(f'b.a{i}' for i in range(len(gathered)))}"
+                f"{', ' if gathered else ''}{', '.join(outs)}) WITH ORDINALITY"
+                f" AS u({', '.join(names)}, i)"
+                + (f" JOIN {source} AS t ON t.ctid = u.a0" if by_tid else "")
             ),
             values,
         )
+
+    def _raw_row_sql(self, features: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        """One row's raw feature values as a ``double precision[]``: numeric values (NULL
+        replaced by the imputed value), the index of a categorical value among the model's
+        categories (-1: none of them), array elements in storage order."""
+        scalars: list[str] = []
+        parts: list[str] = []
+        for i, f in enumerate(features):
+            col = f"s.{self.q(f['name'])}"
+            if f["kind"] == "numeric":
+                value = f"CAST({col} AS double precision)"
+                if f.get("impute") is not None:
+                    params[f"f{i}_i"] = f["impute"]
+                    value = f"COALESCE({value}, CAST(:f{i}_i AS double precision))"
+                scalars.append(value)
+            elif f["kind"] == "categorical":
+                whens = []
+                for j, cat in enumerate(f["categories"]):
+                    params[f"f{i}_c{j}"] = cat
+                    whens.append(f"WHEN {col} = :f{i}_c{j} THEN {j}")
+                scalars.append(f"CAST(CASE {' '.join(whens)} ELSE -1 END AS double precision)"
+                               if whens else "CAST(-1 AS double precision)")
+            else:
+                if scalars:
+                    parts.append(f"ARRAY[{', '.join(scalars)}]")
+                    scalars = []
+                parts.append(f"ARRAY(SELECT CAST(e.v AS double precision) FROM unnest({col})"
+                             " AS e(v))")
+        if scalars:
+            parts.append(f"ARRAY[{', '.join(scalars)}]")
+        return " || ".join(parts)
+
+    def _array_columns(self, conn: Connection, table: str) -> set[str]:
+        """The columns of ``table`` whose type is an array (array_agg would nest them)."""
+        return set(conn.execute(
+            text("SELECT a.attname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+                 " WHERE a.attrelid = CAST(:t AS regclass) AND a.attnum > 0"
+                 " AND NOT a.attisdropped AND t.typcategory = 'A'"),
+            {"t": table},
+        ).scalars())
 
     def runner(self, conn: Connection) -> Run:
         def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
@@ -699,11 +790,6 @@ class PostgresBackend(Backend):
             ).scalar_one()
         )
 
-    def cancel(self, conn: Connection) -> None:
-        raw = conn.connection.driver_connection
-        if raw is not None:
-            raw.cancel()
-
     # -- sessions -------------------------------------------------------------------------------
     # Advisory locks of this role, key 1 = hashtext('role/<name or token>'), key 2 = a model
     # version (>= 1), 0 (allocating versions of a name, for one transaction) or -1 (the run
@@ -770,16 +856,16 @@ _LOCK_KEY = "hashtext(CAST(current_user AS text) || '/' || CAST(:key AS text))"
 
 class PostgresRunSession(RunSession):
     """A run's session: advisory locks held on a connection checked out for the whole run,
-    (token, -1) from the start, (name, first version) for the versions it trains. The connection
-    is closed at the end, not pooled: the pool hands out the most recently used connection,
-    whose server process has the kernels warm, and that one is left for the iterations."""
+    (token, -1) from the start, (name, first version) for the versions it trains. The
+    connection comes from a pool of its own (:attr:`PostgresBackend.lock_engine`): the engine's
+    pool hands the run the connection whose server process has the kernels warm, and a lock
+    connection taken from it would, run after run, push the iterations to another process."""
 
     CLAIM_WAIT_S = 2.0  # how long a claim retries (a looker holds a lock for a moment)
 
     def __init__(self, backend: PostgresBackend, token: str) -> None:
         self.backend, self.token, self.record = backend, token, None
-        with backend.engine.connect():  # hold the warm one while taking another
-            self.conn = backend.engine.connect()
+        self.conn = backend.lock_engine.connect()
         try:
             self.conn.execute(text(f"SELECT pg_advisory_lock({_LOCK_KEY}, -1)"), {"key": token})
             self.conn.commit()  # session locks outlive the transaction; don't sit in one

@@ -26,7 +26,7 @@ from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.kernel.blockstore import Run
 from dbdl_magic.kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
 from dbdl_magic.kernel.plpython import kernel_info
-from dbdl_magic.kernel.predict import predict_buffer
+from dbdl_magic.kernel.predict import encode_raw, predict_buffer
 from dbdl_magic.kernel.rowpredict import RowPredictor
 from dbdl_magic.kernel.state import state_info
 from dbdl_magic.kernel.train import Trainer, mix_seed
@@ -282,7 +282,12 @@ def _register_row_predict(c: sqlite3.Connection) -> None:
     def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
         return c.execute(_DOLLAR.sub(r"?\1", sql), tuple(params)).fetchall()
 
-    predictor = RowPredictor(run, SQLITE_TABLES)
+    def stamp() -> tuple[int, int]:
+        """Changes when the model tables may have: this connection's change count, and the
+        file's data version (which moves when another connection commits)."""
+        return c.total_changes, c.execute("PRAGMA data_version").fetchone()[0]
+
+    predictor = RowPredictor(run, SQLITE_TABLES, stamp)
 
     def make(mode: str) -> Callable[..., Any]:
         @_kernel
@@ -318,6 +323,48 @@ def _merged_row(parts: tuple[str, ...]) -> Any:
             )
         merged.update(values)
     return merged
+
+
+class BadValues(DbdlError):
+    """Fetched feature values that are not what the model takes (text in a numeric column, a
+    NULL without impute, a blob of another size): the caller checks the query and says which."""
+
+
+def _raw_values(
+    batch: list[Any], features: list[dict[str, Any]], n_scalars: int, n_values: int
+) -> tuple[np.ndarray, None]:
+    """Rows ``(scalar features..., array blobs..., keys...)`` as the kernel's raw matrix
+    (features in model order; numeric NULLs imputed, or refused)."""
+    n = len(batch)
+    try:
+        try:  # no blobs and numeric keys (the common case): the whole rows at once
+            if n_values > n_scalars:
+                raise TypeError("blobs")
+            scalars = np.array(batch, dtype=np.float64)[:, :n_scalars]
+        except (TypeError, ValueError):
+            scalars = np.array([r[:n_scalars] for r in batch], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BadValues(f"a feature column holds a value that is not a number: {exc}") from exc
+    out = np.empty((n, sum(f["width"] if f["kind"] == "array" else 1 for f in features)))
+    at = s = b = 0
+    for f in features:
+        if f["kind"] == "array":
+            blobs = [r[n_scalars + b] for r in batch]
+            width = int(f["width"])
+            if not all(isinstance(v, bytes) and len(v) == 4 * width for v in blobs):
+                raise BadValues(f"array column {f['name']!r} holds NULL or arrays of another size")
+            out[:, at : at + width] = np.frombuffer(b"".join(blobs), "<f4").reshape(n, width)
+            at, b = at + width, b + 1
+            continue
+        column = scalars[:, s]
+        missing = np.isnan(column)  # SQLite stores no NaN: a NULL
+        if missing.any():
+            if f.get("impute") is None:
+                raise BadValues(f"column {f['name']!r} has NULL values")
+            column = np.where(missing, float(f["impute"]), column)
+        out[:, at] = column
+        at, s = at + 1, s + 1
+    return out, None
 
 
 class SQLiteBackend(Backend):
@@ -589,10 +636,9 @@ class SQLiteBackend(Backend):
     def predict_into(
         self,
         conn: Connection,
-        stage: str,
-        packed: str,
+        source: str,
         result: str,
-        pieces: list[tuple[str, bool]],
+        features: list[dict[str, Any]],
         params: dict[str, Any],
         keys: list[str],
         outputs: list[str],
@@ -602,11 +648,15 @@ class SQLiteBackend(Backend):
         rows_per_buffer: int,
         with_rn: bool,
     ) -> None:
-        # Embedded: the database runs in this process, so the kernel scores buffers of rows
-        # as SQLite encodes them, and writes the predictions back.
-        rn = self.q("__dbdl_rn")
-        kept = ([rn] if with_rn else []) + [self.q(k) for k in keys]
-        columns = kept + [self.q(c) for c in outputs]
+        """Embedded: the database runs in this process. One pass over ``source`` (the query
+        itself, or a staged table) fetches the key columns and the raw feature values
+        (categories as their index, computed by SQLite), a buffer of rows at a time; numpy
+        encodes them (:func:`~dbdl_magic.kernel.predict.encode_raw`), the kernel scores the
+        buffer and the keys with the predictions go into ``result`` with one executemany."""
+        q = self.q
+        rn = q("__dbdl_rn")
+        kept = ([rn] if with_rn else []) + [q(k) for k in keys]
+        columns = kept + [q(c) for c in outputs]
         conn.execute(text(f"CREATE TABLE {result} ({', '.join(columns)})"))
         state = conn.execute(
             text(
@@ -616,30 +666,49 @@ class SQLiteBackend(Backend):
             key,
         ).scalar_one()
         evaluator = Evaluator(config, bytes(state))
-        selected = [f"s.{c}" for c in kept] + [
-            f"{sql} AS p{i}" for i, (sql, _) in enumerate(pieces)
-        ]
-        rows = conn.execute(
-            text(f"SELECT {', '.join(selected)} FROM {stage} AS s ORDER BY s.{rn}"), params
-        )
+        values = dict(params)
+        scalars = [f for f in features if f["kind"] != "array"]
+        arrays = [f for f in features if f["kind"] == "array"]
+        # scalar features first, then arrays, then keys: a row of numbers converts at once
+        selected = [self._raw_sql(f, i, values) for i, f in enumerate(scalars)] + [
+            f"s.{q(f['name'])}" for f in arrays
+        ] + [f"s.{q(k)}" for k in keys]
+        # the driver's cursor itself: no SQLAlchemy Row per fetched row
+        rows = conn.execute(text(f"SELECT {', '.join(selected)} FROM {source} AS s"),
+                            values).cursor
         target = result.replace("\\:", ":")  # the driver reads no :name placeholders
         insert = f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})"
-        width = len(kept)
         labels = np.asarray(classes, dtype=object)
-        while batch := rows.fetchmany(rows_per_buffer):
-            aggregate = _PackAggregate()
-            aggregate.rows = [tuple(r[width:]) for r in batch]
-            out = predict_buffer(evaluator, aggregate.finalize())
-            if config["task"] == "classification":
-                predicted = labels[out.argmax(axis=1)]
-                extra = out.tolist() if len(outputs) > 1 else [[] for _ in batch]
-                values = [
-                    (*r[:width], _plain(p), *e)
-                    for r, p, e in zip(batch, predicted, extra, strict=True)
-                ]
-            else:
-                values = [(*r[:width], float(v)) for r, v in zip(batch, out[:, 0], strict=True)]
-            conn.exec_driver_sql(insert, values)
+        proba = len(outputs) > 1
+        done, first_key = 0, len(scalars) + len(arrays)
+        try:
+            while batch := rows.fetchmany(rows_per_buffer):
+                raw = _raw_values(batch, features, len(scalars), first_key)
+                out = predict_buffer(evaluator, encode_raw(config["columns"], *raw))
+                written: list[Any] = [range(done + 1, done + len(batch) + 1)] if with_rn else []
+                written += [[r[first_key + i] for r in batch] for i in range(len(keys))]
+                if config["task"] == "classification":
+                    written.append(labels[out.argmax(axis=1)].tolist())
+                    if proba:
+                        written += out.T.tolist()
+                else:
+                    written.append(out[:, 0].astype(np.float64).tolist())
+                conn.exec_driver_sql(insert, list(zip(*written, strict=True)))
+                done += len(batch)
+        finally:  # a pending statement would keep SQLite from dropping tables
+            rows.close()
+
+    def _raw_sql(self, f: dict[str, Any], i: int, params: dict[str, Any]) -> str:
+        """A scalar feature's raw value: the number as stored, or a category's index (-1:
+        none of the model's categories)."""
+        col = f"s.{self.q(f['name'])}"
+        if f["kind"] == "numeric":
+            return col
+        whens = []
+        for j, cat in enumerate(f["categories"]):
+            params[f"f{i}_c{j}"] = cat
+            whens.append(f"WHEN {col} = :f{i}_c{j} THEN {j}")
+        return f"(CASE {' '.join(whens)} ELSE -1 END)" if whens else "-1"
 
     def runner(self, conn: Connection) -> Run:
         def run(sql: str, params: Any) -> list[tuple[Any, ...]]:
@@ -647,11 +716,6 @@ class SQLiteBackend(Backend):
             return [tuple(r) for r in result] if result.returns_rows else []
 
         return run
-
-    def cancel(self, conn: Connection) -> None:
-        raw = conn.connection.driver_connection
-        if raw is not None:
-            raw.interrupt()
 
     def work_tables(self, conn: Connection) -> list[str]:
         """Every ``dbdl_*`` table of the file but the model store's and the meta table."""

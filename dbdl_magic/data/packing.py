@@ -76,8 +76,14 @@ def stage_query(
     table: str,
     what: str = "training query",
     deterministic: bool = False,
+    numbered: bool = True,
+    create: str = "CREATE TABLE",
+    limit: int | None = None,
 ) -> None:
     """Materialise ``query`` into ``table`` with a row-number column (runs the query once).
+
+    ``numbered=False`` leaves the row number out (the rows keep their order in the table);
+    ``create`` may make it ``CREATE UNLOGGED TABLE``; ``limit`` keeps that many rows at most.
 
     ``deterministic`` numbers the rows by their content (:meth:`Backend.staging_order`), not
     by the order a scan happened to return them in (a concurrent scan of the same table can
@@ -95,10 +101,12 @@ def stage_query(
         body = f"SELECT * FROM {_quote_dotted(backend, body)}"
     try:
         order = backend.staging_order("src") if deterministic else ""
+        number = f"row_number() OVER ({order}) AS {RN}, " if numbered else ""
+        tail = "" if limit is None else f" LIMIT {int(limit)}"
         conn.execute(
             text(
-                f"CREATE TABLE {table} AS SELECT row_number() OVER ({order}) AS {RN}, src.*"
-                f" FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1"
+                f"{create} {table} AS SELECT {number}src.*"
+                f" FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1{tail}"
             ),
             {**params, ONE_STATEMENT: 1},
         )

@@ -30,7 +30,15 @@ from dbdl_magic.kernel.evaluate import (
     stats_to_bytes,
 )
 from dbdl_magic.kernel.limits import max_parameters
-from dbdl_magic.kernel.predict import predict_buffer
+from dbdl_magic.kernel.predict import (
+    FLOAT4,
+    FLOAT8,
+    INT4,
+    array_image,
+    batch_outputs,
+    predict_buffer,
+    score_rows,
+)
 from dbdl_magic.kernel.state import combine_states, state_info
 from dbdl_magic.kernel.train import Trainer
 
@@ -162,6 +170,27 @@ def predict(GD: dict[str, Any], x: bytes, model: bytes, config_text: str) -> byt
     """Predictions for one packed feature buffer, as little-endian float32 (n × outputs)."""
     config = _config(GD, config_text)
     return predict_buffer(_evaluator(GD, model, config), x).astype("<f4").tobytes()
+
+
+@clean_errors("dbdl.predict_batch")
+def predict_batch(
+    GD: dict[str, Any], x: bytes, model: bytes, config_text: str
+) -> tuple[int, bytes | None, bytes | None, bytes | None]:
+    """``(rows, labels, values, probabilities)`` of one buffer (raw values when the config has
+    ``columns``, else packed rows), each output a PostgreSQL array image or None: class indices
+    (``integer[]``) and, with ``proba``, probabilities class by class (``real[]``, every row's
+    probability of class 0 first) for classification; values (``double precision[]``) for
+    regression. One call per buffer, no Python object per value either way."""
+    config = _config(GD, config_text)
+    out = score_rows(_evaluator(GD, model, config), x, config)
+    parts = batch_outputs(config, out)
+    labels, values, proba = (parts.get(k) for k in ("labels", "values", "proba"))
+    return (
+        int(out.shape[0]),
+        None if labels is None else array_image(labels, INT4),
+        None if values is None else array_image(values, FLOAT8),
+        None if proba is None else array_image(proba, FLOAT4),
+    )
 
 
 @clean_errors("dbdl.state_info")
@@ -308,35 +337,43 @@ def release(plpy: Any, GD: dict[str, Any], name: str, version: int, iteration: i
     return _archiver(plpy, GD).release(name, version, iteration)
 
 
-@clean_errors("dbdl.predict_rows")
-def predict_rows(
-    GD: dict[str, Any], x: bytes, model: bytes, config_text: str
-) -> list[tuple[int, int | None, float, list[float] | None]]:
-    """Rows ``(i, label index, value, probabilities)`` for one packed feature buffer."""
-    config = _config(GD, config_text)
-    out = predict_buffer(_evaluator(GD, model, config), x)
-    if config["task"] == "classification":
-        labels = out.argmax(axis=1)
-        proba = out.tolist() if config.get("proba", True) else [None] * out.shape[0]
-        return [
-            (i, int(labels[i]), float(out[i, labels[i]]), proba[i]) for i in range(out.shape[0])
-        ]
-    return [(i, None, float(out[i, 0]), None) for i in range(out.shape[0])]
+def statement_stamp() -> Callable[[], tuple[int, int, int]] | None:
+    """``stamp()``: what tells one SQL statement of this server process from the next, read
+    from the server itself without a query: the transaction's and the statement's start times
+    and the command id (which moves on after every change the transaction makes). None when
+    the server does not export those functions to its extensions."""
+    import ctypes
+
+    try:
+        server = ctypes.CDLL(None)
+        xact = server.GetCurrentTransactionStartTimestamp
+        statement = server.GetCurrentStatementStartTimestamp
+        command = server.GetCurrentCommandId
+    except (OSError, AttributeError):
+        return None
+    xact.restype = statement.restype = ctypes.c_int64
+    xact.argtypes = statement.argtypes = []
+    command.restype, command.argtypes = ctypes.c_uint32, [ctypes.c_bool]
+    return lambda: (xact(), statement(), command(False))
 
 
 def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: str) -> Any:
-    """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array."""
-    from dbdl_magic.kernel.rowpredict import RowPredictor
+    """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array.
+    The model is looked up once per statement (see :func:`statement_stamp`)."""
+    predictor = GD.get("dbdl_rows")
+    if predictor is None:
+        from dbdl_magic.kernel.rowpredict import RowPredictor
 
-    _required(model=model, features=features)
+        predictor = GD["dbdl_rows"] = RowPredictor(
+            spi_runner(plpy, GD), PG_TABLES, statement_stamp()
+        )
+    if model is None or features is None:
+        _required(model=model, features=features)
     _, colon, version = str(model).partition(":")
     if colon and not version.isdigit():
         raise DataError(f"model {model[:100]!r}: the version after ':' must be a whole number")
-    predictor = GD.get("dbdl_rows")
-    if predictor is None:
-        predictor = GD["dbdl_rows"] = RowPredictor(spi_runner(plpy, GD), PG_TABLES)
-    values = json.loads(features) if isinstance(features, str) else list(features)
-    label, value, proba = predictor.outputs(model, values)
+    values = json.loads(features) if isinstance(features, str) else features
+    label, value, proba = predictor.outputs(model, values, mode)
     if mode == "label":
         return str(label)
     return value if mode == "value" else proba

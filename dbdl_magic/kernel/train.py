@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dbdl_magic.kernel import KERNEL_VERSION
-from dbdl_magic.kernel.errors import DataError, KernelError, clean_errors
+from dbdl_magic.kernel.errors import ConfigError, DataError, KernelError, clean_errors
 from dbdl_magic.kernel.limits import (
     OPTIMIZERS,
     all_finite,
@@ -41,8 +41,6 @@ from dbdl_magic.kernel.state import (
 )
 
 ProgressFn = Callable[[int], None]
-
-LOSSES = {"classification": "cross_entropy", "regression": "mse"}
 
 
 def mix_seed(*parts: int) -> int:
@@ -74,10 +72,20 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(count)
 
 
+def given(config: dict[str, Any], key: str, where: str = "config") -> Any:
+    """``config[key]``, which the training run always sends (the kernels restate no option's
+    default); a missing one is a :class:`ConfigError` naming it."""
+    if not isinstance(config, dict) or key not in config:
+        raise ConfigError(f"{where} {key} is missing (the training run sends every option's "
+                          "value explicitly)")
+    return config[key]
+
+
 def make_optimizer(params: Any, options: dict[str, Any]) -> torch.optim.Optimizer:
-    """Build the optimizer named in ``options`` (``sgd``/``adam``/``adamw``)."""
-    name = options.get("name", "adam").lower()
-    lr = float(options.get("lr", 1e-3))
+    """Build the optimizer named in ``options`` (``sgd``/``adam``/``adamw``; ``name`` and
+    ``lr`` are required; momentum, nesterov and weight decay absent are torch's defaults)."""
+    name = str(given(options, "name", "config optimizer")).lower()
+    lr = float(given(options, "lr", "config optimizer"))
     wd = float(options.get("weight_decay", 0.0))
     if name == "sgd":
         return torch.optim.SGD(
@@ -176,7 +184,7 @@ def network_for(config: dict[str, Any]) -> nn.Sequential:
 def initial_state(config: dict[str, Any]) -> bytes:
     """A fresh, seeded model as a state (iteration 0)."""
     plan = plan_for(config)
-    torch.manual_seed(int(config.get("seed", 0)))
+    torch.manual_seed(int(given(config, "seed")))
     net = plan.build()
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     meta = {"kernel_version": KERNEL_VERSION, "device": "cpu"}
@@ -189,7 +197,7 @@ def warm_start_state(config: dict[str, Any], source: bytes) -> tuple[bytes, list
     match (a new output head keeps its fresh initialisation). Returns the state and the
     names of the tensors that were copied. Optimizer state starts empty."""
     plan = plan_for(config)
-    torch.manual_seed(int(config.get("seed", 0)))
+    torch.manual_seed(int(given(config, "seed")))
     net = plan.build()
     fresh = net.state_dict()
     donor = decode_state(source).model_tensors()
@@ -221,7 +229,7 @@ class Trainer:
         self.plan = plan_for(config)
         self.config = config
         set_threads(config.get("threads"))
-        self.device, self.device_note = pick_device(config.get("device", "auto"))
+        self.device, self.device_note = pick_device(given(config, "device"))
         decoded = decode_state(state)
         self.net = self.plan.build()
         check_model_tensors(decoded.model_tensors(), self.net.state_dict())
@@ -233,7 +241,7 @@ class Trainer:
         for module in self.frozen:
             module.requires_grad_(False)
         trainable = [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(trainable, config.get("optimizer", {}))
+        self.optimizer = make_optimizer(trainable, given(config, "optimizer"))
         saved = decoded.optimizer_tensors()
         check_optimizer_tensors(saved, trainable, self.optimizer_name)
         if saved:
@@ -249,7 +257,7 @@ class Trainer:
     @property
     def optimizer_name(self) -> str:
         """``sgd``, ``adam`` or ``adamw``."""
-        return str(self.config.get("optimizer", {}).get("name", "adam")).lower()
+        return str(self.config["optimizer"]["name"]).lower()
 
     @clean_errors("training")
     def train_buffer(
@@ -267,9 +275,9 @@ class Trainer:
         X, Y = buffer_tensors(x, y, cfg, self.device, targets=True)
         assert Y is not None
         n = X.shape[0]
-        batch = int(cfg.get("batch_size", 64))
+        batch = int(given(cfg, "batch_size"))
         check_budget(self.plan, max(1, min(batch, n)))
-        seed, epoch = int(cfg.get("seed", 0)), int(cfg.get("epoch", 0))
+        seed, epoch = int(given(cfg, "seed")), int(cfg.get("epoch", 0))
         order = torch.randperm(
             n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, buffer_id))
         )
@@ -293,7 +301,7 @@ class Trainer:
                 progress(min(start + batch, n))
         loss_sum = float(total)
         if not math.isfinite(loss_sum):
-            lr = cfg.get("optimizer", {}).get("lr", 1e-3)
+            lr = cfg["optimizer"]["lr"]
             raise KernelError(
                 f"training diverged on buffer {buffer_id} (member {cfg.get('member', 0)}): the "
                 f"loss became {loss_sum}; lower the learning rate (lr={lr}) or scale the features"

@@ -44,7 +44,7 @@ class DLAccessor:
 
         Returns the trained module (a :class:`~dbdl_magic.store.modules.DBModel`).
         """
-        from dbdl_magic.notebook.monitor import make_monitor
+        from dbdl_magic.notebook.widgets import make_monitor
 
         frame = self._frame
         if target not in frame.columns:

@@ -2,8 +2,10 @@
 
 :class:`TrainingReport` renders as HTML (summary line, embedded PNG, metrics table and, for
 cohort runs, the leaderboard of a selection or the per-group table) and as text (the
-deterministic :func:`~dbdl_magic.notebook.monitor.summary_line`). Figures are drawn with
-:class:`matplotlib.figure.Figure` on an Agg canvas, so pyplot's global state is never touched.
+deterministic summary line of :meth:`~dbdl_magic.events.RunFinished.summary_line`). Figures are
+drawn with :class:`matplotlib.figure.Figure` on an Agg canvas, so pyplot's global state is never
+touched. This module knows the metric vocabulary (:mod:`dbdl_magic.display`) and the run records
+(:mod:`dbdl_magic.events`), nothing of the monitors.
 """
 
 from __future__ import annotations
@@ -13,34 +15,20 @@ import html
 import io
 import numbers
 from functools import cached_property
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 
-from dbdl_magic.notebook.monitor import (
-    format_cell,
-    frame_or_none,
-    is_metric,
-    ranking_metric,
-    summary_line,
-)
+from dbdl_magic.display import format_cell, is_metric, lower_is_better
+from dbdl_magic.events import RunFinished
 
 RED = "#c62828"
 HTML_ROWS = 100  # member / group rows shown in HTML tables, then "… N more"
-_LOSS_LIKE = {"loss", "mse", "mae", "rmse"}
 
 
-def short_error(error: BaseException | str) -> str:
-    """One line naming an error: ``TypeName: first line of the message`` (at most 300 chars)."""
-    if isinstance(error, str):
-        text = error
-    else:
-        message = str(error).strip()
-        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    lines = text.strip().splitlines()
-    first = lines[0] if lines else "unknown error"
-    return first if len(first) <= 300 else first[:299] + "…"
+def frame_or_none(value: Any) -> pd.DataFrame | None:
+    """``value`` if it is a non-empty DataFrame (a leaderboard, a group table), else None."""
+    return value if isinstance(value, pd.DataFrame) and not value.empty else None
 
 
 def _numeric(series: pd.Series) -> bool:
@@ -113,7 +101,7 @@ def _panels(history: pd.DataFrame) -> tuple[list[str], list[str]]:
     metrics = metric_columns(history)
     losses = [c for c in metrics if c.endswith("_loss")]
     rest = [c for c in metrics if c not in losses]
-    scores = [c for c in rest if c.split("_", 1)[1] not in _LOSS_LIKE]
+    scores = [c for c in rest if not lower_is_better(c)]
     return losses, scores or rest
 
 
@@ -149,13 +137,15 @@ def curves_png(history: pd.DataFrame, title: str, alert: bool = False) -> bytes:
 
 
 class TrainingReport:
-    """A static summary of a run, from a model or from a history plus name/version/status.
+    """A static summary of a run: from a model, a :class:`~dbdl_magic.events.RunFinished`, or a
+    history plus name/version/status.
 
-    ``TrainingReport(model)`` or ``TrainingReport(history=df, name=..., version=...,
-    status="failed", error=exc)``. In a notebook it shows the summary line, the curves and the
-    metrics table (red when the run was interrupted or failed), then the ``leaderboard`` of a
-    selection run or the ``group_table`` of a grouped model (model attributes, or given); its
-    text form is the summary line only, which holds no timings, so it is stable across runs.
+    ``TrainingReport(model)``, ``TrainingReport(run_finished)`` or ``TrainingReport(history=df,
+    name=..., version=..., status="failed", error=exc)``. In a notebook it shows the summary
+    line, the curves and the metrics table (red when the run was interrupted or failed), then
+    the ``leaderboard`` of a selection run or the ``group_table`` of a grouped model (model
+    attributes, or given); its text form is the summary line only, which holds no timings, so
+    it is stable across runs.
     """
 
     def __init__(
@@ -171,44 +161,60 @@ class TrainingReport:
         group_table: pd.DataFrame | None = None,
         selection_metric: str | None = None,
     ) -> None:
-        history = history if history is not None else getattr(model, "history", None)
-        self.history = history if history is not None else pd.DataFrame()
-        self.name = name if name is not None else str(getattr(model, "name", "model"))
-        self.version = version if version is not None else getattr(model, "version", None)
-        self.status = status or getattr(model, "status", None) or "complete"
-        if error is None and self.status == "failed":
-            error = (getattr(model, "info", None) or {}).get("error")
-        self.error = short_error(error) if error is not None else None
-        self.leaderboard = frame_or_none(
-            leaderboard if leaderboard is not None else getattr(model, "leaderboard", None)
-        )
-        self.group_table = frame_or_none(
-            group_table if group_table is not None else getattr(model, "group_table", None)
-        )
-        if self.leaderboard is not None and selection_metric is None:
-            selection_metric = ranking_metric(model, self.leaderboard)
-        self.selection_metric = selection_metric
+        if isinstance(model, RunFinished):
+            self.run, model = model, None
+        else:
+            self.run = RunFinished.from_model(
+                model, history=history, name=name, version=version, status=status, error=error,
+                leaderboard=leaderboard, group_table=group_table,
+                selection_metric=selection_metric,
+            )
+        run = self.run
+
+        def given(value: Any, attribute: str) -> Any:
+            return value if value is not None else getattr(model, attribute, None)
+
+        self.history = _frame(given(history, "history"), run.history_rows())
+        if self.history is None:
+            self.history = pd.DataFrame()
+        self.leaderboard = _frame(given(leaderboard, "leaderboard"), list(run.leaderboard))
+        self.group_table = _frame(given(group_table, "group_table"), list(run.group_table))
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.run.name
+
+    @property
+    def version(self) -> int | None:
+        """The model's version (None if the run stopped before it had one)."""
+        return self.run.version
+
+    @property
+    def status(self) -> str:
+        """``"complete"``, ``"interrupted"`` or ``"failed"``."""
+        return self.run.status
+
+    @property
+    def error(self) -> str | None:
+        """The error of a run that failed, one line."""
+        return self.run.error
+
+    @property
+    def selection_metric(self) -> str | None:
+        """The metric the leaderboard is ranked by (None without a leaderboard)."""
+        return self.run.ranked_by
 
     @property
     def alert(self) -> bool:
         """True when the run did not complete (interrupted or failed): shown in red."""
-        return self.status != "complete"
+        return self.run.alert
 
     @property
     def summary(self) -> str:
-        """:func:`~dbdl_magic.notebook.monitor.summary_line`, plus the error of a failed run."""
-        line = summary_line(
-            SimpleNamespace(
-                name=self.name,
-                version=self.version,
-                status=self.status,
-                history=self.history,
-                leaderboard=self.leaderboard,
-                group_table=self.group_table,
-                selection_metric=self.selection_metric,
-            )
-        )
-        return f"{line} | {self.error}" if self.error else line
+        """The run's summary line (:meth:`~dbdl_magic.events.RunFinished.summary_line`), which
+        ends with the error of a failed run."""
+        return self.run.summary_line()
 
     @cached_property
     def _png(self) -> bytes:
@@ -225,7 +231,8 @@ class TrainingReport:
     def cohort_html(self) -> str:
         """The leaderboard (ranked) of a selection or the per-group table; "" otherwise."""
         if self.leaderboard is not None:
-            by = f", ranked by {self.selection_metric}" if self.selection_metric else ""
+            metric = self.selection_metric
+            by = f", ranked by {metric}" if metric else ""
             caption = f"leaderboard: {len(self.leaderboard)} configurations{by}"
             return cohort_table_html(ranked(self.leaderboard), caption)
         if self.group_table is not None:
@@ -258,13 +265,21 @@ class TrainingReport:
         return self.summary
 
 
+def _frame(value: Any, rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """``value`` when it is a DataFrame (None if empty), else a frame of the records ``rows``
+    (None if there are none)."""
+    if isinstance(value, pd.DataFrame):
+        return frame_or_none(value)
+    return pd.DataFrame(rows) if rows else None
+
+
 __all__ = [
     "TrainingReport",
     "cohort_table_html",
     "curves_png",
+    "frame_or_none",
     "metric_columns",
     "metrics_table_html",
     "ranked",
-    "short_error",
     "table_html",
 ]

@@ -6,12 +6,16 @@ as ``:name`` are bound from the notebook's variables, never pasted into the text
 
 from __future__ import annotations
 
-import ast
 import re
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import (
+    argument,
+    argument_group,
+    magic_arguments,
+    parse_argstring,
+)
 from sqlalchemy.engine import Engine
 from traitlets import Bool, Enum, Float, Int, Unicode
 from traitlets.config import Configurable
@@ -19,39 +23,19 @@ from traitlets.config import Configurable
 from dbdl_magic import api
 from dbdl_magic.errors import DbdlError, InputError, InstallError
 from dbdl_magic.notebook.connections import ConnectionRegistry
-from dbdl_magic.notebook.monitor import make_monitor
+from dbdl_magic.notebook.widgets import make_monitor
+from dbdl_magic.options import OPTION, flag_arguments, literal, values_from_flags
 
 # Same rule as SQLAlchemy's text(): ``:name`` not preceded by ``:`` or a word character.
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 
-# flag dest -> TrainOptions field, for flags that map one to one
-_OPTION_FLAGS = (
-    "target",
-    "model",
-    "epochs",
-    "lr",
-    "batch_size",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "validation",
-    "task",
-    "impute",
-    "max_categories",
-    "rows_per_buffer",
-    "seed",
-    "device",
-    "db_device",
-    "parallel",
-    "sync_every",
-    "threads",
-    "group_by",
-    "search",
-    "trials",
-    "patience",
-    "monitor",
-    "min_delta",
-)
+
+def _option_flags(func: Any) -> Any:
+    """``@argument`` for every training option that has a flag, in the schema's order
+    (:func:`dbdl_magic.options.flag_arguments`)."""
+    for flags, kwargs in reversed(flag_arguments()):  # the parser reads decorators bottom-up
+        func = argument(*flags, **kwargs)(func)
+    return func
 
 
 def bind_parameters(sql: str, namespace: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +54,12 @@ def bind_parameters(sql: str, namespace: dict[str, Any]) -> dict[str, Any]:
 class DbdlMagic(Magics, Configurable):
     """Train PyTorch models inside the connected database from a notebook."""
 
-    epochs = Int(10, help="Default number of epochs for %%dbtrain.").tag(config=True)
-    model = Unicode("mlp:64,32", help="Default model spec for %%dbtrain.").tag(config=True)
+    epochs = Int(OPTION["epochs"].default, help="Default number of epochs for %%dbtrain.").tag(
+        config=True
+    )
+    model = Unicode(OPTION["model"].default, help="Default model spec for %%dbtrain.").tag(
+        config=True
+    )
     refresh = Float(0.5, help="Seconds between live display updates.").tag(config=True)
     display = Enum(
         ["auto", "widgets", "text", "none"],
@@ -182,7 +170,7 @@ class DbdlMagic(Magics, Configurable):
         """``--grid``: a variable of the notebook, or a dict literal."""
         if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
             text = text[1:-1]  # IPython's argument splitting keeps the quotes
-        value = self.shell.user_ns[text] if text in self.shell.user_ns else _literal(text, "--grid")
+        value = self.shell.user_ns[text] if text in self.shell.user_ns else literal(text, "--grid")
         if not isinstance(value, dict):
             raise InputError(f"--grid {text!r}: must be a dict of option → list of values")
         return value
@@ -191,79 +179,23 @@ class DbdlMagic(Magics, Configurable):
     @magic_arguments()
     @argument("name", nargs="?", help="model name; also the variable the model is bound to")
     @argument("-o", "--out", help="variable to bind the model to (default: NAME)")
-    @argument("--target", help="the label column (required)")
-    @argument("--model", help="linear, mlp:64,32, cnn:16,32 or a JSON spec")
-    @argument("--epochs", type=int)
-    @argument("--lr", type=float)
-    @argument("--batch-size", type=int)
-    @argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    @argument("--momentum", type=float)
-    @argument("--nesterov", action="store_true")
-    @argument("--weight-decay", type=float)
-    @argument("--validation", type=float, help="held-out fraction")
-    @argument("--validation-query", help="variable holding a SQL query for validation rows")
-    @argument("--task", choices=["auto", "classification", "regression"])
-    @argument("--features", help="comma-separated feature columns")
-    @argument("--impute", choices=["mean", "zero"])
-    @argument("--max-categories", type=int)
-    @argument("--image-shape", help="e.g. 8x8")
-    @argument("--rows-per-buffer", type=int)
-    @argument("--seed", type=int)
-    @argument("--device", choices=["auto", "cpu", "cuda"])
-    @argument("--db-device", choices=["auto", "cpu", "cuda"])
-    @argument("--parallel", help="PostgreSQL parallel workers per iteration: auto (default) or N")
-    @argument("--sync-every", type=float, help="average the workers' models every this fraction "
-              "of an epoch (e.g. 0.25)")
-    @argument("--threads", type=int)
-    @argument("--group-by", help="train one model per value of this column")
-    @argument("--grid", help="model selection: a variable holding {option: [values]} or a dict "
-              "literal, e.g. \"{'lr': [1e-3, 1e-2]}\"")
-    @argument("--search", choices=["grid", "random"])
-    @argument("--trials", type=int, help="configurations to draw (random search)")
-    @argument("--no-halving", action="store_true", help="train every configuration to the end")
-    @argument("--patience", type=int, help="early stopping patience (iterations)")
-    @argument("--monitor", help="metric for early stopping (default val_loss)")
-    @argument("--min-delta", type=float)
-    @argument("--no-restore-best", action="store_true")
-    @argument("--resume", action="store_true", help="continue NAME's interrupted run")
-    @argument("--init-from", help="warm start from a stored model: name[:version]")
-    @argument("--freeze", help="layer indices to freeze (e.g. 0,2) or all_but_last")
     @argument("--con", help="connection alias (default: current)")
     @argument("--display", choices=["auto", "widgets", "text", "none"])
+    @argument_group("training options (those of dl.train; default: dl.train's)")
+    @_option_flags
     @cell_magic
     def dbtrain(self, line: str, cell: str) -> None:
         """Train on the rows of the cell's SQL, inside the database; binds the model to NAME."""
         args = parse_argstring(self.dbtrain, line)
-        if not args.target:
-            raise InputError("%%dbtrain needs --target COLUMN (the label to predict)")
-        options: dict[str, Any] = {"model": self.model, "epochs": self.epochs}
-        for flag in _OPTION_FLAGS:
-            value = getattr(args, flag)
-            if value is not None:
-                options[flag] = value
-        if args.nesterov:
-            options["nesterov"] = True
-        if args.no_restore_best:
-            options["restore_best"] = False
-        if args.grid:
-            options["grid"] = self._grid(args.grid)
-        if args.no_halving:
-            options["halving"] = False
-        if args.resume:
-            options["resume"] = True
-        if args.init_from:
-            options["init_from"] = args.init_from
-        if args.freeze:
-            options["freeze"] = args.freeze
-        if args.features:
-            options["features"] = [f.strip() for f in args.features.split(",") if f.strip()]
-        if args.image_shape:
-            options["image_shape"] = args.image_shape
+        options: dict[str, Any] = {"target": args.target, "model": self.model,
+                                   "epochs": self.epochs}
+        options.update(values_from_flags(args, {
+            "grid": self._grid,
+            "validation_query": lambda name: self.shell.user_ns.get(name, name),
+        }))
         params = bind_parameters(cell, self.shell.user_ns)
-        if args.validation_query:
-            query = self.shell.user_ns.get(args.validation_query, args.validation_query)
-            options["validation_query"] = query
-            params.update(bind_parameters(query, self.shell.user_ns))
+        if options.get("validation_query"):
+            params.update(bind_parameters(options["validation_query"], self.shell.user_ns))
         db = self.connections.get(args.con)
         if self.connections.current == "default" and args.con is None:
             print(f"dbdl: no %dbconnect; using the embedded database {db.url}")
@@ -292,13 +224,6 @@ class DbdlMagic(Magics, Configurable):
             monitor.finish(model)
         if target_var:
             self.shell.user_ns[target_var] = model
-
-
-def _literal(text: str, what: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
-        raise InputError(f"{what} {text!r}: not a variable or a Python literal ({exc})") from exc
 
 
 def _short_traceback(

@@ -1,26 +1,31 @@
 """Training monitors: what a person watches while the database trains.
 
-A monitor turns :class:`~dbdl_magic.training.run.Callbacks` into a display and, when the run ends,
-into a static summary. :func:`make_monitor` picks live ipywidgets inside a Jupyter kernel and
-plain text elsewhere (terminals, CI logs, ``dbdl demo``).
+A monitor turns :class:`~dbdl_magic.events.Callbacks` into a display and, when the run ends,
+into a static summary; it reads the run's events as the records of :mod:`dbdl_magic.events`
+(the run may still send dicts: :meth:`~dbdl_magic.events.RunStarted.of` and
+:meth:`~dbdl_magic.events.IterationFinished.of` accept both). :class:`TextMonitor` writes plain
+text (terminals, CI logs, ``dbdl demo``); the live ipywidgets monitor and
+:func:`~dbdl_magic.notebook.widgets.make_monitor`, which picks one of the two, are in
+:mod:`dbdl_magic.notebook.widgets`.
 
 Cohort runs train several models in the same queries: ``groups`` (one model per value of a
 group-by column) and ``selection`` (hyper-parameter configurations side by side, weak ones
-halved). Their ``on_iteration`` rows carry a ``members`` list, shown by every monitor as the
-same table (:func:`members_frame`): a leaderboard for selection, a per-group table for groups.
+halved). Their iterations carry ``members``, shown by every monitor as the same table
+(:func:`members_frame`): a leaderboard for selection, a per-group table for groups.
 """
 
 from __future__ import annotations
 
-import numbers
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol, TextIO
 
 import pandas as pd
 
-from dbdl_magic.events import Callbacks
+from dbdl_magic.display import better_text, format_cell, format_value, is_metric, workers_text
+from dbdl_magic.events import Callbacks, IterationFinished, RunFinished, RunStarted
 
 # row keys not printed on the iteration line (members and the parallel note get lines of their own)
 _SKIP = {"epoch", "samples", "workers", "combines", "db_device", "train_seconds"}
@@ -40,49 +45,43 @@ class Monitor(Protocol):
         """The run failed with ``error`` (which the caller re-raises)."""
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+def summary_line(model: Any) -> str:
+    """One deterministic line for a model a run returned: name, status, iterations, final
+    metrics rounded to 3 places, for cohort runs the best trial of a selection or the number
+    of groups, and the error of a failed model (:meth:`RunFinished.summary_line`)."""
+    return RunFinished.from_model(model).summary_line()
 
 
-def format_cell(value: Any, missing: str = "") -> str:
-    """A table cell: floats to 4 places, ``missing`` for None/NaN."""
-    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
-        return missing
-    return format_value(value)
+def start_title(started: RunStarted, title: str = "") -> str:
+    """``"training NAME vN"`` (``title`` in place of the model name when given)."""
+    return f"training {title or started.name} v{started.version}"
 
 
-def _real(value: Any) -> bool:
-    """True for a number that is not NaN (bools excluded)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+def start_facts(started: RunStarted) -> str:
+    """Where and on what the run trains: database, backend, workers, device, rows, buffers,
+    parameters, and for a cohort run :func:`cohort_text`."""
+    s, cohort = started, cohort_text(started)
+    return (
+        f"in {s.database} ({s.backend}, {workers_text(s.workers)}, kernels on {s.device}): "
+        f"{s.rows} training rows, {s.validation_rows} validation rows, {s.buffers} buffers, "
+        f"{s.parameters} parameters" + (f"; {cohort}" if cohort else "")
+    )
 
 
-def workers_text(workers: Any) -> str:
-    """``"2 worker(s)"``, or ``"auto workers"`` when the engine picks the count."""
-    return f"{workers} worker(s)" if isinstance(workers, int) else f"{workers} workers"
-
-
-def is_metric(column: Any) -> bool:
-    """``train_*`` / ``val_*`` names, except the ``train_seconds`` timing."""
-    return str(column).startswith(("train_", "val_")) and str(column) != "train_seconds"
-
-
-def cohort_text(info: dict[str, Any]) -> str:
+def cohort_text(started: RunStarted) -> str:
     """``"4 models (groups by country)"`` / ``"3 models (3 configurations, ranked by val_loss,
-    lower is better)"`` from ``on_start`` facts; ``""`` for an ordinary run."""
-    cohort, members = info.get("cohort"), info.get("members") or []
-    if not cohort:
+    lower is better)"``; ``""`` for an ordinary run."""
+    members = started.members
+    if not started.cohort:
         return ""
-    if cohort == "groups":
-        labels = [str(m.get("label", "")) for m in members[:1]]
-        by = info.get("group_by") or ", ".join(re.findall(r"(\w+)=", labels[0] if labels else ""))
-        searched = {str(m.get("trial")) for m in members if m.get("trial")}
+    if started.cohort == "groups":
+        labels = [m.label for m in members[:1]]
+        by = started.group_by or ", ".join(re.findall(r"(\w+)=", labels[0] if labels else ""))
+        searched = {str(m.trial) for m in members if m.trial}
         each = f", {len(searched)} configurations each" if searched else ""
         return f"{len(members)} models (groups by {by or '?'}{each})"
-    metric = info.get("selection_metric")
-    better = "higher" if info.get("selection_mode") == "max" else "lower"
-    ranked = f", ranked by {metric}, {better} is better" if metric else ""
+    metric = started.selection_metric
+    ranked = f", ranked by {metric}, {better_text(started.selection_mode)}" if metric else ""
     return f"{len(members)} models ({len(members)} configurations{ranked})"
 
 
@@ -116,10 +115,13 @@ def members_frame(
     return frame[columns].reset_index(drop=True)
 
 
-def start_members_frame(info: dict[str, Any], members: list[dict[str, Any]]) -> pd.DataFrame:
-    """:func:`members_frame` ranked as the run's ``on_start`` facts say (selection only)."""
-    metric = info.get("selection_metric") if info.get("cohort") == "selection" else None
-    return members_frame(members, metric, str(info.get("selection_mode") or "min"))
+def start_members_frame(
+    started: RunStarted | None, members: list[dict[str, Any]]
+) -> pd.DataFrame:
+    """:func:`members_frame` ranked as the run's start facts say (selection only)."""
+    if started is None or not started.ranks_members:
+        return members_frame(members)
+    return members_frame(members, started.selection_metric, started.selection_mode or "min")
 
 
 def table_lines(frame: pd.DataFrame, limit: int = TEXT_ROWS, indent: str = "  ") -> list[str]:
@@ -145,55 +147,6 @@ def table_lines(frame: pd.DataFrame, limit: int = TEXT_ROWS, indent: str = "  ")
     return lines
 
 
-def frame_or_none(value: Any) -> pd.DataFrame | None:
-    """``value`` if it is a non-empty DataFrame (a leaderboard, a group table), else None."""
-    return value if isinstance(value, pd.DataFrame) and not value.empty else None
-
-
-def ranking_metric(model: Any, leaderboard: pd.DataFrame) -> str | None:
-    """The metric a selection ranked by: the model's ``selection_metric`` (attribute or
-    ``info`` key) when the leaderboard has it, else its first ``val_*`` column or train_loss."""
-    info = getattr(model, "info", None)
-    named = getattr(model, "selection_metric", None) or (
-        info.get("selection_metric") if isinstance(info, dict) else None
-    )
-    columns = [str(c) for c in leaderboard.columns]
-    fallback = [c for c in columns if c.startswith("val_")] + ["train_loss"]
-    return next((c for c in [named, *fallback] if c in columns), None)
-
-
-def _cohort_part(model: Any) -> str | None:
-    """``"best: LABEL val_loss 0.123"`` for a selection, ``"N groups"`` for a grouped model."""
-    board = frame_or_none(getattr(model, "leaderboard", None))
-    if board is not None:
-        best = board.iloc[0]
-        label = best.get("label", f"v{best.get('version', '?')}")
-        metric = ranking_metric(model, board)
-        value = best.get(metric) if metric else None
-        return f"best: {label}" + (f" {metric} {float(value):.3f}" if _real(value) else "")
-    groups = frame_or_none(getattr(model, "group_table", None))
-    return f"{len(groups)} groups" if groups is not None else None
-
-
-def summary_line(model: Any) -> str:
-    """One deterministic line: name, status, iterations, final metrics rounded to 3 places, and
-    for cohort runs the best trial of a selection or the number of groups."""
-    history = model.history
-    parts = [
-        f"dbdl: model {model.name} v{model.version} {model.status}",
-        f"{len(history)} iteration(s)",
-    ]
-    if len(history):
-        last = history.iloc[-1]
-        for column in history.columns:
-            if is_metric(column):
-                value = last[column]
-                if isinstance(value, (int, float)) and value == value:
-                    parts.append(f"{column} {value:.3f}")
-    cohort = _cohort_part(model)
-    return " | ".join(parts + ([cohort] if cohort else []))
-
-
 class TextMonitor:
     """Plain-text progress: a header, then one line per iteration, sparse in-iteration lines.
 
@@ -205,7 +158,7 @@ class TextMonitor:
         self.progress_every = progress_every
         self._last_progress = 0.0
         self._last_note: str | None = None
-        self.start_info: dict[str, Any] = {}
+        self.started: RunStarted | None = None
 
     def callbacks(self) -> Callbacks:
         return Callbacks(
@@ -215,27 +168,23 @@ class TextMonitor:
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.start_info = info
-        cohort = cohort_text(info)
-        self._print(
-            f"training {info['name']} v{info['version']} in {info['database']} "
-            f"({info['backend']}, {workers_text(info['workers'])}, kernels on {info['device']}): "
-            f"{info['rows']} training rows, {info['validation_rows']} validation rows, "
-            f"{info['buffers']} buffers, {info['parameters']} parameters"
-            + (f"; {cohort}" if cohort else "")
-        )
+    def on_start(self, event: RunStarted | Mapping[str, Any]) -> None:
+        """The header: the run's facts (a record or the ``on_start`` dict)."""
+        self.started = started = RunStarted.of(event)
+        self._print(f"{start_title(started)} {start_facts(started)}")
 
-    def on_iteration(self, row: dict[str, Any]) -> None:
-        parts = [f"epoch {row['epoch']:>3}"]
-        parts += [f"{k} {format_value(v)}" for k, v in row.items() if k not in _SKIP]
+    def on_iteration(self, event: IterationFinished | Mapping[str, Any]) -> None:
+        """One line of metrics; the parallel note when it changes; the members' table."""
+        it = IterationFinished.of(event)
+        parts = [f"epoch {it.epoch:>3}"]
+        parts += [f"{k} {format_value(v)}" for k, v in it.to_row().items() if k not in _SKIP]
         lines = ["  ".join(parts)]
-        note = row.get("parallel_note")
+        note = it.parallel_note
         if note and note != self._last_note:
             self._last_note = note
             lines.append(f"  parallel: {note}")
-        if row.get("members"):
-            lines += table_lines(start_members_frame(self.start_info, row["members"]))
+        if it.members:
+            lines += table_lines(start_members_frame(self.started, it.member_rows()))
         self._print("\n".join(lines))
 
     def on_progress(self, done: int, total: int) -> None:
@@ -244,27 +193,14 @@ class TextMonitor:
             self._last_progress = now
             self._print(f"  ... {100 * done / total:5.1f}% of the epoch")
 
+    def on_finish(self, run: RunFinished) -> None:
+        """The run's summary line."""
+        self._print(run.summary_line())
+
     def finish(self, model: Any) -> None:
-        self._print(summary_line(model))
+        """The summary line of the model the run returned."""
+        self.on_finish(RunFinished.from_model(model))
 
     def fail(self, error: BaseException) -> None:
+        """One line naming the error that stopped the run."""
         self._print(f"dbdl: training failed: {error}")
-
-
-def in_jupyter_kernel() -> bool:
-    """True inside an ipykernel (where widgets can render), False in terminals and scripts."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
-
-
-def make_monitor(kind: str = "auto", *, refresh: float = 0.5, title: str = "") -> Monitor:
-    """``auto``: widgets in a Jupyter kernel, text elsewhere; ``widgets`` / ``text`` force one."""
-    if kind == "widgets" or (kind == "auto" and in_jupyter_kernel()):
-        from dbdl_magic.notebook.widgets import WidgetMonitor
-
-        return WidgetMonitor(refresh=refresh, title=title)
-    return TextMonitor()

@@ -1,4 +1,5 @@
-"""The live Jupyter monitor: one display, updated in place, replaced by a static report.
+"""The live Jupyter monitor: one display, updated in place, replaced by a static report; and
+:func:`make_monitor`, which picks it inside a Jupyter kernel and the text monitor elsewhere.
 
 While the run goes on the display shows a header, a progress bar (moving within an iteration),
 elapsed/ETA, loss and metric curves and a metrics table that grows one row per iteration; runs
@@ -11,20 +12,28 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
 from IPython.display import DisplayHandle, display
 
-from dbdl_magic.events import Callbacks
+from dbdl_magic.display import better_text
+from dbdl_magic.events import Callbacks, IterationFinished, RunFinished, RunStarted
 from dbdl_magic.notebook.figures import (
     TrainingReport,
     cohort_table_html,
     curves_png,
     metrics_table_html,
 )
-from dbdl_magic.notebook.monitor import cohort_text, start_members_frame, workers_text
+from dbdl_magic.notebook.monitor import (
+    Monitor,
+    TextMonitor,
+    start_facts,
+    start_members_frame,
+    start_title,
+)
 
 
 def _hms(seconds: float) -> str:
@@ -57,8 +66,8 @@ class WidgetMonitor:
     def __init__(self, refresh: float = 0.5, title: str = "") -> None:
         self.refresh = refresh
         self.title = title
-        self.info: dict[str, Any] = {}
-        self.rows: list[dict[str, Any]] = []
+        self.started: RunStarted | None = None
+        self.iterations: list[IterationFinished] = []
         self.header = widgets.HTML()
         self.progress = widgets.FloatProgress(
             value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="50%")
@@ -71,7 +80,7 @@ class WidgetMonitor:
         self.widget = widgets.VBox([self.header, self._bar, self.image, self.table, self.members])
         self.handle: DisplayHandle | None = None
         self.displayed = False
-        self._started = self.clock()
+        self._t0 = self.clock()  # when the run started (elapsed, ETA)
         self._last_progress = float("-inf")
         self._last_png = float("-inf")
         self._png_seconds = 0.0
@@ -82,24 +91,15 @@ class WidgetMonitor:
             on_start=self.on_start, on_iteration=self.on_iteration, on_progress=self.on_progress
         )
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        """Show the live view with the run's facts (the keys of ``TrainingRun._announce``)."""
-        self.info = dict(info)
-        self._started = self.clock()
-        i = {k: html.escape(str(v)) for k, v in info.items()}
-        name = html.escape(self.title or str(info.get("name", "")))
-        cohort = html.escape(cohort_text(info))
-        self.header.value = (
-            f"<b>training {name} v{i.get('version', '?')}</b> in {i.get('database', '?')} "
-            f"({i.get('backend', '?')}, {html.escape(workers_text(info.get('workers', 1)))}, "
-            f"kernels on {i.get('device', '?')}): {i.get('rows', '?')} training rows, "
-            f"{i.get('validation_rows', 0)} validation rows, {i.get('parameters', '?')} parameters"
-            + (f"; {cohort}" if cohort else "")
-        )
+    def on_start(self, event: RunStarted | Mapping[str, Any]) -> None:
+        """Show the live view with the run's facts (a record or the ``on_start`` dict)."""
+        self.started = started = RunStarted.of(event)
+        self._t0 = self.clock()
+        title = start_title(started, self.title)
+        self.header.value = f"<b>{html.escape(title)}</b> {html.escape(start_facts(started))}"
         self._set_progress(0.0)
         if not self.displayed:
-            text = f"dbdl: training {self.title or info.get('name', '')} v{info.get('version')}"
-            self.handle = display(_LiveView(self.widget, text), display_id=True)
+            self.handle = display(_LiveView(self.widget, f"dbdl: {title}"), display_id=True)
             self.displayed = True
 
     def on_progress(self, done: int, total: int) -> None:
@@ -110,18 +110,20 @@ class WidgetMonitor:
         self._last_progress = now
         self._set_progress((self.epochs_done + min(done / total, 1.0)) / self.epochs)
 
-    def on_iteration(self, row: dict[str, Any]) -> None:
+    def on_iteration(self, event: IterationFinished | Mapping[str, Any]) -> None:
         """One more table row; the curves when the redraw interval allows (always at the end)."""
-        self.rows.append(dict(row))
-        history = pd.DataFrame(self.rows)
+        it = IterationFinished.of(event)
+        self.iterations.append(it)
+        history = self.history
         self._set_progress(self.epochs_done / self.epochs)
         self.table.value = metrics_table_html(history)
-        self._show_members(row)
+        self._show_members(it)
         now = self.clock()
         interval = max(self.refresh, 1.0, 5 * self._png_seconds)  # drawing costs <= ~20%
         if now - self._last_png >= interval or self.epochs_done >= self.epochs:
             self._last_png = now
-            title = f"{self.title or self.info.get('name', '')}: training"
+            name = self.title or (self.started.name if self.started else "")
+            title = f"{name}: training"
             self.image.value = curves_png(history, title)
             self.image.layout.display = None
             self._png_seconds = self.clock() - now
@@ -130,33 +132,32 @@ class WidgetMonitor:
         """Replace the live view by the model's :class:`TrainingReport`."""
         self._replace(TrainingReport(model))
 
+    def on_finish(self, run: RunFinished) -> None:
+        """Replace the live view by the :class:`TrainingReport` of ``run``."""
+        self._replace(TrainingReport(run))
+
     def fail(self, error: BaseException) -> None:
         """Replace the live view (if shown) by a red summary naming ``error``."""
         if not self.displayed:
             return  # failed before training started; the caller shows the exception
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        members = self._members_frame(self.rows[-1] if self.rows else {})
-        selection = self.info.get("cohort") == "selection"
-        report = TrainingReport(
-            history=pd.DataFrame(self.rows),
-            name=str(self.info.get("name", self.title or "model")),
-            version=self.info.get("version"),
-            status=status,
-            error=error,
-            leaderboard=members if selection else None,
-            group_table=None if selection else members,
-            selection_metric=self.info.get("selection_metric"),
-        )
-        self._replace(report)
+        members = self._members_frame(self.iterations[-1]) if self.iterations else None
+        rows = members.to_dict("records") if members is not None else []
+        name = self.title or "model"
+        self.on_finish(RunFinished.from_error(error, self.started, self.iterations, rows, name))
 
     # -- state ------------------------------------------------------------------------------------
     @property
+    def history(self) -> pd.DataFrame:
+        """The iterations so far, one row each, as in a model's history."""
+        return pd.DataFrame([it.to_row() for it in self.iterations])
+
+    @property
     def epochs(self) -> int:
-        return max(int(self.info.get("epochs") or 1), 1)
+        return max(self.started.epochs if self.started else 1, 1)
 
     @property
     def epochs_done(self) -> int:
-        return int(self.rows[-1]["epoch"]) if self.rows else 0
+        return self.iterations[-1].epoch if self.iterations else 0
 
     @property
     def progress_value(self) -> float:
@@ -170,30 +171,30 @@ class WidgetMonitor:
     def _set_progress(self, fraction: float) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
         self.progress.value = fraction
-        elapsed = self.clock() - self._started
+        elapsed = self.clock() - self._t0
         eta = f" · ETA {_hms(elapsed * (1 - fraction) / fraction)}" if fraction > 0 else ""
         self.label.value = (
             f"&nbsp;{self.epochs_done}/{self.epochs} iterations · {100 * fraction:.0f}% · "
             f"{_hms(elapsed)} elapsed{eta}"
         )
 
-    def _members_frame(self, row: dict[str, Any]) -> pd.DataFrame | None:
-        """The row's members as the shared table (ranked for a selection); None if none."""
-        members = row.get("members")
-        return start_members_frame(self.info, members) if members else None
+    def _members_frame(self, it: IterationFinished) -> pd.DataFrame | None:
+        """The iteration's members as the shared table (ranked for a selection); None if none."""
+        return start_members_frame(self.started, it.member_rows()) if it.members else None
 
-    def _show_members(self, row: dict[str, Any]) -> None:
-        """Redraw the members table (and the parallel note) from an iteration's row."""
-        frame, note = self._members_frame(row), row.get("parallel_note")
+    def _show_members(self, it: IterationFinished) -> None:
+        """Redraw the members table (and the parallel note) from an iteration."""
+        frame, note = self._members_frame(it), it.parallel_note
         parts = [f"<div><i>parallel: {html.escape(str(note))}</i></div>"] if note else []
         if frame is not None:
-            if self.info.get("cohort") == "selection":
-                metric = self.info.get("selection_metric")
-                better = "higher" if self.info.get("selection_mode") == "max" else "lower"
-                by = f" by {metric} ({better} is better)" if metric and "rank" in frame else ""
-                caption = f"leaderboard after epoch {row.get('epoch')}{by}"
+            started = self.started
+            if started is not None and started.ranks_members:
+                metric = started.selection_metric
+                better = better_text(started.selection_mode)
+                by = f" by {metric} ({better})" if metric and "rank" in frame else ""
+                caption = f"leaderboard after epoch {it.epoch}{by}"
             else:
-                caption = f"{len(frame)} groups after epoch {row.get('epoch')}"
+                caption = f"{len(frame)} groups after epoch {it.epoch}"
             parts.append(cohort_table_html(frame, caption))
         self.members.value = "".join(parts)
 
@@ -214,4 +215,21 @@ class WidgetMonitor:
         self.widget.close()
 
 
-__all__ = ["WidgetMonitor"]
+def in_jupyter_kernel() -> bool:
+    """True inside an ipykernel (where widgets can render), False in terminals and scripts."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+
+
+def make_monitor(kind: str = "auto", *, refresh: float = 0.5, title: str = "") -> Monitor:
+    """``auto``: widgets in a Jupyter kernel, text elsewhere; ``widgets`` / ``text`` force one."""
+    if kind == "widgets" or (kind == "auto" and in_jupyter_kernel()):
+        return WidgetMonitor(refresh=refresh, title=title)
+    return TextMonitor()
+
+
+__all__ = ["WidgetMonitor", "in_jupyter_kernel", "make_monitor"]

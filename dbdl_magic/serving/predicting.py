@@ -1,9 +1,20 @@
 """In-database prediction: score a query's rows with a stored model, inside the database.
 
-The model's weights never leave the database: the query is staged, its features encoded with
-the model's stored encoding by SQL, packed into buffers in row order, and scored by the predict
-kernel (decoded once per process); the query's key columns plus the predictions are written to
-a table (``into``) or returned as a DataFrame.
+The model's weights never leave the database. The scoring pass reads the rows a buffer at a
+time, with each row's raw feature values (numbers, the index of a category, array elements)
+gathered into one array per buffer; the kernel encodes them with the model's stored encoding
+and scores the whole buffer in one call (decoding the model once per process), and the key
+columns plus the predictions are written to a table (``into``) or returned as a DataFrame:
+
+* PostgreSQL stages the query once (unlogged, no row numbers: the table's order is the
+  query's), reads it by ranges of heap pages and writes ``into`` in one ``CREATE TABLE AS``:
+  arrays cross into and out of PL/Python as bytes, never as a Python object per value;
+* SQLite runs the query itself once, in this process: numpy builds the raw matrix of each
+  fetched buffer and one executemany writes it back.
+
+The pass assumes valid values (checking every value first would cost a scan of its own);
+when it fails, the query is staged whole and checked, and the error names the column at fault
+(NULLs without impute, text in a numeric column, arrays of another size).
 
 A per-group model (``group_by``) routes the staged rows by ``CAST(<group column> AS TEXT)`` to
 one sub-stage per group, scores each with its group's checkpoint (rows of groups without a
@@ -13,15 +24,24 @@ model with ``fallback``, or an error naming them) and puts the union back in que
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.backends.base import Backend
 from dbdl_magic.data.encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
-from dbdl_magic.data.packing import RN, _aggregate_row, _quote_dotted, feature_sql, stage_query
-from dbdl_magic.errors import InputError
+from dbdl_magic.data.packing import (
+    ONE_STATEMENT,
+    RN,
+    _aggregate_row,
+    _is_table_name,
+    _quote_dotted,
+    stage_query,
+)
+from dbdl_magic.errors import DbdlError, InputError
 from dbdl_magic.store import registry
 from dbdl_magic.store.modules import is_router, unknown_groups_message
 
@@ -82,16 +102,31 @@ def _fit(name: str, suffix: str) -> str:
 
 
 def kernel_config(row: dict[str, Any], encoding: Encoding, backend: Backend) -> dict[str, Any]:
-    """What the predict kernel needs to rebuild and run the network."""
+    """What the predict kernel needs to rebuild and run the network, and ``columns``: how to
+    encode a row of raw feature values (see :func:`dbdl_magic.kernel.predict.encode_raw`)."""
     return {
         "spec": row["spec"], "input_shape": encoding.input_shape,
         "n_outputs": encoding.target.n_outputs, "task": encoding.target.task,
         "byteorder": backend.byteorder,
         "target_scale": [encoding.target.mean, encoding.target.std],
+        "columns": [{"name": f.name, "kind": f.kind, "mean": f.mean, "std": f.std,
+                     "width": f.width} for f in encoding.features],
     }
 
 
-def _check_features(backend: Backend, conn: Any, stage: str, encoding: Encoding) -> list[str]:
+def feature_specs(encoding: Encoding) -> list[dict[str, Any]]:
+    """The features as the backends phrase their raw values in SQL (name, kind, categories,
+    impute, width)."""
+    return [{**asdict(f), "width": f.width} for f in encoding.features]
+
+
+def _check_features(
+    backend: Backend, conn: Any, stage: str, encoding: Encoding, values: bool = True,
+    typed: bool = True,
+) -> list[str]:
+    """The staged columns; refuses missing and (``typed``: the stage holds the rows, or the
+    database declares its column types) mistyped feature columns and (``values``) NULL
+    features the model does not impute, naming them."""
     kinds = backend.column_kinds(conn, stage)
     kinds.pop(RN, None)
     missing = [f.name for f in encoding.features if f.name not in kinds]
@@ -104,11 +139,12 @@ def _check_features(backend: Backend, conn: Any, stage: str, encoding: Encoding)
     wrong = [
         f"{f.name!r} is {kinds[f.name].dbtype} but the model expects {expected[f.kind]} values"
         for f in encoding.features
-        if f.kind != CATEGORICAL and kinds[f.name].kind != f.kind
+        if typed and f.kind != CATEGORICAL and kinds[f.name].kind != f.kind
     ]
     if wrong:
         raise InputError("mistyped feature column(s): " + "; ".join(wrong))
-    _check_values(backend, conn, stage, encoding)
+    if values:
+        _check_values(backend, conn, stage, encoding)
     return list(kinds)
 
 
@@ -209,42 +245,90 @@ def predict(
     if grouped:
         return _predict_grouped(backend, row, query, into=into, proba=proba, keys=keys,
                                 params=params, replace=replace, fallback=fb_row)
-    token = uuid.uuid4().hex[:12]
-    stage, packed = backend.table(f"stage_{token}"), backend.table(f"ppacked_{token}")
-    result = _quote_dotted(backend, into) if into else backend.table(f"pred_{token}")
     if row["iteration"] is None:
         raise InputError(f"model {name!r} has no checkpoint to predict with")
+    token = uuid.uuid4().hex[:12]
+    stage = backend.table(f"stage_{token}")
+    result = _quote_dotted(backend, into) if into else backend.table(f"pred_{token}")
     encoding = Encoding.from_json(row["encoding"])
     key = {"name": row["name"], "version": row["version"], "iteration": row["iteration"]}
-    config = kernel_config(row, encoding, backend)
+    failed: BaseException | None = None  # the scoring pass's own failure
     try:
         with engine.begin() as conn:
             if into:  # the into table appears whole or not at all
                 _begin_ddl(backend, conn)
             registry.ensure_hot_state(conn, backend, key, int(key["iteration"]))
-            stage_query(backend, conn, query, params or {}, stage)
-            columns = _check_features(backend, conn, stage, encoding)
+            source, source_params = _stage_source(backend, conn, query, params or {}, stage)
+            # SQLite staged no rows: its column types are the values', checked as they come
+            columns = _check_features(backend, conn, stage, encoding, values=False,
+                                      typed=backend.name != "sqlite")
             key_columns = _key_columns(encoding, columns, keys)
             outputs = prediction_columns(encoding, proba, key_columns)
             if into and replace:
                 backend.drop_table(conn, result)
             if into and backend.table_exists(conn, _driver_name(result)):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
-            sql_params: dict[str, Any] = {}
-            pieces = feature_sql(backend, encoding, sql_params)
-            backend.predict_into(
-                conn, stage, packed, result, pieces, sql_params, key_columns, outputs,
-                encoding.target.classes, config, key, ROWS_PER_BUFFER, with_rn=not into,
-            )
+            try:
+                backend.predict_into(
+                    conn, source, result, feature_specs(encoding), source_params, key_columns,
+                    outputs, encoding.target.classes, kernel_config(row, encoding, backend), key,
+                    ROWS_PER_BUFFER, with_rn=not into,
+                )
+            except (DBAPIError, DbdlError, ValueError) as exc:
+                failed = exc
+                raise
             if into:
                 return int(conn.execute(text(f"SELECT count(*) FROM {result}")).scalar_one())
             frame = pd.read_sql(text(f"SELECT * FROM {result} ORDER BY {backend.q(RN)}"), conn)
             return _with_mapping(frame.drop(columns=[RN]).reset_index(drop=True), outputs,
                                  encoding)
+    except (DBAPIError, DbdlError, ValueError) as exc:
+        if exc is failed:  # rolled back: now say which value was at fault, if one was
+            _explain_failure(backend, query, params or {}, encoding, exc)
+        raise
     finally:
         with engine.begin() as conn:
-            for table in (stage, packed) if into else (stage, packed, result):
+            for table in (stage,) if into else (stage, result):
                 backend.drop_table(conn, table)
+
+
+def _stage_source(
+    backend: Backend, conn: Any, query: str, params: dict[str, Any], stage: str
+) -> tuple[str, dict[str, Any]]:
+    """Stage what prediction reads; returns the relation the scoring pass reads and its
+    parameters. PostgreSQL stages the query's rows once, unlogged and without row numbers
+    (their order in the table is the query's); the pass reads the table by ranges of pages.
+    SQLite stages no rows, only the query's columns (for the checks): the pass runs the query
+    itself, once."""
+    if backend.name == "postgresql":
+        stage_query(backend, conn, query, params, stage, what="query", numbered=False,
+                    create="CREATE UNLOGGED TABLE")
+        return stage, {}
+    stage_query(backend, conn, query, params, stage, what="query", numbered=False, limit=0)
+    body = query.strip().rstrip(";").strip()
+    if _is_table_name(body):
+        body = f"SELECT * FROM {_quote_dotted(backend, body)}"
+    return (f"(SELECT src.* FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1)",
+            {**params, ONE_STATEMENT: 1})
+
+
+def _explain_failure(
+    backend: Backend, query: str, params: dict[str, Any], encoding: Encoding, exc: BaseException
+) -> None:
+    """After a failed scoring pass: stage the query whole and check its feature values (types,
+    NULLs, array sizes); raise the :class:`InputError` naming what is wrong, if anything is.
+    The pass assumes valid values and finds out cheaply when they are not; this says which."""
+    check = backend.table(f"check_{uuid.uuid4().hex[:12]}")
+    try:
+        with backend.engine.begin() as conn:
+            stage_query(backend, conn, query, params, check, what="query")
+            try:
+                _check_features(backend, conn, check, encoding)
+            except InputError as found:
+                raise found from exc
+    finally:
+        with backend.engine.begin() as conn:
+            backend.drop_table(conn, check)
 
 
 def _with_mapping(frame: pd.DataFrame, outputs: list[str], encoding: Encoding) -> pd.DataFrame:
@@ -386,10 +470,8 @@ def _predict_grouped(
         needed = list(dict.fromkeys([*key_columns, *encoding.feature_names(), *fb_features]))
         kept = ", ".join(f"r.{q(c)}" for c in needed)
         for step, (member, stored) in enumerate(plan):
-            sub, packed, res = (
-                backend.table(f"{t}{step}_{token}") for t in ("gstage", "gpacked", "gpred")
-            )
-            work += [sub, packed, res]
+            sub, res = (backend.table(f"{t}{step}_{token}") for t in ("gstage", "gpred"))
+            work += [sub, res]
             with engine.begin() as conn:
                 if stored is None:
                     stored = registry.read_model(
@@ -412,10 +494,8 @@ def _predict_grouped(
                     ),
                     {"m": member},
                 )
-                sql_params: dict[str, Any] = {}
-                pieces = feature_sql(backend, enc, sql_params)
                 backend.predict_into(
-                    conn, sub, packed, res, pieces, sql_params, [*key_columns, ORIG], outputs,
+                    conn, sub, res, feature_specs(enc), {}, [*key_columns, ORIG], outputs,
                     enc.target.classes, kernel_config(stored, enc, backend), key,
                     ROWS_PER_BUFFER, with_rn=False,
                 )
@@ -423,7 +503,7 @@ def _predict_grouped(
                     conn.execute(text(f"CREATE TABLE {union} AS SELECT * FROM {res}"))
                 else:
                     conn.execute(text(f"INSERT INTO {union} SELECT * FROM {res}"))
-                for table in (sub, packed, res):
+                for table in (sub, res):
                     backend.drop_table(conn, table)
         selected = ", ".join(q(c) for c in [*key_columns, *outputs])
         with engine.begin() as conn:

@@ -131,15 +131,31 @@ class DBModel(_EncodedModule):
         return f"name={self.name!r}, version={self.version}, task={self.task!r}"
 
 
-def model_from_stored(row: dict[str, Any], device: str = "auto") -> DBModel:
-    """Assemble a :class:`DBModel` from a stored model row and its last checkpoint."""
+def model_from_stored(
+    row: dict[str, Any], device: str = "auto", weights: dict[str, torch.Tensor] | None = None
+) -> DBModel:
+    """Assemble a :class:`DBModel` from a stored model row and its checkpoint: ``weights``
+    (the network's tensors, see :func:`dbdl_magic.store.registry.read_weights`) or the whole
+    state in ``row["state"]``. Either is checked against the network the spec builds (names,
+    shapes, dtypes, finite values)."""
+    from dbdl_magic.kernel.limits import all_finite
     from dbdl_magic.kernel.netbuild import build_network
-    from dbdl_magic.kernel.state import decode_state
+    from dbdl_magic.kernel.state import StateError, check_model_tensors, decode_state
 
     encoding = Encoding.from_json(row["encoding"])
-    net = build_network(row["spec"], encoding.input_shape, encoding.target.n_outputs)
-    if row.get("state") is not None:
-        net.load_state_dict(decode_state(row["state"]).model_tensors())
+    if weights is None:
+        net = build_network(row["spec"], encoding.input_shape, encoding.target.n_outputs)
+    else:
+        net = _empty_network(row["spec"], encoding)
+    if weights is None and row.get("state") is not None:
+        weights = decode_state(row["state"]).model_tensors()
+    elif weights is not None:
+        check_model_tensors(weights, net.state_dict())
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not all_finite(v)]
+        if bad:
+            raise StateError(f"state tensor 'model.{bad[0]}' holds NaN or infinite values")
+    if weights is not None:
+        net.load_state_dict(weights)
     net.eval()
     model = DBModel(
         net,
@@ -158,6 +174,19 @@ def model_from_stored(row: dict[str, Any], device: str = "auto") -> DBModel:
     return model.to(resolve_device(device))
 
 
+def _empty_network(spec: dict[str, Any], encoding: Encoding) -> nn.Sequential:
+    """The spec's network with uninitialised tensors, for weights that overwrite every one of
+    them: its layers are made without memory (``meta``) and then given empty storage, with no
+    random initialisation (as long as reading the weights for a million parameters)."""
+    from dbdl_magic.kernel.netbuild import check_budget, plan_network
+
+    plan = plan_network(spec, encoding.input_shape, encoding.target.n_outputs)
+    check_budget(plan, 1)
+    with torch.device("meta"):
+        layers = [layer.make() for layer in plan.layers]
+    return nn.Sequential(*layers).to_empty(device="cpu")
+
+
 def load_stored(
     conn: Any, backend: Any, name: str, version: int | None = None, device: str = "auto"
 ) -> DBModel | GroupedModel:
@@ -166,18 +195,33 @@ def load_stored(
 
     The router version of a per-group run (``group_by``) comes back as a
     :class:`GroupedModel` holding every group's model."""
-    from dbdl_magic.store import registry
-    row = registry.read_model(conn, backend, name, version)
+    row = _read_module(conn, backend, name, version)
     if is_router(row):
         return grouped_from_stored(conn, backend, row, device)
-    if row["state"] is None:
+    if row["iteration"] is None:
         raise InputError(f"model {name!r} version {row['version']} has no checkpoint yet")
-    model = model_from_stored(row, device)
+    model = model_from_stored(row, device, row.pop("weights"))
     selection = (row.get("options") or {}).get("selection")
     if selection:
         model.leaderboard = pd.DataFrame(selection["leaderboard"])
         model.info["selection_metric"] = selection["metric"]
     return model
+
+
+def _read_module(conn: Any, backend: Any, name: str, version: int | None) -> dict[str, Any]:
+    """A stored model row plus ``weights``: its model checkpoint's network tensors, read from
+    the weight blocks alone (:func:`~dbdl_magic.store.registry.read_weights`); a checkpoint
+    without blocks comes whole (``state``) and ``weights`` is None."""
+    from dbdl_magic.store import registry
+
+    row = registry.read_model(conn, backend, name, version, with_state=False)
+    row["weights"] = None
+    if row["iteration"] is not None and not is_router(row):
+        key = {"name": row["name"], "version": row["version"]}
+        row["weights"] = registry.read_weights(conn, backend, key, int(row["iteration"]))
+        if row["weights"] is None:
+            row["state"] = backend.load_state(conn, key, int(row["iteration"]))
+    return row
 
 
 # -- one model per group ---------------------------------------------------------------------
@@ -470,16 +514,15 @@ def grouped_from_stored(
     conn: Any, backend: Any, row: dict[str, Any], device: str = "auto"
 ) -> GroupedModel:
     """Assemble the :class:`GroupedModel` of a router row: every group's model checkpoint."""
-    from dbdl_magic.store import registry
     options = row["options"]
     models: dict[str, DBModel] = {}
     for group, version in options["groups"].items():
-        member = registry.read_model(conn, backend, row["name"], int(version))
-        if member["state"] is None:
+        member = _read_module(conn, backend, row["name"], int(version))
+        if member["iteration"] is None:
             raise InputError(
                 f"model {row['name']!r} version {version} (group {group!r}) has no checkpoint"
             )
-        models[str(group)] = model_from_stored(member, "cpu")
+        models[str(group)] = model_from_stored(member, "cpu", member.pop("weights"))
     grouped = GroupedModel(
         models,
         Encoding.from_json(row["encoding"]),

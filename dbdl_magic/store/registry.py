@@ -238,6 +238,85 @@ def read_model(
     return out
 
 
+#: the blocks a module needs: the tensor table and the network's own tensors (``model.*``);
+#: the optimizer's moments (``optim.*``, twice the weights for Adam) stay in the store
+_WEIGHT_BLOCKS = (
+    "SELECT cb.label, b.hash, b.dtype, b.encoding, b.data, base.data"
+    " FROM {cb} AS cb JOIN {blocks} AS b ON b.hash = cb.hash"
+    " LEFT JOIN {blocks} AS base ON base.hash = b.base"
+    " WHERE cb.name = {name} AND cb.version = {version} AND cb.iteration = {iteration}"
+    " AND (substr(cb.label, 1, 6) = 'model.' OR cb.label = 'safetensors-header')"
+    " ORDER BY cb.ord"
+)
+#: safetensors dtype tags a state holds (little-endian, as this machine's torch reads them)
+_DTYPES = {"F32": "float32", "I64": "int64"}
+
+
+def read_weights(
+    conn: Connection,
+    backend: Backend,
+    key: dict[str, Any],
+    iteration: int,
+    stats: dict[str, int] | None = None,
+) -> dict[str, Any] | None:
+    """The network's tensors (``state_dict`` names → float32 tensors) of checkpoint
+    ``iteration``, read from its weight blocks only, in one query, each block verified against
+    its content address; None when the checkpoint has no blocks. ``stats`` (optional) receives
+    ``bytes``: the block bytes read."""
+    import numpy as np
+    import torch
+
+    dtypes = {tag: getattr(torch, name) for tag, name in _DTYPES.items()}
+    params = {**key, "iteration": int(iteration)}
+    tables = {"cb": backend.table("checkpoint_blocks"), "blocks": backend.table("blocks")}
+    if backend.name == "postgresql":  # bytea in binary: no hex text of twice the size
+        sql = _WEIGHT_BLOCKS.format(**tables, name="CAST(%(name)s AS text)",
+                                    version="CAST(%(version)s AS integer)",
+                                    iteration="CAST(%(iteration)s AS integer)")
+        with conn.connection.driver_connection.cursor(binary=True) as cursor:
+            rows = cursor.execute(sql, params).fetchall()
+    else:
+        sql = _WEIGHT_BLOCKS.format(**tables, name=":name", version=":version",
+                                    iteration=":iteration")
+        rows = conn.execute(text(sql), params).all()
+    if not rows:
+        return None
+    if stats is not None:
+        stats["bytes"] = sum(len(r[4]) + (len(r[5]) if r[5] is not None else 0) for r in rows)
+    what = f"{key['name']!r} v{key['version']} checkpoint {iteration}"
+    raw = _verified(rows, what)
+    header = [data for row, data in zip(rows, raw, strict=True) if row[0] == "safetensors-header"]
+    if len(header) != 1:
+        raise InputError(f"{what} has no tensor table among its blocks")
+    (size,) = np.frombuffer(header[0][:8], "<u8")
+    table = json.loads(header[0][8 : 8 + int(size)])
+    table.pop("__metadata__", None)
+    pieces: dict[str, list[bytes]] = {}
+    for row, data in zip(rows, raw, strict=True):
+        if row[0] != "safetensors-header":
+            pieces.setdefault(str(row[0]).split("[", 1)[0], []).append(data)
+    tensors: dict[str, Any] = {}
+    for name, parts in pieces.items():
+        entry = table.get(name)
+        data = b"".join(parts)
+        begin, end = entry["data_offsets"] if entry else (0, -1)
+        if entry is None or entry["dtype"] not in _DTYPES or len(data) != end - begin:
+            raise InputError(f"{what}: the blocks of tensor {name!r} do not match its table")
+        dtype = dtypes[entry["dtype"]]
+        values = (torch.frombuffer(bytearray(data), dtype=dtype) if data
+                  else torch.zeros(0, dtype=dtype))
+        tensors[name[len("model."):]] = values.reshape(entry["shape"])
+    return tensors
+
+
+def _verified(rows: list[Any], what: str) -> list[bytes]:
+    """The raw bytes of blocks ``(label, hash, dtype, encoding, data, base data)``, each
+    decoded and checked against its content address."""
+    from dbdl_magic.kernel.blockstore import assemble
+
+    return [assemble([tuple(row[1:])], f"{what} (its block {row[0]})") for row in rows]
+
+
 def read_run(conn: Connection, backend: Backend, name: str, token: str) -> list[dict[str, Any]]:
     """Every version of ``name`` written by the run with work token ``token`` (a group_by /
     grid run's members and its router or best copy), oldest first, each with its last

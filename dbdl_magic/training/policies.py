@@ -1,14 +1,18 @@
-"""Policies a training run applies between iterations: early stopping, and the warm-start
-rules (which encoding a fine-tune uses, which layers it freezes)."""
+"""The rules a training run applies: early stopping and successive halving between iterations
+(the hooks in :mod:`dbdl_magic.training.hooks` apply them), and the warm-start rules (which
+encoding a fine-tune uses, which layers it freezes)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dbdl_magic.data.encoding import Encoding
+from dbdl_magic.display import lower_is_better, metrics_of
 from dbdl_magic.errors import InputError
 from dbdl_magic.kernel.netbuild import build_network
 from dbdl_magic.options import TrainOptions
+from dbdl_magic.training.selection import rank
 
 
 class EarlyStopping:
@@ -16,7 +20,7 @@ class EarlyStopping:
 
     def __init__(self, opts: TrainOptions) -> None:
         self.monitor, self.patience, self.min_delta = opts.monitor, opts.patience, opts.min_delta
-        self.maximize = not any(w in self.monitor for w in ("loss", "mse", "mae"))
+        self.maximize = not lower_is_better(self.monitor)
         self.best: float | None = None
         self.best_iteration = -1
         self.waited = 0
@@ -24,7 +28,7 @@ class EarlyStopping:
     def update(self, row: dict[str, Any]) -> bool:
         """Record an iteration's row; True when training should stop."""
         if self.monitor not in row:
-            metrics = [k for k in row if k.startswith(("val_", "train_"))]
+            metrics = list(metrics_of(row))
             raise InputError(
                 f"monitor={self.monitor!r} is not a metric of this run; use one of "
                 f"{', '.join(metrics)}"
@@ -36,6 +40,13 @@ class EarlyStopping:
             return False
         self.waited += 1
         return self.waited >= (self.patience or 0)
+
+
+def survivors(rows: dict[int, dict[str, Any]], metric: str) -> set[int]:
+    """Successive halving at a rung: the better half (at least one) of the members whose
+    latest ``rows`` are given, ranked by ``metric``."""
+    ranked = rank(rows, metric)
+    return set(ranked[: max(1, math.ceil(len(ranked) / 2))])
 
 
 def warm_encoding(new: Encoding, source: Encoding, init_from: str) -> Encoding:

@@ -12,25 +12,25 @@ import math
 import random
 from typing import Any
 
+from dbdl_magic.display import lower_is_better
 from dbdl_magic.errors import InputError, SpecError
 from dbdl_magic.kernel.netbuild import SpecError as KernelSpecError
-from dbdl_magic.options import TrainOptions
+from dbdl_magic.options import LOG_SCALE, SEARCHABLE, TrainOptions, validate_option
 from dbdl_magic.store.spec import parse_spec
 
-#: options a search may vary (``model`` is the architecture)
-SEARCHABLE = ("lr", "batch_size", "optimizer", "model", "weight_decay", "momentum")
 MAX_TRIALS = 64
-_LOG_SCALE = ("lr", "weight_decay")
 
 
 def trials(opts: TrainOptions) -> list[dict[str, Any]]:
     """The configurations to train: the grid's product, or ``trials`` random draws.
 
-    ``grid`` maps option names to lists of values; with ``search="random"`` a value may also be
-    a ``(low, high)`` tuple, drawn log-uniformly for ``lr``/``weight_decay``. Empty when the run
-    is not a search.
+    ``grid`` maps searchable options (:data:`~dbdl_magic.options.SEARCHABLE`) to lists of
+    values; with ``search="random"`` a value may also be a ``(low, high)`` tuple, drawn
+    log-uniformly for the options the schema marks so (``lr``, ``weight_decay``). Every
+    configuration is checked by the options' own rules. Empty when the run is not a search.
     """
-    grid, search = opts.grid, opts.search
+    grid = opts.grid
+    search = validate_option("search", opts.search)
     if not grid:
         if search is not None or opts.trials is not None:
             raise InputError(f"option search={search!r}/trials={opts.trials!r} needs grid={{...}}")
@@ -45,19 +45,16 @@ def trials(opts: TrainOptions) -> list[dict[str, Any]]:
         ranged = isinstance(values, tuple) and len(values) == 2 and search == "random"
         if not ranged and (not isinstance(values, (list, tuple)) or not values):
             raise InputError(f"option grid[{name!r}]: must be a non-empty list of values")
-    search = search or "grid"
-    if search == "grid":
+    if search in (None, "grid"):
         names, combos = list(grid), itertools.product(*grid.values())
         chosen = [dict(zip(names, combo, strict=True)) for combo in combos]
         if opts.trials is not None:
             chosen = random.Random(opts.seed).sample(chosen, min(opts.trials, len(chosen)))
-    elif search == "random":
+    else:  # random
         if not opts.trials:
             raise InputError("option search='random' needs trials=N (how many configurations)")
         rng = random.Random(opts.seed)
         chosen = [{k: _draw(rng, k, v) for k, v in grid.items()} for _ in range(opts.trials)]
-    else:
-        raise InputError(f"option search={search!r}: must be 'grid' or 'random'")
     if len(chosen) > MAX_TRIALS:
         raise InputError(
             f"option grid: {len(chosen)} configurations (at most {MAX_TRIALS}); "
@@ -78,9 +75,9 @@ def _draw(rng: random.Random, name: str, values: Any) -> Any:
         isinstance(v, (int, float)) for v in values
     ):
         low, high = values
-        if isinstance(low, int) and isinstance(high, int) and name not in _LOG_SCALE:
+        if isinstance(low, int) and isinstance(high, int) and name not in LOG_SCALE:
             return rng.randint(low, high)
-        if name in _LOG_SCALE and low > 0 and high > 0:
+        if name in LOG_SCALE and low > 0 and high > 0:
             return math.exp(rng.uniform(math.log(low), math.log(high)))
         return rng.uniform(low, high)
     return rng.choice(list(values))
@@ -120,7 +117,7 @@ def halving_rungs(epochs: int, n_trials: int) -> list[int]:
 
 def maximize(metric: str) -> bool:
     """Whether larger is better for ``metric`` (accuracy, F1, R²) or smaller (losses, errors)."""
-    return not any(word in metric for word in ("loss", "mse", "mae"))
+    return not lower_is_better(metric)
 
 
 def rank(rows: dict[int, dict[str, Any]], metric: str) -> list[int]:

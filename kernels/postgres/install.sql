@@ -96,12 +96,94 @@ from dbdl_magic.kernel import plpython
 return plpython.predict(GD, x, model, config)
 $$;
 
--- Per-row predictions of one packed feature buffer: (row index, class index, value, probas).
-CREATE OR REPLACE FUNCTION dbdl.predict_rows(x bytea, model bytea, config text)
-RETURNS TABLE (i integer, label integer, value double precision, proba real[])
-LANGUAGE plpython3u STRICT PARALLEL SAFE COST 10000 ROWS 8192 AS $$
+-- Predictions of a whole buffer of rows, one call per buffer: (rows, class indices, values,
+-- probabilities), each output the image of an array (see dbdl.int4_array below) or NULL. x is
+-- the image of a double precision[] of raw feature values (dbdl.array_image) when the config
+-- names its columns, else a packed float32 buffer. SQL unnests the arrays into the target table.
+CREATE OR REPLACE FUNCTION dbdl.predict_batch(x bytea, model bytea, config text,
+    OUT n integer, OUT labels bytea, OUT vals bytea, OUT proba bytea)
+LANGUAGE plpython3u STRICT PARALLEL SAFE COST 100000 AS $$
 from dbdl_magic.kernel import plpython
-return plpython.predict_rows(GD, x, model, config)
+return plpython.predict_batch(GD, x, model, config)
+$$;
+DROP FUNCTION IF EXISTS dbdl.predict_rows(bytea, bytea, text);
+
+-- Arrays into and out of the kernels without a Python object per value. PL/Python converts
+-- every element of an array argument or result on its own (~1 us each, a float through its
+-- text form), which cost more than scoring the rows; bytea crosses as one copy. An array's
+-- bytes ("image": header, NULL bitmap, native-order values) are read with the server's own
+-- varchar() length coercion, which returns its argument unchanged for typmod -1 (and for any
+-- other arguments a prefix of it): any value is a valid bytea, so dbdl.array_image is safe
+-- for every input. The way back is not (bytes that are not an array would be read as one), so
+-- those functions sit in dbdl_store, which no role but the installer can reach, behind checks
+-- (SECURITY DEFINER, to reach them) that accept exactly the image of a one-dimensional array
+-- without NULLs: the header the server itself writes for an array of that many elements, and
+-- the matching length.
+CREATE OR REPLACE FUNCTION dbdl.array_image(
+    x double precision[], typmod integer DEFAULT -1, explicit boolean DEFAULT false)
+RETURNS bytea LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'varchar';
+CREATE OR REPLACE FUNCTION dbdl_store.array_bytes(anyarray, integer, boolean) RETURNS bytea
+LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'varchar';
+CREATE OR REPLACE FUNCTION dbdl_store.bytes_int4s(bytea, integer, boolean) RETURNS integer[]
+LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'varchar';
+CREATE OR REPLACE FUNCTION dbdl_store.bytes_float4s(bytea, integer, boolean) RETURNS real[]
+LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'varchar';
+CREATE OR REPLACE FUNCTION dbdl_store.bytes_float8s(bytea, integer, boolean)
+RETURNS double precision[] LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'varchar';
+REVOKE ALL ON FUNCTION dbdl_store.array_bytes(anyarray, integer, boolean),
+    dbdl_store.bytes_int4s(bytea, integer, boolean),
+    dbdl_store.bytes_float4s(bytea, integer, boolean),
+    dbdl_store.bytes_float8s(bytea, integer, boolean) FROM PUBLIC;
+
+-- Whether image is exactly the image of a one-dimensional array without NULLs of the type of
+-- "sample" (an empty array of it) whose elements take width bytes.
+CREATE OR REPLACE FUNCTION dbdl_store.is_image(image bytea, sample anyarray, width integer)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    n integer := (length(image) - 20) / width;
+BEGIN
+    RETURN n >= 1 AND length(image) = 20 + width * n
+        AND substr(image, 1, 20) = substr(dbdl_store.array_bytes(
+            array_fill(sample[1], ARRAY[n]), -1, false), 1, 20);
+END
+$$;
+REVOKE ALL ON FUNCTION dbdl_store.is_image(bytea, anyarray, integer) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION dbdl.int4_array(image bytea) RETURNS integer[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER AS $$
+BEGIN
+    IF dbdl_store.is_image(image, CAST(ARRAY[0] AS integer[]), 4) THEN
+        RETURN dbdl_store.bytes_int4s(image, -1, false);
+    ELSIF image = dbdl_store.array_bytes(CAST('{}' AS integer[]), -1, false) THEN
+        RETURN CAST('{}' AS integer[]);
+    END IF;
+    RAISE EXCEPTION 'dbdl.int4_array: % bytes are not the image of an integer[]', length(image);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.float4_array(image bytea) RETURNS real[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER AS $$
+BEGIN
+    IF dbdl_store.is_image(image, CAST(ARRAY[0] AS real[]), 4) THEN
+        RETURN dbdl_store.bytes_float4s(image, -1, false);
+    ELSIF image = dbdl_store.array_bytes(CAST('{}' AS real[]), -1, false) THEN
+        RETURN CAST('{}' AS real[]);
+    END IF;
+    RAISE EXCEPTION 'dbdl.float4_array: % bytes are not the image of a real[]', length(image);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dbdl.float8_array(image bytea) RETURNS double precision[]
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SECURITY DEFINER AS $$
+BEGIN
+    IF dbdl_store.is_image(image, CAST(ARRAY[0] AS double precision[]), 8) THEN
+        RETURN dbdl_store.bytes_float8s(image, -1, false);
+    ELSIF image = dbdl_store.array_bytes(CAST('{}' AS double precision[]), -1, false) THEN
+        RETURN CAST('{}' AS double precision[]);
+    END IF;
+    RAISE EXCEPTION 'dbdl.float8_array: % bytes are not the image of a double precision[]',
+        length(image);
+END
 $$;
 
 -- Row-at-a-time prediction from SQL (reads the stored model once per process; SPI, so
@@ -321,13 +403,14 @@ BEGIN
 END
 $sweep$;
 
--- Every function resolves names in pg_catalog only (its SQL is schema-qualified).
+-- Every function (also the installer's own in dbdl_store) resolves names in pg_catalog only
+-- (its SQL is schema-qualified).
 DO $pin$
 DECLARE
     f regprocedure;
 BEGIN
     FOR f IN SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-             WHERE n.nspname = 'dbdl' AND p.prokind = 'f' LOOP
+             WHERE n.nspname IN ('dbdl', 'dbdl_store') AND p.prokind = 'f' LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END
