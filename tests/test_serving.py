@@ -109,6 +109,38 @@ def test_every_path_matches_the_client_module(trained):
     assert np.allclose([r.out for r in got], proba.max(axis=1), atol=ATOL)
 
 
+def test_key_columns_of_any_type_come_back_as_they_were(trained):
+    """Array, text and NULL keys (PostgreSQL joins array keys back by row address, since an
+    aggregate of arrays would nest them)."""
+    db, model, frame = trained
+    pg = db.backend.name == "postgresql"
+    tags = "ARRAY[id, id + 1] AS tags" if pg else "json_array(id, id + 1) AS tags"
+    out = dl.predict(db, "churn", f"SELECT id, {tags}, CASE WHEN id % 3 = 0 THEN NULL ELSE"
+                                  " plan END AS note, region, plan, age, spend FROM customers")
+    assert list(out.columns) == ["id", "tags", "note", "prediction"]
+    assert list(out["id"]) == list(frame["id"])
+    first = out["tags"].iloc[0]
+    assert list(first if pg else json.loads(first)) == [1000, 1001]
+    assert out["note"].isna().sum() == int((frame["id"] % 3 == 0).sum())
+    assert list(out["prediction"]) == list(model.predict(frame))
+
+
+def test_servers_before_postgresql_14_read_the_pages_by_tid_lists(pg_db, monkeypatch):
+    """Without TID range scans (PostgreSQL 12, 13; Greenplum 7) the pages of a range are read
+    by the list of every TID they can hold: the same predictions."""
+    from dbdl_magic.backends.postgres import PostgresBackend
+
+    monkeypatch.setattr(predicting, "ROWS_PER_BUFFER", 100)
+    frame = customers(500, seed=7)
+    load_table(pg_db.engine, "customers", frame)
+    model = dl.train(pg_db, "SELECT plan, age, spend, churned FROM customers", name="old",
+                     target="churned", model="mlp:16", epochs=2)
+    monkeypatch.setattr(PostgresBackend, "_server_major", lambda self, conn: 13)
+    out = dl.predict(pg_db, "old", "SELECT id, plan, age, spend FROM customers", proba=True)
+    assert list(out["id"]) == list(frame["id"])
+    assert list(out["prediction"]) == list(model.predict(frame))
+
+
 def test_regression_paths_and_the_numeric_form(db):
     frame = customers(400, seed=1)
     load_table(db.engine, "customers", frame)
@@ -123,6 +155,20 @@ def test_regression_paths_and_the_numeric_form(db):
         got = rows_of(db, "SELECT dbdl.predict('price', age, spend) AS out FROM customers"
                           " ORDER BY id")
         assert np.allclose([float(r.out) for r in got], expected, rtol=1e-6, atol=1e-4)
+
+
+def test_row_level_networks_numpy_cannot_run_go_through_torch(db):
+    """A batch-norm layer is not in the numpy forward pass: such rows go through torch, with
+    the same results."""
+    frame = customers(300, seed=6)
+    load_table(db.engine, "customers", frame)
+    model = dl.train(db, "SELECT age, spend, churned FROM customers", name="bn",
+                     target="churned", model="mlp:16,bn", epochs=3, seed=4)
+    got = rows_of(db, row_sql(db, "predict_proba", ["age", "spend"]), m="bn")
+    values = np.array([r.out if isinstance(r.out, list) else json.loads(r.out) for r in got])
+    assert np.allclose(values, model.predict_proba(frame), atol=ATOL)
+    got = rows_of(db, row_sql(db, "predict", ["age", "spend"]), m="bn")
+    assert [r.out for r in got] == list(model.predict(frame))
 
 
 def test_imputed_nulls_score_like_the_client(db):

@@ -634,15 +634,16 @@ class PostgresBackend(Backend):
         selected += [f"{e} AS {q(c)}" for e, c in zip(predicted, outputs, strict=True)]
         ck = self.table("checkpoints")
         self._kernel_settings(conn)
-        major = int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
-        if major >= 14:  # a memo of each range's arrays would only copy them
+        if self._server_major(conn) >= 14:  # a memo of each range's arrays would only copy them
             conn.execute(text("SET LOCAL enable_memoize = off"))
             pages_of = ("s.ctid >= CAST(format('(%s,0)', g.p) AS tid) AND s.ctid <"
                         " CAST(format('(%s,0)', g.p + CAST(:step AS integer)) AS tid)")
         else:  # no TID range scans before PostgreSQL 14: every TID the pages can hold
+            # (MaxHeapTuplesPerPage: 291 items on 8 kB pages)
             pages_of = ("s.ctid = ANY(CAST(ARRAY(SELECT format('(%s,%s)', pp, oo) FROM"
                         " generate_series(g.p, g.p + CAST(:step AS integer) - 1) AS pp,"
-                        " generate_series(1, 291) AS oo) AS tid[]))")
+                        " generate_series(1, (CAST(current_setting('block_size') AS integer)"
+                        " - 24) / 28) AS oo) AS tid[]))")
         conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
         conn.execute(
             text(
@@ -665,6 +666,10 @@ class PostgresBackend(Backend):
             ),
             values,
         )
+
+    def _server_major(self, conn: Connection) -> int:
+        """The server's major version (14: TID range scans, ``enable_memoize``)."""
+        return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
 
     def _raw_row_sql(self, features: list[dict[str, Any]], params: dict[str, Any]) -> str:
         """One row's raw feature values as a ``double precision[]``: numeric values (NULL
