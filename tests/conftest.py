@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from pgserver import PostgresServer, server_pythonpath, unavailable_reason
+from pgserver import PostgresServer, require_postgres, server_pythonpath
 
 
 @pytest.fixture(scope="session")
@@ -16,11 +16,7 @@ def pg_server() -> Iterator[PostgresServer]:
     When no server can be started here, the test fails on CI (``CI`` set) and is skipped
     otherwise.
     """
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unavailable on CI: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    require_postgres()
     server = PostgresServer.start(server_pythonpath())
     try:
         yield server

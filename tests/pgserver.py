@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["PostgresServer", "find_pg_bindir", "server_pythonpath", "unavailable_reason"]
+__all__ = [
+    "PostgresServer",
+    "find_pg_bindir",
+    "require_postgres",
+    "server_pythonpath",
+    "unavailable_reason",
+]
 
 #: OS user that runs the server when the tests run as root.
 SERVER_OS_USER = "postgres"
@@ -169,6 +175,17 @@ def _package_parent_dir() -> Path:
             if spec.origin:
                 return Path(spec.origin).resolve().parent.parent
     return Path(__file__).resolve().parent.parent
+
+
+def require_postgres() -> None:
+    """In a fixture: fail when no server can be started here on CI (``CI`` set), skip elsewhere."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unavailable on CI: {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
 
 
 def server_pythonpath() -> list[str]:

@@ -5,7 +5,6 @@ sessions left behind (model rows still saying ``training``, work tables)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from pgserver import PostgresServer, server_pythonpath, unavailable_reason
+from pgserver import PostgresServer, require_postgres, server_pythonpath
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -92,11 +91,7 @@ def url_of(db) -> str:
 # -- a PostgreSQL server of this module's own (it is stopped and restarted) --------------------
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unavailable on CI: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    require_postgres()
     server = PostgresServer.start(server_pythonpath())
     try:
         yield server

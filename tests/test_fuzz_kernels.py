@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pgserver import PostgresServer, server_pythonpath, unavailable_reason
+from pgserver import PostgresServer, require_postgres, server_pythonpath
 from test_kernel_limits import make_config, make_x, make_y, split, trained_state
 
 import dbdl_magic as dl
@@ -102,11 +102,7 @@ DTYPES = ["I32", "F64", "F16", "BF16", "U8", "BOOL", "I64", "F32", "I8", "X"]
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[PostgresServer]:
     """A PostgreSQL of its own, every process under RLIMIT_AS, small kernel budgets."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unavailable on CI: {reason}", pytrace=False)
-        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    require_postgres()
     server = PostgresServer.start(server_pythonpath(), memory_limit=MEMORY_LIMIT,
                                   extra_env=SERVER_ENV)
     try:
