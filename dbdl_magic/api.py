@@ -172,10 +172,17 @@ def train(
     - ``device="auto"``: device of the returned module (`auto`: cuda when this machine has one)
     - ``db_device="auto"``: device of the kernels in the database (`auto`: a GPU when the
       database host's torch sees one)
-    - ``parallel="auto"``: PostgreSQL: parallel workers (segments) per iteration, N or `auto`
-      (estimated from a measured worker start-up)
+    - ``parallel="auto"``: segments training side by side, N or `auto` (spread once a measured
+      iteration says it pays): sessions held by the run on PostgreSQL, worker processes on
+      SQLite
     - ``sync_every=None``: average the workers' models every this fraction of an epoch (e.g.
       0.25: 4 times per epoch; None: once)
+    - ``averaging="outer"``: how segments' models become one at each sync: `mean`
+      (sample-weighted average) or `outer` (the average's change as a pseudo-gradient of an
+      outer Nesterov step)
+    - ``outer_lr=1.0``: outer step size with averaging='outer' (1 with momentum 0 is the plain
+      average)
+    - ``outer_momentum=0.9``: outer Nesterov momentum with averaging='outer'
     - ``threads=None``: torch threads per database process (capped at the server's cores)
     - ``group_by=None``: one model per value of this column, trained in the same queries
     - ``grid=None``: model selection in one pass: {option: [values]} (random search: also (low,

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.averaging import AVERAGING
 from dbdl_magic.kernel.blockstore import DEFAULT_BLOCK_BYTES
 from dbdl_magic.kernel.limits import DEVICES, MAX_THREADS, OPTIMIZERS
 
@@ -278,8 +279,8 @@ class TrainOptions:
         choices=DEVICES, flag="--db-device", kernel="device",
     ))
     parallel: int | str = field(default="auto", metadata=about(
-        "PostgreSQL: parallel workers (segments) per iteration, N or `auto` (estimated from a "
-        "measured worker start-up)",
+        "segments training side by side, N or `auto` (spread once a measured iteration says it "
+        "pays): sessions held by the run on PostgreSQL, worker processes on SQLite",
         normalize=_count_or_auto,
         check=Check(lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                     "must be 'auto' or an integer ≥ 1 (the number of segments training in "
@@ -292,6 +293,22 @@ class TrainOptions:
         check=Check(lambda v: 0 < v <= 1, "must be a fraction of an epoch in (0, 1] (e.g. 0.25 "
                     "averages 4 times per epoch)"),
         flag="--sync-every", resume=True,
+    ))
+    averaging: str = field(default="outer", metadata=about(
+        "how segments' models become one at each sync: `mean` (sample-weighted average) or "
+        "`outer` (the average's change as a pseudo-gradient of an outer Nesterov step)",
+        choices=AVERAGING, normalize=_lower, flag="--averaging", resume=True,
+        kernel="averaging",
+    ))
+    outer_lr: float = field(default=1.0, metadata=about(
+        "outer step size with averaging='outer' (1 with momentum 0 is the plain average)",
+        check=Check(lambda v: math.isfinite(v) and 0 < v <= 100, "must be a number in (0, 100]"),
+        flag="--outer-lr", resume=True, kernel="outer_lr",
+    ))
+    outer_momentum: float = field(default=0.9, metadata=about(
+        "outer Nesterov momentum with averaging='outer'",
+        check=Check(lambda v: 0 <= v < 1, "must be a number in [0, 1)"),
+        flag="--outer-momentum", resume=True, kernel="outer_momentum",
     ))
     threads: int | None = field(default=None, metadata=about(
         "torch threads per database process (capped at the server's cores)",

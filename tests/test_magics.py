@@ -177,7 +177,7 @@ def test_dbtrain_scale_out_flags_reach_the_engine(shell, tmp_path):
     assert result.success, result.error_in_exec
     history = shell.user_ns["synced"].history
     assert (history["samples"] == 480).all()  # 600 rows, 20 % held out: every row once
-    assert history["parallel_note"].str.contains("in-process").all()
+    assert history["parallel_note"].str.contains("measuring").all()
     result, _ = run(shell, (
         "%%dbtrain bad --target digit --grid not_a_dict_or_literal\nSELECT * FROM digits"
     ))

@@ -137,7 +137,7 @@ def test_resume_keys_are_what_shapes_the_data_or_the_updates():
         "target", "features", "task", "validation", "validation_query", "impute",
         "max_categories", "image_shape", "rows_per_buffer", "seed", "lr", "batch_size",
         "optimizer", "momentum", "nesterov", "weight_decay", "params", "group_by", "sync_every",
-        "grid", "search", "trials", "halving",
+        "grid", "search", "trials", "halving", "averaging", "outer_lr", "outer_momentum",
     }
     # what only steers the run (how long, where, what to return) may change on resume
     for name in ("epochs", "device", "db_device", "parallel", "threads", "patience", "resume",
@@ -291,7 +291,8 @@ def test_every_flag_parses_into_the_options_the_api_builds(shell, recorded):
         "--momentum 0.9 --nesterov --weight-decay 0.001 --validation 0.25 --validation-query vq "
         "--task classification --features a,b --impute mean --max-categories 7 "
         "--image-shape 8x8 --rows-per-buffer 128 --seed 5 --device cpu --db-device cpu "
-        "--parallel 2 --sync-every 0.5 --threads 2 --group-by g --grid space --search random "
+        "--parallel 2 --sync-every 0.5 --averaging mean --outer-lr 0.7 --outer-momentum 0.5 "
+        "--threads 2 --group-by g --grid space --search random "
         "--trials 3 --no-halving --patience 2 --monitor val_f1 --min-delta 0.01 "
         "--no-restore-best --resume --init-from base:2 --freeze 0,2 --display none"
     )
@@ -302,7 +303,8 @@ def test_every_flag_parses_into_the_options_the_api_builds(shell, recorded):
         validation_query="SELECT * FROM t WHERE id >= :lo", task="classification",
         features=["a", "b"], impute="mean", max_categories=7, image_shape=(8, 8),
         rows_per_buffer=128, seed=5, device="cpu", db_device="cpu", parallel=2, sync_every=0.5,
-        threads=2, group_by="g", grid={"lr": [1e-3, 1e-2]}, search="random", trials=3,
+        averaging="mean", outer_lr=0.7, outer_momentum=0.5, threads=2, group_by="g",
+        grid={"lr": [1e-3, 1e-2]}, search="random", trials=3,
         halving=False, patience=2, monitor="val_f1", min_delta=0.01, restore_best=False,
         resume=True, init_from="base:2", freeze="0,2", params={"lo": 7}, on_interrupt="return",
     )

@@ -40,9 +40,12 @@ def test_kernels_follow_the_parallel_rules(pg_db):
         )).all()
     assert [(r[0], r[2], r[3]) for r in agg] == [
         ("evaluate", "s", "bytea"),
+        ("merge", "s", "bytea"),
         ("train", "s", "bytea"),
     ]
-    assert all(r[1] != "-" for r in agg)  # both have a combine function
+    assert all(r[1] != "-" for r in agg)  # each has a combine function
+    merge = next(r for r in agg if r[0] == "merge")
+    assert merge[1] == "dbdl.train_combine"  # segments' partials: the training combine
     # these use SPI (storage routines, per-row prediction that reads the stored model):
     storage = {"archive_checkpoint", "materialize_checkpoint", "release_blocks", "predict",
                "predict_value", "predict_proba", "work_schema"}  # work_schema: DDL

@@ -15,8 +15,8 @@ from dbdl_magic.training.scaling import (
     MAX_AUTO_WORKERS,
     MIN_PARALLEL_SECONDS,
     REQUIRED_GAIN,
+    SEGMENT_STARTUP_SECONDS,
     cpu_count,
-    estimate_seconds,
     plan_workers,
     threads_per_worker,
 )
@@ -266,28 +266,23 @@ def test_cpu_count_prefers_the_server():
     assert cpu_count({"cpus": "4"}) == local
 
 
-def test_estimate_seconds():
-    assert estimate_seconds(10.0, 1, 100.0) == 10.0
-    assert estimate_seconds(10.0, 2, 1.0) == pytest.approx(6.0)
-    assert estimate_seconds(10.0, 4, 1.0, queries=3) == pytest.approx(5.5)
-
-
 # -- scaling.plan_workers -----------------------------------------------------------------------
-def plan(parallel="auto", *, supports=True, cpus=4, serial=None, startup=None, queries=1):
-    return plan_workers(parallel, supports_parallel=supports, cpus=cpus, serial_seconds=serial,
-                        startup_seconds=startup, queries=queries)
+def plan(parallel="auto", *, unavailable=None, cpus=4, serial=None, startup=None, remaining=10,
+         measured=None):
+    return plan_workers(parallel, unavailable=unavailable, cpus=cpus, serial_seconds=serial,
+                        remaining=remaining, startup_seconds=startup, measured=measured)
 
 
-def test_forced_worker_count():
+def test_forced_segment_count():
     p = plan(3, serial=0.01, startup=100.0)
-    assert p.workers == 3 and "forced" in p.note
-    assert plan(1).workers == 1 and "forced" in plan(1).note
+    assert p.workers == 3 and p.note == "3 segments, forced"
+    assert plan(1).workers == 1 and plan(1).note == "1 process, forced"
 
 
-def test_in_process_backend_uses_one_process():
+def test_a_database_without_segments_uses_one_process():
     for parallel in ("auto", 4):
-        p = plan(parallel, supports=False, cpus=16, serial=100.0, startup=0.0)
-        assert p.workers == 1 and "in-process" in p.note
+        p = plan(parallel, unavailable="citus: its shards train", cpus=16, serial=100.0)
+        assert p.workers == 1 and p.note == "1 process (citus: its shards train)"
 
 
 def test_auto_before_measuring():
@@ -300,48 +295,38 @@ def test_auto_short_iteration_stays_in_one_process():
     assert p.workers == 1 and "too short" in p.note
 
 
-def test_auto_without_startup_measurement():
-    p = plan(serial=30.0, startup=None, cpus=16)
-    assert p.workers == 1 and "not measured" in p.note
+def test_auto_one_core_stays_in_one_process():
+    assert plan(serial=100.0, cpus=1).workers == 1
 
 
 def test_auto_long_iteration_spreads_capped_by_cores():
     p = plan(serial=20.0, startup=0.5, cpus=4)
-    assert p.workers == 4 and "4 cores" in p.note  # 0.5 + 20/4 = 5.5 s
-    assert "5.50" in p.note and "20.00" in p.note
+    assert p.workers == 4 and "4 cores" in p.note and "5.00" in p.note and "20.00" in p.note
     assert plan(serial=20.0, startup=0.5, cpus=2).workers == 2
-    assert plan(serial=20.0, startup=0.5, cpus=1).workers == 1
     assert plan(serial=1000.0, startup=0.1, cpus=64).workers == MAX_AUTO_WORKERS
 
 
-def test_auto_picks_the_fastest_estimate_not_the_most_workers():
-    # 10 s serial, 2 s start-up: 2 → 7 s, 3 → 5.33 s, 4 → 4.5 s, 8 → 3.25 s: the most win here
-    assert plan(serial=10.0, startup=2.0, cpus=8).workers == 8
-    # the start-up is paid once per query: with 4 queries the best estimate is 8 + 10/8 =
-    # 9.25 s, faster than 10 s but not by the required gain: one process
-    assert plan(serial=10.0, startup=2.0, cpus=8, queries=4).workers == 1
+def test_auto_weighs_the_start_up_against_the_remaining_iterations():
+    # 2 s per iteration on 2 cores saves 1 s per iteration: worth a 3 s start-up over 4
+    # iterations, not over 2; once the segments are open (start-up 0) even 1 iteration pays
+    assert plan(serial=2.0, cpus=2, remaining=4).workers == 2
+    p = plan(serial=2.0, cpus=2, remaining=2)
+    assert p.workers == 1 and "less than their start-up" in p.note
+    assert plan_startup_default() == SEGMENT_STARTUP_SECONDS
+    assert plan(serial=2.0, cpus=2, remaining=1, startup=0.0).workers == 2
 
 
-def test_auto_large_startup_stays_in_one_process():
-    p = plan(serial=10.0, startup=50.0, cpus=8)
-    assert p.workers == 1 and "auto: 1 worker" in p.note
+def plan_startup_default() -> float:
+    """The start-up the planner assumes before measuring (read back from a note)."""
+    note = plan(serial=2.0, cpus=2, remaining=2).note
+    return float(note.rsplit("start-up ", 1)[1].rstrip(" s)"))
 
 
-def test_queries_multiply_the_startup():
-    # 10 s serial, 1 s start-up, 2 cores: 1 query → 1 + 5 = 6 s (wins); 4 queries → 4 + 5 = 9 s,
-    # faster than 10 s but not by the required gain
-    assert plan(serial=10.0, startup=1.0, cpus=2, queries=1).workers == 2
-    assert plan(serial=10.0, startup=1.0, cpus=2, queries=4).workers == 1
-
-
-def test_required_gain_is_respected():
-    serial, cpus = 10.0, 2
-    # estimate = startup + serial / 2; it must be ≤ REQUIRED_GAIN × serial to spread
-    limit = REQUIRED_GAIN * serial - serial / 2
-    assert plan(serial=serial, startup=limit + 0.1, cpus=cpus).workers == 1
-    assert plan(serial=serial, startup=limit - 0.1, cpus=cpus).workers == 2
-    # the estimate beats one process in both cases: the gain rule is what decides
-    assert estimate_seconds(serial, 2, limit + 0.1) < serial
+def test_auto_keeps_segments_only_while_measured_faster():
+    fast = plan(serial=10.0, cpus=2, measured={2: 6.0})
+    assert fast.workers == 2 and "measured 6.00" in fast.note
+    slow = plan(serial=10.0, cpus=2, measured={2: REQUIRED_GAIN * 10.0 + 0.5})
+    assert slow.workers == 1 and "2 segments measured" in slow.note
 
 
 def test_scaling_exports():

@@ -11,12 +11,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from dbdl_magic.kernel.blockstore import Archiver, Run
+
+if TYPE_CHECKING:
+    from dbdl_magic.backends.segments import Segments
 
 ProgressSink = Callable[[int], None]
 
@@ -50,6 +53,13 @@ def _accumulate(total: dict[str, Any], info: dict[str, Any]) -> None:
     total["workers"] = max(total.get("workers", 1), int(info.get("workers") or 1))
     total["device"] = info.get("device", total.get("device"))
     total["queries"] = total.get("queries", 0) + 1
+
+
+def _finish_totals(totals: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each member's mean loss over the samples of its queries."""
+    for info in totals.values():
+        info["loss"] = info["loss_sum"] / info["samples"] if info["samples"] else None
+    return totals
 
 
 def _buffer_ranges(
@@ -230,18 +240,23 @@ class Backend(ABC):
         buffer_range: tuple[int, int] | None = None,
         epoch: int = 0,
         ordered: bool = True,
+        share: tuple[int, int] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The aggregate query of one iteration (or of one ``sync_every`` part of it: the
         buffers with ids in ``buffer_range``, a range the planner can estimate, so the part
         still gets a parallel plan).
 
-        ``source`` is a table ``(member, state)`` holding each member's starting state.
+        ``source`` is a table ``(member, state)`` holding each member's starting state;
+        ``share`` ``(k, n)`` keeps segment k's share of the buffers (``buffer_id % n = k``).
         """
         params: dict[str, Any] = {"epoch": epoch}
         part = ""
         if buffer_range is not None:
             params["lo"], params["hi"] = buffer_range
             part = " AND p.buffer_id >= :lo AND p.buffer_id < :hi"
+        if share is not None:
+            params["share_k"], params["share_n"] = share
+            part += " AND p.buffer_id % CAST(:share_n AS INTEGER) = CAST(:share_k AS INTEGER)"
         call = f"{self.fn_prefix}train(p.x, p.y, p.buffer_id, {{state}}, {{config}})"
         buffers = self.buffers_sql(packed)
         where = f"p.split = 0{part}"
@@ -307,10 +322,22 @@ class Backend(ABC):
         chunks: int = 1,
         progress: ProgressSink | None = None,
         run: str = "",
+        segments: Segments | None = None,
+        outer: dict[str, float] | None = None,
     ) -> dict[int, dict[str, Any]]:
         """Train every member from its checkpoint ``iteration`` over the training buffers and
         store checkpoint ``iteration + 1``; returns each member's header facts (samples, loss,
-        combines, workers, device), summed over the ``chunks`` queries."""
+        combines, workers, device), summed over the ``chunks`` queries. With ``segments``, each
+        query is a sync round run by the segments, combined (``outer``: and moved by the outer
+        step) in the database."""
+        if segments is not None:
+            ranges = _buffer_ranges(conn, packed, chunks)
+            rounds = segments.train(conn, packed, members, iteration, ranges, outer, progress)
+            seg_totals: dict[int, dict[str, Any]] = {}
+            for infos in rounds:
+                for member, info in infos.items():
+                    _accumulate(seg_totals.setdefault(member, {}), info)
+            return _finish_totals(seg_totals)
         # the first part reads the checkpoints through a derived table (copying a state into a
         # scratch table cost as much as compressing it); later parts read the last part's table
         states_sql, states_params = self._states_sql(members, iteration)
@@ -351,9 +378,15 @@ class Backend(ABC):
             params,
         )
         self.drop_table(conn, source)
-        for info in totals.values():
-            info["loss"] = info["loss_sum"] / info["samples"] if info["samples"] else None
-        return totals
+        return _finish_totals(totals)
+
+    def segments_unavailable(self, parallel: int | str) -> str | None:
+        """Why this database cannot run segments (None: it can)."""
+        return "this database runs its kernels in one process"
+
+    def open_segments(self, size: int, token: str) -> Segments:
+        """``size`` segments held by run ``token`` until closed (see :mod:`segments`)."""
+        raise NotImplementedError(f"{self.name} has no segments")
 
     def evaluate(
         self,

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession
+from dbdl_magic.backends.segments import PostgresSegments
 from dbdl_magic.errors import InstallError
 from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.kernel.blockstore import Run
@@ -480,6 +481,14 @@ class PostgresBackend(Backend):
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
         # CREATE TABLE AS may run in parallel; INSERT ... SELECT never does.
         conn.execute(text(f"CREATE UNLOGGED TABLE {table} AS {select_sql}"), params)
+
+    def segments_unavailable(self, parallel: int | str) -> str | None:
+        if self.flavor == "postgresql":
+            return None
+        return f"{self.flavor}: its shards/segments train the partial models"
+
+    def open_segments(self, size: int, token: str) -> PostgresSegments:
+        return PostgresSegments(self, size, token)
 
     def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
         """The same kernel call (which imports torch) timed in a new parallel worker and in this

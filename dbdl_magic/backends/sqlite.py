@@ -14,22 +14,26 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
 from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink
-from dbdl_magic.errors import DbdlError, TrainingError
+from dbdl_magic.errors import DbdlError, InputError, TrainingError
 from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel.averaging import outer_step
 from dbdl_magic.kernel.blockstore import Run
 from dbdl_magic.kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
 from dbdl_magic.kernel.plpython import kernel_info
 from dbdl_magic.kernel.predict import encode_raw, predict_buffer
 from dbdl_magic.kernel.rowpredict import RowPredictor
-from dbdl_magic.kernel.state import state_info
+from dbdl_magic.kernel.state import combine_states, state_info
 from dbdl_magic.kernel.train import Trainer, mix_seed
+
+if TYPE_CHECKING:
+    from dbdl_magic.backends.segments import Segments
 
 PAGE_SIZE = 65536
 # SQLite lets one session write at a time, and an iteration's statement holds the write lock
@@ -99,6 +103,21 @@ class _TrainAggregate:
     @_kernel
     def finalize(self) -> bytes | None:
         return self.trainer.to_bytes() if self.trainer is not None else None
+
+
+class _MergeAggregate:
+    """``dbdl_merge(state)``: the combine kernel as an aggregate over partial states."""
+
+    def __init__(self) -> None:
+        self.state: bytes | None = None
+
+    @_kernel
+    def step(self, state: bytes | None) -> None:
+        self.state = combine_states(self.state, state)
+
+    @_kernel
+    def finalize(self) -> bytes | None:
+        return self.state
 
 
 class _EvalAggregate:
@@ -253,6 +272,10 @@ def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
     """Register every dbdl kernel on one sqlite3 connection."""
     c = dbapi_connection
     c.create_aggregate("dbdl_train", 5, _TrainAggregate)
+    c.create_aggregate("dbdl_merge", 1, _MergeAggregate)
+    c.create_function(
+        "dbdl_outer_step", 3, _kernel(lambda s, a, cfg: outer_step(s, a, json.loads(cfg)))
+    )
     c.create_aggregate("dbdl_evaluate", 4, _EvalAggregate)
     c.create_aggregate("dbdl_pack", -1, _PackAggregate)
     c.create_function("dbdl_row", -1, _row_chunk, deterministic=True)
@@ -580,6 +603,23 @@ class SQLiteBackend(Backend):
 
     def create_scratch(self, conn: Connection, table: str, select_sql: str, params: Any) -> None:
         self._run(conn, f"CREATE TABLE {table} AS {select_sql}", params)
+
+    def segments_unavailable(self, parallel: int | str) -> str | None:
+        url = self.engine.url
+        if url.database not in (None, "", ":memory:") and "mode=memory" not in str(url):
+            return None
+        if parallel != "auto" and int(parallel) > 1:
+            raise InputError(
+                f"parallel={parallel}: an in-memory SQLite database cannot be shared with worker "
+                "processes; connect to a database file (dl.connect('sqlite:///path.db')) or use "
+                "parallel=1"
+            )
+        return "an in-memory SQLite database stays in this process"
+
+    def open_segments(self, size: int, token: str) -> Segments:
+        from dbdl_magic.backends.sqlite_segments import SQLiteSegments
+
+        return SQLiteSegments(self, size, token)
 
     def buffers_sql(self, packed: str) -> str:
         # Buffers in a fresh order every epoch (PostgreSQL's scan order is the packing order).

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dbdl_magic.kernel import KERNEL_VERSION
+from dbdl_magic.kernel import KERNEL_VERSION, averaging
 from dbdl_magic.kernel.errors import DataError, clean_errors
 from dbdl_magic.kernel.evaluate import (
     Evaluator,
@@ -128,6 +128,13 @@ def train_transition(
 def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
     """Sample-weighted model averaging of two partial states."""
     return combine_states(a, b)
+
+
+@clean_errors("dbdl.outer_step")
+def outer_step(GD: dict[str, Any], start: bytes, averaged: bytes, config_text: str) -> bytes:
+    """The outer optimizer's step over a sync round's averaged state (see
+    :mod:`~dbdl_magic.kernel.averaging`)."""
+    return averaging.outer_step(start, averaged, _config(GD, config_text))
 
 
 def _evaluator(GD: dict[str, Any], model: bytes, config: dict[str, Any]) -> Evaluator:

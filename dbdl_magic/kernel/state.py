@@ -7,14 +7,15 @@ Layout (little endian)::
 
 ``samples``/``loss_sum`` count what this iteration has trained so far, ``combines`` how many
 partial states were merged into this one (> 0 proves the parallel combine path ran).  The
-safetensors blob holds the network's ``state_dict`` under ``model.`` and the optimizer's state
-under ``optim.<param index>.<key>``.  Nothing is ever pickled.
+safetensors blob holds the network's ``state_dict`` under ``model.``, the optimizer's state
+under ``optim.<param index>.<key>`` and the outer optimizer's momentum of averaged runs under
+``outer.model.`` (:mod:`~dbdl_magic.kernel.averaging`).  Nothing is ever pickled.
 
 A state may arrive from anyone allowed to call the SQL functions, so decoding refuses, with a
 :class:`StateError` naming what is wrong: a bad header (magic, version, reserved bits, negative
 or absurd counters, a non-finite loss, meta that is not a JSON object), a truncated, padded or
 oversized buffer, tensors of a dtype other than float32 (weights, optimizer state) and int64
-(counters), tensor names outside ``model.*``/``optim.<i>.*``, and NaN/±inf values.
+(counters), tensor names outside ``model.*``/``optim.<i>.*``/``outer.model.*``, and NaN/±inf values.
 :func:`check_model_tensors` and :func:`check_optimizer_tensors` then compare the tensors with
 the network the spec builds (names, shapes, dtypes).
 """
@@ -43,7 +44,9 @@ MAX_META_BYTES = 1 << 20
 MAX_SAMPLES = 2**53
 #: safetensors dtype tag -> (torch dtype, item size); anything else is refused
 DTYPES = {"F32": (torch.float32, 4), "I64": (torch.int64, 8)}
-_NAME = re.compile(r"model\.[A-Za-z0-9_.]{1,200}|optim\.(0|[1-9][0-9]{0,8})\.[a-z_]{1,40}")
+_NAME = re.compile(
+    r"(outer\.)?model\.[A-Za-z0-9_.]{1,200}|optim\.(0|[1-9][0-9]{0,8})\.[a-z_]{1,40}"
+)
 #: optimizer state each optimizer keeps per parameter
 OPTIMIZER_STATE = {
     "sgd": frozenset({"momentum_buffer"}),
@@ -172,8 +175,8 @@ def check_blob(blob: bytes | memoryview) -> dict[str, tuple[str, list[int]]]:
 def _entry(name: Any, entry: Any) -> tuple[str, list[int], tuple[int, int]]:
     shown = str(name)[:80]
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise StateError(f"state holds an unexpected tensor {shown!r} (only model.* and "
-                         "optim.<index>.* belong in a state)")
+        raise StateError(f"state holds an unexpected tensor {shown!r} (only model.*, "
+                         "optim.<index>.* and outer.model.* belong in a state)")
     if not isinstance(entry, dict):
         raise StateError(f"damaged state: entry of tensor {shown!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

@@ -415,7 +415,7 @@ ORPHANED = (
 )
 #: work tables of a training run: staged query and validation query, packed buffers (suffix:
 #: the run's work token) and iteration scratch states (a random suffix)
-_WORK_TABLE = re.compile(r"(stage|vstage|packed|iter)_([0-9a-f]{12})\W*$")
+_WORK_TABLE = re.compile(r"(stage|vstage|packed|segs|iter)_([0-9a-f]{12})\W*$")
 
 
 def mark_orphans(backend: Backend, name: str | None = None) -> set[tuple[str, int]]:

@@ -1,75 +1,89 @@
-"""How the next iteration runs: how many aggregate queries (``sync_every``), workers and
-threads per worker, from what the run has measured so far (the cost model is
-:mod:`dbdl_magic.training.scaling`)."""
+"""How the next iteration runs: how many aggregate queries (``sync_every``), segments and
+threads per segment, from what the run has measured so far (the cost model is
+:mod:`dbdl_magic.training.scaling`). The planner holds the run's segments
+(:mod:`dbdl_magic.backends.segments`): opened when a plan first needs them, kept warm while
+plans do, closed by :meth:`IterationPlanner.close`."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from dbdl_magic.backends.base import Backend
+from dbdl_magic.backends.segments import Segments
 from dbdl_magic.data.packing import PackedData
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.training.scaling import (
-    MIN_PARALLEL_SECONDS,
-    plan_workers,
-    threads_per_worker,
-)
+from dbdl_magic.training.scaling import plan_workers, threads_per_worker
 
 
 @dataclass
 class IterationPlan:
-    """One iteration's shape: aggregate queries, worker processes (and why), torch threads."""
+    """One iteration's shape: sync rounds, segments (and why), torch threads, and the open
+    segments that run it (None: one process, the run's own session)."""
 
     chunks: int
     workers: int
     note: str
     threads: int
+    segments: Segments | None = None
 
 
 @dataclass
 class IterationPlanner:
     """Plans each iteration of a run from the iterations before it (``parallel="auto"``
-    measures one process first, then a worker's start-up, then spreads when it pays)."""
+    measures one process first, then spreads when the estimate says it pays)."""
 
     backend: Backend
     options: TrainOptions
     cpus: int
+    token: str = ""
+    segments: Segments | None = None
     startup_seconds: float | None = None
-    #: worker count → that count's last training time (the first iteration is not measured)
+    #: segment count → that count's last training time (the first iteration is not measured)
     measured: dict[int, float] = field(default_factory=dict)
 
-    def plan(self, data: PackedData) -> IterationPlan:
-        """The next iteration's plan; measures a worker's start-up when it may pay off."""
-        opts, backend = self.options, self.backend
+    def plan(self, data: PackedData, epoch: int = 0) -> IterationPlan:
+        """The next iteration's plan; opens (or closes) the segments it needs."""
+        opts = self.options
         chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
-        serial = self.measured.get(1)  # the last one-process iteration's training time
-        if (
-            opts.parallel == "auto"
-            and backend.supports_parallel
-            and serial is not None
-            and serial >= MIN_PARALLEL_SECONDS
-            and self.startup_seconds is None
-        ):
-            with backend.engine.begin() as conn:
-                self.startup_seconds = backend.measure_worker_startup(conn, data.table)
         workers = plan_workers(
             opts.parallel,
-            supports_parallel=backend.supports_parallel,
+            unavailable=self.backend.segments_unavailable(opts.parallel),
             cpus=self.cpus,
-            serial_seconds=serial,
-            startup_seconds=self.startup_seconds,
-            queries=chunks,
+            serial_seconds=self.measured.get(1),
+            remaining=max(1, opts.epochs - epoch),
+            startup_seconds=0.0 if self.segments is not None else self.startup_seconds,
             measured=self.measured,
         )
         threads = threads_per_worker(self.cpus, workers.workers, opts.threads, data.n_parameters)
-        return IterationPlan(chunks, workers.workers, workers.note, threads)
+        segments = self._hold(workers.workers)
+        return IterationPlan(chunks, workers.workers, workers.note, threads, segments)
+
+    def _hold(self, n: int) -> Segments | None:
+        """The open segments for ``n`` (opened, or re-opened at another size, as needed)."""
+        if n <= 1:
+            self.close()
+            return None
+        if self.segments is not None and self.segments.size != n:
+            self.close()
+        if self.segments is None:
+            started = time.perf_counter()
+            self.segments = self.backend.open_segments(n, self.token)
+            self.startup_seconds = time.perf_counter() - started
+        return self.segments
 
     def measured_iteration(self, plan: IterationPlan, trained: float, first: bool) -> None:
-        """Note how long an iteration trained with ``plan``'s workers (not the run's first:
-        it also pays imports and caches)."""
+        """Note how long an iteration trained with ``plan``'s segments (not the run's first:
+        it also pays imports and caches; segments import torch when they open)."""
         if not first:
             self.measured[plan.workers] = trained
+
+    def close(self) -> None:
+        """Stop the segments, if open."""
+        if self.segments is not None:
+            segments, self.segments = self.segments, None
+            segments.close()
 
 
 __all__ = ["IterationPlan", "IterationPlanner"]

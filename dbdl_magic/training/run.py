@@ -66,6 +66,7 @@ class TrainingRun:
     hooks: HookList = field(default_factory=HookList)  # set up by execute()
     session: RunSession | None = None  # held from the start of execute() to its end
     data: PackedData | None = None  # the packed rows, once packed
+    planner: IterationPlanner | None = None  # plans iterations and holds the segments
 
     @property
     def cohort(self) -> str | None:
@@ -134,12 +135,13 @@ class TrainingRun:
             self.data = pack_data(backend, self.query, opts, tables, specs, trials, source)
             first_epoch = self._start_members(trials, source, resumed)
             self.hooks.on_run_start(self, first_epoch)
-            planner = IterationPlanner(backend, opts, self.cpus)
+            self.planner = IterationPlanner(backend, opts, self.cpus, self.token)
             for epoch in range(first_epoch, opts.epochs):
                 alive = [m for m in self.members if m.status == "training"]
                 if not alive:
                     break
-                self._iteration(planner, alive, epoch, first=epoch == first_epoch)
+                self._iteration(self.planner, alive, epoch, first=epoch == first_epoch)
+            self.planner.close()
             return self._finish()
         except KeyboardInterrupt as exc:
             error = exc
@@ -158,6 +160,8 @@ class TrainingRun:
                 raise
             raise error from exc
         finally:
+            if self.planner is not None:
+                self.planner.close()
             failures.cleanup(self, tables, error)
 
     def _standard_hooks(self, trials: list[dict[str, Any]]) -> HookList:
@@ -213,7 +217,10 @@ class TrainingRun:
         """One iteration of every live member: the aggregate query (or ``sync_every`` parts),
         evaluation, checkpoints and history rows, committed together; then recorded."""
         backend, opts, data = self.backend, self.options, self.packed
-        plan = planner.plan(data)
+        plan = planner.plan(data, epoch)
+        outer = None
+        if opts.averaging == "outer":
+            outer = {"outer_lr": opts.outer_lr, "outer_momentum": opts.outer_momentum}
         payload = [
             Member(m.member, m.key["name"], m.key["version"],
                    {**m.config, "epoch": epoch, "threads": plan.threads, "parallel": plan.workers},
@@ -224,12 +231,12 @@ class TrainingRun:
         started = time.perf_counter()
         with backend.engine.begin() as conn:
             infos = backend.train_iteration(
-                conn, data.table, payload, epoch, workers=plan.workers, chunks=plan.chunks,
-                progress=progress, run=self.token,
+                conn, data.table, payload, epoch, chunks=plan.chunks, progress=progress,
+                run=self.token, segments=plan.segments, outer=outer,
             )
             trained = time.perf_counter() - started
             split, prefix = (1, "val_") if data.n_val else (0, "train_")
-            metrics = backend.evaluate(conn, data.table, split, payload, epoch + 1, plan.workers)
+            metrics = backend.evaluate(conn, data.table, split, payload, epoch + 1)
             archived = backend.archive_many(
                 conn, [m.key for m in alive], epoch + 1, opts.block_bytes, opts.deltas
             )

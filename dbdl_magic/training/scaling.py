@@ -1,10 +1,13 @@
-"""How many parallel workers (segments) an iteration uses, and how many threads each gets.
+"""How many segments an iteration uses, and how many torch threads each gets.
 
-A PostgreSQL parallel worker is a new process per query: it pays PL/Python's start-up and
-``import torch`` before it trains. ``parallel="auto"`` therefore measures before
-it spreads: the first two iterations run on one process (the first also pays imports and
-caches, so the second is the measurement), and only when that took long enough is a worker's
-start-up cost measured and more workers used, if the estimate says they win.
+Segments are data-parallel trainers held by the run (sessions on PostgreSQL, processes on
+SQLite: :mod:`dbdl_magic.backends.segments`); opening one costs a start-up (a session or process
+importing torch) once per run, after which a sync round costs a few milliseconds (measured:
+benchmarks/RESULTS.md). ``parallel="auto"`` therefore measures before it spreads: the first two
+iterations run on one process (the first also pays imports and caches, so the second is the
+measurement); when the time the segments would save over the remaining iterations exceeds their
+start-up, the run opens them, and keeps them only while their measured iterations beat one
+process.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-#: an iteration shorter than this never repays workers' start-up (≈ 1 s each, measured on a
-#: 2-core machine; REQUIRED_GAIN then needs ≥ 3.7 s for 2 workers); don't even measure it
-MIN_PARALLEL_SECONDS = 3.0
-#: more workers must beat one by this factor in the estimate (combine and scan overheads)
+#: an iteration shorter than this is not spread (the combine and the rounds' statements cost
+#: tens of milliseconds; averaging changes the model, which a short run does not need)
+MIN_PARALLEL_SECONDS = 1.0
+#: start-up of one segment before it has been measured (a server session or process importing
+#: torch: ≈ 2-3 s on the 2-core machine of RESULTS.md, sessions starting side by side)
+SEGMENT_STARTUP_SECONDS = 3.0
+#: more segments must beat one process by this factor (estimated, then measured)
 REQUIRED_GAIN = 0.8
 MAX_AUTO_WORKERS = 8
 
@@ -51,66 +57,57 @@ def threads_per_worker(
     return max(1, cpus // max(1, workers))
 
 
-def estimate_seconds(serial: float, workers: int, startup: float, queries: int = 1) -> float:
-    """Estimated training time of an iteration on ``workers`` processes.
-
-    ``serial`` is the measured time on one process; each extra worker process pays ``startup``
-    once per aggregate query (``queries`` > 1 with ``sync_every``).
-    """
-    if workers <= 1:
-        return serial
-    return startup * queries + serial / workers
-
-
 def plan_workers(
     parallel: int | str,
     *,
-    supports_parallel: bool,
+    unavailable: str | None,
     cpus: int,
     serial_seconds: float | None,
-    startup_seconds: float | None,
-    queries: int = 1,
+    remaining: int,
+    startup_seconds: float | None = None,
     measured: dict[int, float] | None = None,
 ) -> WorkerPlan:
-    """Choose the worker count: forced (``parallel=N``) or estimated (``"auto"``).
+    """Choose the segment count: forced (``parallel=N``) or estimated (``"auto"``).
 
-    ``serial_seconds`` is the last one-process iteration's training time (None before the
-    first), ``startup_seconds`` a worker's measured start-up (None when not measured), and
-    ``measured`` the last training time seen with each worker count: once a count has run,
-    its real time replaces the estimate (so a disappointing count is dropped again).
+    ``unavailable`` says why this database cannot run segments (None: it can);
+    ``serial_seconds`` is the last one-process iteration's training time (None before it is
+    measured), ``remaining`` the iterations left including this one, ``startup_seconds`` what
+    opening the segments costs (0 once they are open; None: not measured yet) and ``measured``
+    the last training time seen with each segment count, which replaces the estimate.
     """
     measured = measured or {}
-    if not supports_parallel:
-        return WorkerPlan(1, "1 process (this database runs kernels in-process)")
+    if unavailable:
+        return WorkerPlan(1, f"1 process ({unavailable})")
     if parallel != "auto":
-        return WorkerPlan(int(parallel), f"{int(parallel)} worker(s), forced")
+        n = int(parallel)
+        return WorkerPlan(n, "1 process, forced" if n == 1 else f"{n} segments, forced")
     if serial_seconds is None:
         return WorkerPlan(1, "auto: 1 process while measuring an iteration")
+    n = min(cpus, MAX_AUTO_WORKERS)
+    if n < 2:
+        return WorkerPlan(1, "auto: 1 process (1 core)")
     if serial_seconds < MIN_PARALLEL_SECONDS:
         return WorkerPlan(
             1, f"auto: 1 process (an iteration takes {serial_seconds:.2f} s, too short to spread)"
         )
-    if startup_seconds is None:
-        return WorkerPlan(1, "auto: 1 process (worker start-up not measured)")
-    best, best_time = 1, serial_seconds
-    for n in range(2, min(cpus, MAX_AUTO_WORKERS) + 1):
-        guess = measured.get(n, estimate_seconds(serial_seconds, n, startup_seconds, queries))
-        if guess < best_time:
-            best, best_time = n, guess
-    if best > 1 and best_time > REQUIRED_GAIN * serial_seconds:
-        best, best_time = 1, serial_seconds
-    how = "measured" if best in measured or best == 1 else "est."
-    return WorkerPlan(
-        best,
-        f"auto: {best} worker(s) ({how} {best_time:.2f} s vs 1 process {serial_seconds:.2f} s;"
-        f" worker start-up {startup_seconds:.2f} s, {cpus} cores)",
-    )
+    if n in measured:
+        if measured[n] <= REQUIRED_GAIN * serial_seconds:
+            return WorkerPlan(n, f"auto: {n} segments (measured {measured[n]:.2f} s vs 1 process"
+                                 f" {serial_seconds:.2f} s)")
+        return WorkerPlan(1, f"auto: 1 process ({n} segments measured {measured[n]:.2f} s vs"
+                             f" {serial_seconds:.2f} s)")
+    startup = SEGMENT_STARTUP_SECONDS if startup_seconds is None else startup_seconds
+    saved = (serial_seconds - serial_seconds / n) * remaining
+    if saved > startup:
+        return WorkerPlan(n, f"auto: {n} segments (est. {serial_seconds / n:.2f} s vs 1 process "
+                             f"{serial_seconds:.2f} s, start-up {startup:.1f} s, {cpus} cores)")
+    return WorkerPlan(1, f"auto: 1 process ({n} segments would save ≈ {saved:.1f} s over "
+                         f"{remaining} iteration(s), less than their start-up {startup:.1f} s)")
 
 
 __all__ = [
     "WorkerPlan",
     "cpu_count",
-    "estimate_seconds",
     "plan_workers",
     "threads_per_worker",
 ]

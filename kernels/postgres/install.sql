@@ -62,6 +62,24 @@ CREATE OR REPLACE AGGREGATE dbdl.train(bytea, bytea, bigint, bytea, text) (
     PARALLEL = SAFE
 );
 
+-- Segments (sessions of one run, each training over its share of the buffers) hand their
+-- partial states to dbdl.merge: the same combine function, as an aggregate over the partials
+-- (ORDER BY segment in the call keeps the sum's order, hence the model, reproducible).
+CREATE OR REPLACE AGGREGATE dbdl.merge(bytea) (
+    SFUNC = dbdl.train_combine,
+    STYPE = bytea,
+    COMBINEFUNC = dbdl.train_combine,
+    PARALLEL = SAFE
+);
+
+-- The outer optimizer's step over one sync round (averaging = 'outer'): the averaged change
+-- is a pseudo-gradient for Nesterov momentum kept in the state (dbdl_magic.kernel.averaging).
+CREATE OR REPLACE FUNCTION dbdl.outer_step(start bytea, averaged bytea, config text)
+RETURNS bytea LANGUAGE plpython3u STRICT PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.outer_step(GD, start, averaged, config)
+$$;
+
 -- Evaluate aggregate: statistics vector; dbdl.metrics() turns it into JSON.
 CREATE OR REPLACE FUNCTION dbdl.eval_transition(
     acc bytea, x bytea, y bytea, model bytea, config text)
