@@ -1,8 +1,10 @@
 """Distributed PostgreSQL (Citus): the training aggregate pushes down to the workers.
 
 Runs only when ``DBDL_CITUS_URL`` names a Citus coordinator (superuser) whose workers have
-PL/Python, torch and dbdl_magic importable (see docs/scale-out.md). Without it the test reports
-itself as not applicable — the one test allowed to skip on CI.
+PL/Python, torch and dbdl_magic importable (``scripts/citus_cluster.py`` starts one: a
+coordinator and two workers on 127.0.0.1; see docs/scale-out.md). Without it the tests report
+themselves as not applicable — the only tests allowed to skip on CI. The accuracy comparison
+also trains on plain PostgreSQL (the ``pg_db`` fixture).
 
 What Citus prints for a pushed-down custom aggregate (EXPLAIN VERBOSE, Citus 10-14):
 
@@ -69,14 +71,7 @@ def _distribution(conn, table: str) -> tuple[str | None, int]:
     return column, int(shards)
 
 
-def test_training_pushes_the_aggregate_down_to_citus_workers():
-    db = dl.install(CITUS_URL)
-    backend = db.backend
-    token = uuid.uuid4().hex[:8]
-    source = f"citus_digits_{token}"
-    packed = backend.table(f"packed_citus_explain_{token}")
-    states = backend.table(f"states_citus_explain_{token}")
-
+def _kernels_on_workers(db) -> None:
     with db.engine.connect() as conn:
         citus = conn.execute(
             text("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
@@ -95,8 +90,17 @@ def test_training_pushes_the_aggregate_down_to_citus_workers():
         broken
     )
 
+
+def test_the_aggregate_pushes_down_to_as_many_shards_as_the_run_chose():
+    db = dl.install(CITUS_URL)
+    _kernels_on_workers(db)
+    backend = db.backend
+    token = uuid.uuid4().hex[:8]
+    packed = backend.table(f"packed_citus_explain_{token}")
+    states = backend.table(f"states_citus_explain_{token}")
     try:
-        # 1. The backend's own packed table is distributed by buffer_id.
+        # The backend's own packed table is distributed by buffer_id over the shards the run
+        # chose (parallel=N; "auto": one per worker node), not citus.shard_count.
         with db.engine.begin() as conn:
             backend.create_packed(
                 conn,
@@ -109,13 +113,17 @@ def test_training_pushes_the_aggregate_down_to_citus_workers():
                 50,
                 {},
             )
+            backend.distribute_packed(conn, packed, 3)
         with db.engine.connect() as conn:
             column, shards = _distribution(conn, packed)
+            nodes = len(backend.citus_workers(conn))
         assert column == "buffer_id", f"{packed} is not distributed by buffer_id: {column!r}"
-        assert shards >= 1
+        assert shards == 3
+        assert backend.distribution(packed) == {"shards": 3, "nodes": min(3, nodes),
+                                                "cpus": backend.distribution(packed)["cpus"]}
 
-        # 2. One iteration is a partial aggregate per shard plus a combine on the coordinator.
-        #    The starting states come from a local (coordinator) table, as in train_iteration.
+        # One iteration is a partial aggregate per shard plus a combine on the coordinator.
+        # The starting states come from a local (coordinator) table, as in train_iteration.
         sql, params = backend.iteration_query(packed, [Member(0, "citus_explain", 1, {})], states)
         with db.engine.begin() as conn:
             conn.execute(text(f"CREATE TABLE {states} (member integer, state bytea)"))
@@ -123,31 +131,56 @@ def test_training_pushes_the_aggregate_down_to_citus_workers():
             plan = "\n".join(r[0] for r in conn.execute(text("EXPLAIN (VERBOSE) " + sql), params))
         assert CITUS_SCAN.search(plan), plan
         tasks = [int(n) for n in TASK_COUNT.findall(plan)]
-        assert shards in tasks, f"expected a task per shard ({shards}):\n{plan}"
+        assert 3 in tasks, f"expected a task per shard (3):\n{plan}"
         assert PARTIAL.search(plan), f"no worker partial aggregate:\n{plan}"
         assert COMBINE.search(plan), f"no coordinator combine:\n{plan}"
         assert "dbdl.train(" in plan, plan
-
-        # 3. End to end, from a distributed source table.
-        load_table(db.engine, source, digits_frame())
-        with db.engine.begin() as conn:
-            conn.execute(text("SELECT create_distributed_table(:t, 'digit')"), {"t": source})
-        model = dl.train(
-            db,
-            f"SELECT * FROM {source}",
-            name=f"citus_digits_{token}",
-            target="digit",
-            model="mlp:32",
-            epochs=3,
-            seed=0,
-            parallel=1,  # Citus's parallelism is the shards; PG parallel workers add nothing
-            threads=1,
-        )
-        assert model.history["val_accuracy"].iloc[-1] > 0.8, model.history
     finally:
         with db.engine.begin() as conn:
             conn.execute(text(f"DROP TABLE IF EXISTS {packed}"))
             conn.execute(text(f"DROP TABLE IF EXISTS {states}"))
-            conn.execute(text(f"DROP TABLE IF EXISTS {backend.q(source)}"))
-        with contextlib.suppress(InputError):  # no model row when training never started
-            dl.delete_model(db, f"citus_digits_{token}")
+
+
+OPTIONS = dict(target="digit", model="mlp:64", epochs=8, seed=0, lr=3e-3, batch_size=32,
+               rows_per_buffer=96, threads=1, features=[f"p{i}" for i in range(64)])
+
+
+def test_training_on_citus_is_as_accurate_as_plain_postgresql(pg_db):
+    db = dl.install(CITUS_URL)
+    _kernels_on_workers(db)
+    token = uuid.uuid4().hex[:8]
+    source, name = f"citus_digits_{token}", f"citus_digits_{token}"
+    frame = digits_frame()
+    frame.insert(0, "id", range(len(frame)))
+    load_table(db.engine, source, frame)
+    load_table(pg_db.engine, source, frame)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text("SELECT create_distributed_table(:t, 'digit')"), {"t": source})
+        with db.engine.connect() as conn:
+            nodes = len(db.backend.citus_workers(conn))
+        citus = dl.train(db, f"SELECT * FROM {source}", name=name, **OPTIONS)
+        plain = dl.train(pg_db, f"SELECT * FROM {source}", name=name, parallel=1, **OPTIONS)
+        hc, hp = citus.history, plain.history
+        print("\nepoch  citus acc  s/epoch | plain acc  s/epoch")
+        for c, p in zip(hc.itertuples(), hp.itertuples(), strict=True):
+            print(f"{c.epoch:>5}  {c.val_accuracy:9.4f}  {c.train_seconds:7.2f} |"
+                  f" {p.val_accuracy:9.4f}  {p.train_seconds:7.2f}")
+        # one partial model per worker node, combined on the coordinator, every epoch
+        assert (hc["workers"] == nodes).all(), hc[["workers", "combines"]]
+        assert (hc["combines"] == nodes - 1).all()
+        assert hc["parallel_note"].iloc[0].startswith(f"citus: {nodes} shard(s) on {nodes} worker")
+        assert (hc["samples"] == hp["samples"]).all()  # the same rows, once per epoch
+        gap = hp["val_accuracy"].iloc[-1] - hc["val_accuracy"].iloc[-1]
+        assert gap <= 0.02, (hc["val_accuracy"].tolist(), hp["val_accuracy"].tolist())
+
+        # everything else on the same cluster: prediction, listing, resume, groups, grids
+        scored = dl.predict(db, name, f"SELECT * FROM {source}", keys=["id"]).sort_values("id")
+        client = citus.predict(frame.drop(columns=["digit"]))
+        assert (scored["prediction"].to_numpy() == client).all()
+        assert name in set(dl.list_models(db)["name"])
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {db.backend.q(source)}"))
+        with contextlib.suppress(InputError):
+            dl.delete_model(db, name)

@@ -156,6 +156,13 @@ class Backend(ABC):
     def array_piece(self, column: str, mean_param: str, std_param: str, width: int) -> str:
         """SQL yielding a standardised array column as float32 bytes in :attr:`byteorder`."""
 
+    def distribute_packed(self, conn: Connection, packed: str, parallel: int | str) -> None:  # noqa: B027
+        """Spread a packed table over the database's nodes (Citus); elsewhere nothing."""
+
+    def distribution(self, packed: str) -> dict[str, int] | None:
+        """``{"shards", "nodes", "cpus"}`` of a distributed packed table (None: local)."""
+        return None
+
     def group_pieces(self, pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
         """A row's encoded pieces as this dialect packs them (SQLite: at most 100, in chunks)."""
         return pieces
@@ -354,8 +361,11 @@ class Backend(ABC):
             self.prepare_query(conn, packed, workers)
             with self.progress_channel(conn, run, sink):
                 self.create_scratch(conn, target, sql, params)
-            for member, info in self._scratch_info(conn, target).items():
+            infos = self._scratch_info(conn, target)
+            for member, info in infos.items():
                 _accumulate(totals.setdefault(member, {}), info)
+            if outer is not None and any(int(i.get("combines") or 0) for i in infos.values()):
+                self._outer_step(conn, target, source, source_params, outer)
             done = sum(t["samples"] for t in totals.values())
             # members without buffers in this part keep the state they had
             conn.execute(
@@ -383,6 +393,18 @@ class Backend(ABC):
     def segments_unavailable(self, parallel: int | str) -> str | None:
         """Why this database cannot run segments (None: it can)."""
         return "this database runs its kernels in one process"
+
+    def _outer_step(
+        self, conn: Connection, target: str, source: str, params: dict[str, Any],
+        outer: dict[str, float],
+    ) -> None:
+        """Move the combined states in ``target`` by the outer step from their starting states
+        in ``source`` (a distributed database combined several partial models)."""
+        f = self.fn_prefix
+        conn.execute(text(
+            f"UPDATE {target} SET state = {f}outer_step(s.state, {target}.state,"
+            f" CAST(:outer AS TEXT)) FROM {source} AS s WHERE s.member = {target}.member"
+        ), {**params, "outer": json.dumps(outer)})
 
     def open_segments(self, size: int, token: str) -> Segments:
         """``size`` segments held by run ``token`` until closed (see :mod:`segments`)."""

@@ -37,6 +37,12 @@ _DOLLAR = re.compile(r"\$(\d+)")
 _PAD_BYTES = 1000
 
 
+def _relation_text(quoted: str) -> str:
+    """A quoted table name as a bound value (``regclass`` text), without the colon escapes
+    :meth:`Backend.q` adds for SQLAlchemy's ``text()``."""
+    return quoted.replace("\\:", ":")
+
+
 def install_sql() -> str:
     """The kernel installation script: ``kernels/postgres/install.sql`` in the source tree,
     installed as package data of ``dbdl_magic.sql`` (pyproject.toml maps that package onto
@@ -411,12 +417,70 @@ class PostgresBackend(Backend):
             ),
             {**params, "rpb": int(rows_per_buffer)},
         )
-        if self.flavor == "citus":  # spread the buffers over the Citus workers (shards)
-            conn.execute(text("SELECT create_distributed_table(:t, 'buffer_id')"), {"t": packed})
-            conn.execute(
-                text("SELECT truncate_local_data_after_distributing_table(:t)"), {"t": packed}
-            )
         conn.execute(text(f"ANALYZE {packed}"))
+
+    def distribute_packed(self, conn: Connection, packed: str, parallel: int | str) -> None:
+        """On Citus, spread the packed buffers over ``parallel`` shards (``"auto"``: one per
+        worker node): every shard that holds buffers trains one partial model per sync, so the
+        run, not ``citus.shard_count``, chooses how many models are averaged. The local copy
+        the coordinator keeps after distributing is truncated."""
+        if self.flavor != "citus":
+            return
+        nodes = len(self.citus_workers(conn))
+        shards = max(1, nodes) if parallel == "auto" else int(parallel)
+        conn.execute(
+            text("SELECT create_distributed_table(CAST(:t AS regclass), 'buffer_id',"
+                 " shard_count => CAST(:n AS integer))"),
+            {"t": _relation_text(packed), "n": shards},
+        )
+        conn.execute(
+            text("SELECT truncate_local_data_after_distributing_table(CAST(:t AS regclass))"),
+            {"t": _relation_text(packed)},
+        )
+        per_node = -(-shards // max(1, nodes))
+        # shard tasks stay in warm worker backends between iterations: one cached connection
+        # per shard a node holds (Citus keeps 1 by default and closes the rest after a query)
+        conn.execute(
+            text("SELECT set_config('citus.max_cached_conns_per_worker', CAST(:n AS text),"
+                 " false)"),
+            {"n": max(per_node, self._cached_conns(conn))},
+        )
+
+    def _cached_conns(self, conn: Connection) -> int:
+        return int(conn.execute(text("SHOW citus.max_cached_conns_per_worker")).scalar_one())
+
+    def citus_workers(self, conn: Connection) -> list[tuple[str, int]]:
+        """The active primary worker nodes of a Citus coordinator (host, port)."""
+        return [
+            (str(h), int(p)) for h, p in conn.execute(text(
+                "SELECT nodename, nodeport FROM pg_dist_node WHERE isactive"
+                " AND noderole = 'primary' AND groupid <> 0 ORDER BY nodename, nodeport"
+            )).all()
+        ]
+
+    def distribution(self, packed: str) -> dict[str, int] | None:
+        """Citus: the packed table's shards that hold training buffers, the worker nodes they
+        are on, and the fewest cores among those nodes (None when the table is local)."""
+        if self.flavor != "citus":
+            return None
+        with self.engine.connect() as conn:
+            placed = conn.execute(text(
+                "SELECT s.shardid, p.nodename, p.nodeport FROM pg_dist_shard s"
+                " JOIN pg_dist_shard_placement p ON p.shardid = s.shardid"
+                " WHERE s.logicalrelid = CAST(:t AS regclass)"
+            ), {"t": _relation_text(packed)}).all()
+            if not placed:
+                return None
+            cpus = conn.execute(text(
+                "SELECT result FROM run_command_on_workers($$SELECT dbdl.kernel_info()$$)"
+                " WHERE success"
+            )).scalars().all()
+        node_cpus = [int(json.loads(c).get("cpus") or 1) for c in cpus] or [1]
+        return {
+            "shards": len({r[0] for r in placed}),
+            "nodes": len({(r[1], r[2]) for r in placed}),
+            "cpus": min(node_cpus),
+        }
 
     def _has_citus(self, conn: Connection) -> bool:
         return bool(
@@ -485,7 +549,9 @@ class PostgresBackend(Backend):
     def segments_unavailable(self, parallel: int | str) -> str | None:
         if self.flavor == "postgresql":
             return None
-        return f"{self.flavor}: its shards/segments train the partial models"
+        if self.flavor == "citus":
+            return "citus: the packed table's shards train the partial models"
+        return f"{self.flavor}: its segments train the partial models"
 
     def open_segments(self, size: int, token: str) -> PostgresSegments:
         return PostgresSegments(self, size, token)

@@ -40,6 +40,8 @@ class IterationPlanner:
     token: str = ""
     segments: Segments | None = None
     startup_seconds: float | None = None
+    #: shards/nodes/cpus of a distributed packed table ({}: local; None: not asked yet)
+    distribution: dict[str, int] | None = None
     #: segment count → that count's last training time (the first iteration is not measured)
     measured: dict[int, float] = field(default_factory=dict)
 
@@ -47,6 +49,10 @@ class IterationPlanner:
         """The next iteration's plan; opens (or closes) the segments it needs."""
         opts = self.options
         chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
+        if self.distribution is None:
+            self.distribution = self.backend.distribution(data.table) or {}
+        if self.distribution:
+            return self._distributed(chunks, data)
         workers = plan_workers(
             opts.parallel,
             unavailable=self.backend.segments_unavailable(opts.parallel),
@@ -59,6 +65,17 @@ class IterationPlanner:
         threads = threads_per_worker(self.cpus, workers.workers, opts.threads, data.n_parameters)
         segments = self._hold(workers.workers)
         return IterationPlan(chunks, workers.workers, workers.note, threads, segments)
+
+    def _distributed(self, chunks: int, data: PackedData) -> IterationPlan:
+        """A distributed database (Citus): every shard holding buffers trains one partial
+        model, the coordinator combines; each shard task gets its node's cores shared out."""
+        d = self.distribution or {}
+        shards, nodes = d["shards"], d["nodes"]
+        per_node = -(-shards // max(1, nodes))
+        threads = threads_per_worker(d["cpus"], per_node, self.options.threads, data.n_parameters)
+        note = (f"citus: {shards} shard(s) on {nodes} worker node(s), {threads} thread(s) each;"
+                " the coordinator combines")
+        return IterationPlan(chunks, 1, note, threads)
 
     def _hold(self, n: int) -> Segments | None:
         """The open segments for ``n`` (opened, or re-opened at another size, as needed)."""

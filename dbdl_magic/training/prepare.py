@@ -99,6 +99,7 @@ def pack_data(
             backend, conn, stage, packed, encoding, n_rows, pack_opts,
             vstage if opts.validation_query else None,
         )
+        backend.distribute_packed(conn, packed, opts.parallel)
         backend.drop_table(conn, stage)
         backend.drop_table(conn, vstage)
         return data
