@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -124,12 +123,17 @@ def test_ctrl_c_right_after_a_commit_keeps_that_iteration(sqlite_db, monkeypatch
 def test_ctrl_c_raises_by_default(sqlite_db):
     load_table(sqlite_db.engine, "big", synthetic(20_000))
 
-    def on_iteration(row):
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    seen: list[int] = []
+
+    def on_progress(done, total):  # a real SIGINT at the second iteration's first report
+        if len(seen) == 1:
+            seen.append(0)
+            os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         dl.train(sqlite_db, "big", target="label", model="mlp:256,256", epochs=50,
-                 callbacks=Callbacks(on_iteration=on_iteration))
+                 callbacks=Callbacks(on_iteration=lambda row: seen.append(row["epoch"]),
+                                     on_progress=on_progress))
     assert dl.list_models(sqlite_db).loc[0, "status"] == "interrupted"
 
 
