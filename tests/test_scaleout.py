@@ -244,30 +244,6 @@ def test_auto_parallel_stays_in_one_process_on_a_tiny_table(db, digits):
     assert all("too short" in n or n.startswith("auto: 1 ") for n in notes[2:]), notes
 
 
-def _startup(pg_db, packed: str) -> float:
-    with pg_db.engine.begin() as conn:
-        return pg_db.backend.measure_worker_startup(conn, packed)
-
-
-def test_measure_worker_startup(pg_db):
-    backend = pg_db.backend
-    packed = backend.table("packed_startup")
-    with pg_db.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {packed} AS SELECT 0 AS split, "
-                          "CAST(1 AS bigint) AS buffer_id FROM generate_series(1, 50)"))
-    try:
-        first, second = _startup(pg_db, packed), _startup(pg_db, packed)
-        with pg_db.engine.begin() as conn:  # twice in one transaction as well
-            third = backend.measure_worker_startup(conn, packed)
-            fourth = backend.measure_worker_startup(conn, packed)
-    finally:
-        with pg_db.engine.begin() as conn:
-            backend.drop_table(conn, packed)
-    # a worker is a new process that starts Python and imports torch
-    for seconds in (first, second, third, fourth):
-        assert 0.05 < seconds < 60, (first, second, third, fourth)
-
-
 # -- threads --------------------------------------------------------------------------------------
 def test_kernel_threads_fit_the_cores(db, digits):
     before = torch.get_num_threads()  # SQLite runs the kernels in this process

@@ -332,3 +332,67 @@ def test_auto_keeps_segments_only_while_measured_faster():
 def test_scaling_exports():
     assert set(scaling.__all__) >= {"plan_workers", "threads_per_worker", "cpu_count"}
     assert set(selection.__all__) >= {"trials", "halving_rungs", "rank", "label"}
+
+
+# -- planning.IterationPlanner: auto opens, keeps or drops segments -----------------------------
+class _Segments:
+    def __init__(self, size: int) -> None:
+        self.size, self.closed = size, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Backend:
+    """A database that can run segments (what the planner asks of a backend)."""
+
+    def __init__(self) -> None:
+        self.opened: list[_Segments] = []
+
+    def segments_unavailable(self, parallel):
+        return None
+
+    def distribution(self, packed):
+        return None
+
+    def open_segments(self, size, token):
+        self.opened.append(_Segments(size))
+        return self.opened[-1]
+
+
+def _planner(epochs=10):
+    from types import SimpleNamespace
+
+    from dbdl_magic.training.planning import IterationPlanner
+
+    backend = _Backend()
+    planner = IterationPlanner(backend, opts(epochs=epochs), cpus=2, token="t")
+    return planner, backend, SimpleNamespace(table="p", n_parameters=1000)
+
+
+def test_auto_opens_segments_once_measured_and_keeps_its_choice():
+    planner, backend, data = _planner()
+    first = planner.plan(data, 0)
+    planner.measured_iteration(first, 9.0, first=True)  # pays imports: not measured
+    second = planner.plan(data, 1)
+    assert first.workers == second.workers == 1 and backend.opened == []
+    planner.measured_iteration(second, 4.0, first=False)
+    third = planner.plan(data, 2)  # 4 s on 1 process: 2 segments save 2 s × 8 iterations
+    assert third.workers == 2 and third.segments is backend.opened[0]
+    planner.measured_iteration(third, 3.9, first=False)  # no faster: drop them, for good
+    fourth = planner.plan(data, 3)
+    assert fourth.workers == 1 and backend.opened[0].closed
+    planner.measured_iteration(fourth, 9.0, first=False)  # a slow, noisy iteration later on
+    assert planner.plan(data, 4).workers == 1 and len(backend.opened) == 1
+    planner.close()
+
+
+def test_auto_keeps_segments_that_pay():
+    planner, backend, data = _planner()
+    for epoch, seconds in enumerate([9.0, 4.0, 2.1, 2.0, 2.2]):
+        plan = planner.plan(data, epoch)
+        planner.measured_iteration(plan, seconds, first=epoch == 0)
+    assert [p.size for p in backend.opened] == [2] and not backend.opened[0].closed
+    assert planner.plan(data, 5).workers == 2
+    planner.close()
+    assert backend.opened[0].closed

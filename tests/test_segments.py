@@ -204,7 +204,9 @@ def test_killed_segment_fails_cleanly_and_resume_ends_like_an_uninterrupted_run(
         done = conn.execute(text(
             f"SELECT max(iteration) FROM {db.backend.table('checkpoints')} WHERE name = 'killed'"
         )).scalar_one()
-    assert done == 2
+    # the kill lands in iteration 3 (or, at a round's very end, after its combine: then 3
+    # committed and iteration 4 notices the dead segment)
+    assert done in (2, 3), done
     assert segment_processes() == []
     if db.backend.name == "postgresql":
         assert segment_sessions(db) == []

@@ -225,10 +225,6 @@ class Backend(ABC):
         """Execute a statement that calls kernels (SQLite re-raises the kernel's own error)."""
         return conn.execute(text(sql), params)
 
-    def measure_worker_startup(self, conn: Connection, packed: str) -> float | None:
-        """Seconds a parallel worker process needs before it can train (None: no workers)."""
-        return None
-
     def prepare_query(self, conn: Connection, packed: str, workers: int) -> None:  # noqa: B027
         """Session settings before an aggregate query (PostgreSQL: the parallel plan)."""
 
@@ -336,7 +332,9 @@ class Backend(ABC):
         store checkpoint ``iteration + 1``; returns each member's header facts (samples, loss,
         combines, workers, device), summed over the ``chunks`` queries. With ``segments``, each
         query is a sync round run by the segments, combined (``outer``: and moved by the outer
-        step) in the database."""
+        step) in the database. ``workers`` > 1 asks PostgreSQL for its own parallel plan of the
+        query instead (new worker processes per query: slower than segments everywhere we
+        measured, so runs never choose it; ``benchmarks/bench_scale.py`` compares the two)."""
         if segments is not None:
             ranges = _buffer_ranges(conn, packed, chunks)
             rounds = segments.train(conn, packed, members, iteration, ranges, outer, progress)

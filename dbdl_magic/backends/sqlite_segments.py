@@ -60,9 +60,11 @@ def serve(url: str, pipe: Pipe) -> None:
     from sqlalchemy import create_engine
 
     from dbdl_magic.backends.sqlite import SQLiteBackend
+    from dbdl_magic.kernel.train import warm_up
 
     engine = create_engine(url)
     backend = SQLiteBackend(engine)
+    warm_up()  # torch's lazy imports now, not in the first round
     _send(pipe, {"op": "ready"})
     while True:
         header, blobs = _recv(pipe)

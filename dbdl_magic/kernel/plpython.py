@@ -130,6 +130,14 @@ def train_combine(a: bytes | None, b: bytes | None) -> bytes | None:
     return combine_states(a, b)
 
 
+@clean_errors("dbdl.warm_up")
+def warm_up() -> str:
+    """Pay this process's lazy imports now (a segment opening); returns the seconds taken."""
+    from dbdl_magic.kernel.train import warm_up as warm
+
+    return f"{warm():.3f}"
+
+
 @clean_errors("dbdl.outer_step")
 def outer_step(GD: dict[str, Any], start: bytes, averaged: bytes, config_text: str) -> bytes:
     """The outer optimizer's step over a sync round's averaged state (see

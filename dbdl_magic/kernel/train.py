@@ -210,6 +210,26 @@ def warm_start_state(config: dict[str, Any], source: bytes) -> tuple[bytes, list
     return encode_state(TrainState(tensors, meta=meta)), copied
 
 
+_WARM = False
+
+
+def warm_up() -> float:
+    """One optimizer step of each kind on a tiny network, so that torch's lazy imports
+    (optimizers, autograd) are paid now rather than in a process's first training round.
+    Returns the seconds it took (≈ 0 after the first call in a process)."""
+    global _WARM
+    started = time.perf_counter()
+    if not _WARM:
+        net = nn.Linear(2, 2)
+        for name in OPTIMIZERS:
+            opt = make_optimizer(net.parameters(), {"name": name, "lr": 1e-3})
+            opt.zero_grad()
+            net(torch.zeros(1, 2)).sum().backward()
+            opt.step()
+        _WARM = True
+    return time.perf_counter() - started
+
+
 def seed_dropout(device: torch.device, seed: int) -> None:
     """Seed the generator that draws dropout masks on ``device``. Not ``torch.manual_seed``:
     besides the CPU it queues a lazy seed for every accelerator backend, each capturing a

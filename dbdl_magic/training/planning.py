@@ -14,7 +14,7 @@ from dbdl_magic.backends.base import Backend
 from dbdl_magic.backends.segments import Segments
 from dbdl_magic.data.packing import PackedData
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.training.scaling import plan_workers, threads_per_worker
+from dbdl_magic.training.scaling import WorkerPlan, plan_workers, threads_per_worker
 
 
 @dataclass
@@ -40,6 +40,8 @@ class IterationPlanner:
     token: str = ""
     segments: Segments | None = None
     startup_seconds: float | None = None
+    #: ``auto``'s choice once both one process and segments were measured
+    decided: WorkerPlan | None = None
     #: shards/nodes/cpus of a distributed packed table ({}: local; None: not asked yet)
     distribution: dict[str, int] | None = None
     #: segment count → that count's last training time (the first iteration is not measured)
@@ -53,7 +55,7 @@ class IterationPlanner:
             self.distribution = self.backend.distribution(data.table) or {}
         if self.distribution:
             return self._distributed(chunks, data)
-        workers = plan_workers(
+        workers = self.decided or plan_workers(
             opts.parallel,
             unavailable=self.backend.segments_unavailable(opts.parallel),
             cpus=self.cpus,
@@ -62,6 +64,10 @@ class IterationPlanner:
             startup_seconds=0.0 if self.segments is not None else self.startup_seconds,
             measured=self.measured,
         )
+        if opts.parallel == "auto" and len(self.measured) > 1:
+            # one process and segments have both been measured: the choice holds for the rest
+            # of the run (re-deciding on noisy times would reopen segments and pay start-up)
+            self.decided = workers
         threads = threads_per_worker(self.cpus, workers.workers, opts.threads, data.n_parameters)
         segments = self._hold(workers.workers)
         return IterationPlan(chunks, workers.workers, workers.note, threads, segments)
@@ -92,7 +98,8 @@ class IterationPlanner:
 
     def measured_iteration(self, plan: IterationPlan, trained: float, first: bool) -> None:
         """Note how long an iteration trained with ``plan``'s segments (not the run's first:
-        it also pays imports and caches; segments import torch when they open)."""
+        it also pays imports and caches; segments import torch when they open). Segments
+        once measured, ``auto`` decides for the rest of the run (see :meth:`plan`)."""
         if not first:
             self.measured[plan.workers] = trained
 

@@ -72,6 +72,13 @@ CREATE OR REPLACE AGGREGATE dbdl.merge(bytea) (
     PARALLEL = SAFE
 );
 
+-- A segment's session pays torch's lazy imports when it opens, not in its first round.
+CREATE OR REPLACE FUNCTION dbdl.warm_up() RETURNS text
+LANGUAGE plpython3u PARALLEL SAFE AS $$
+from dbdl_magic.kernel import plpython
+return plpython.warm_up()
+$$;
+
 -- The outer optimizer's step over one sync round (averaging = 'outer'): the averaged change
 -- is a pseudo-gradient for Nesterov momentum kept in the state (dbdl_magic.kernel.averaging).
 CREATE OR REPLACE FUNCTION dbdl.outer_step(start bytea, averaged bytea, config text)
