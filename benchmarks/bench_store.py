@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_store.py --quick --write  # ... and updates RESULTS.md
     .venv/bin/python benchmarks/bench_store.py --full           # ~15-30 min, updates RESULTS.md
 
-Four measurements in one run, on synthetic data (32 numeric features, 4 classes from a seeded
+Six measurements in one run, on synthetic data (32 numeric features, 4 classes from a seeded
 nonlinear rule; fine-tunes see a *drifted* rule), Adam lr 1e-3, batch 256, 2 torch threads
 for the timed parts (training, which is not timed, uses 1):
 
@@ -31,8 +31,16 @@ for the timed parts (training, which is not timed, uses 1):
    cursor events) and, on PostgreSQL, by dbdl function (``pg_stat_user_functions``).
 4. ``rows``: row-level SQL prediction (one kernel call per row) over 100k rows (quick: 5k), the
    JSON and numeric forms.
+5. ``pack``: SQLite packing of 1M rows × 32 features (quick: 100k) as a training run does it
+   (stage the query, encoding statistics, pack into buffers, drop the stage) vs
+   ``pandas.read_sql`` of the same query, in one process, alternating, split by step; plus the
+   SQL path the code took before (column-type scan, statistics aggregates, ``dbdl_pack``), once,
+   checked to give the same buffers (fingerprint).
+6. ``concurrent``: 4 sessions (threads, each with its own engine and connection) predicting
+   ``pred_data`` on PostgreSQL into their own tables at once, vs one session alone: no errors,
+   identical predictions, aggregate rows/s.
 
-``--before REV`` runs parts 2-4 on the code of git revision REV first (exported to a temp dir,
+``--before REV`` runs parts 2-4 and 6 on the code of git revision REV first (exported to a temp dir,
 with its own PostgreSQL server) for a before/after table.
 
 A throwaway PostgreSQL server with PL/Python is started with ``tests/pgserver.py``.
@@ -120,6 +128,9 @@ class Mode:
     predict_repeats: int
     row_rows: int  # rows scored one SQL call at a time (row-level prediction)
     quiet: float  # seconds to wait at most for an idle machine before a timed measurement
+    pack_rows: int = 100_000  # rows of the SQLite packing benchmark
+    pack_repeats: int = 2
+    sessions: int = 4  # concurrent prediction sessions (PostgreSQL)
 
 
 QUICK = Mode(
@@ -134,6 +145,8 @@ QUICK = Mode(
     predict_repeats=1,
     row_rows=5_000,
     quiet=0.0,
+    pack_rows=100_000,
+    pack_repeats=2,
 )
 FULL = Mode(
     "full",
@@ -147,6 +160,8 @@ FULL = Mode(
     predict_repeats=3,
     row_rows=100_000,
     quiet=20.0,
+    pack_rows=1_000_000,
+    pack_repeats=3,
 )
 
 
@@ -971,6 +986,211 @@ def bench_rows(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
     return results
 
 
+# -- benchmark 5: SQLite packing -----------------------------------------------------------------
+@contextlib.contextmanager
+def step_timer(seconds: dict[str, float]) -> Iterator[None]:
+    """Time the packing steps a run takes (``prepare.pack_data``: stage, statistics, pack, drop)
+    by wrapping them; reading the rows into this process is timed inside the statistics."""
+    from dbdl_magic.data import inprocess, packing
+
+    wrapped = {
+        (packing, "stage_query"): "stage query",
+        (packing, "infer_encoding"): "statistics",
+        (inprocess, "fetch_stage"): "  of which reading the rows",
+        (packing, "pack"): "pack buffers",
+    }
+    originals = {key: getattr(*key) for key in wrapped}
+
+    def timing(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - started
+
+        return run
+
+    for (module, name), label in wrapped.items():
+        setattr(module, name, timing(originals[module, name], label))
+    try:
+        yield
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+
+
+def pack_once(db: Database, query: str, sql_path: bool = False) -> dict[str, Any]:
+    """Stage, encode, pack and drop the stage as ``prepare.pack_data`` does (one transaction);
+    seconds per step and the fingerprint. ``sql_path``: the SQL packing the code used before
+    (no rows read into this process)."""
+    from dbdl_magic.data import inprocess, packing
+
+    backend = db.backend
+    stage, packed = backend.table("bench_stage"), backend.table("bench_packed")
+    opts = packing.PackOptions(target="label", batch_size=COMMON["batch_size"],
+                               validation=COMMON["validation"], seed=SEED)
+    with db.engine.begin() as conn:
+        backend.drop_table(conn, packed)
+    seconds: dict[str, float] = defaultdict(float)
+    saved = inprocess.fetch_stage, inprocess.stage_by_rowid
+    if sql_path:
+        inprocess.fetch_stage = lambda *_a, **_k: None  # type: ignore[assignment]
+        inprocess.stage_by_rowid = lambda *_a, **_k: False  # type: ignore[assignment]
+    try:
+        with step_timer(seconds):
+            started, cpu = time.perf_counter(), time.process_time()
+            with db.engine.begin() as conn:
+                packing.stage_query(backend, conn, query, {}, stage, deterministic=True)
+                encoding, n_rows = packing.infer_encoding(backend, conn, stage, opts)
+                data = packing.pack(backend, conn, stage, packed, encoding, n_rows, opts)
+                dropped = time.perf_counter()
+                backend.drop_table(conn, stage)
+            seconds["drop stage + commit"] = time.perf_counter() - dropped
+            seconds["total"] = time.perf_counter() - started
+            seconds["cpu"] = time.process_time() - cpu
+    finally:
+        inprocess.fetch_stage, inprocess.stage_by_rowid = saved
+    with db.engine.begin() as conn:
+        backend.drop_table(conn, packed)
+    return {**seconds, "fingerprint": data.fingerprint, "buffers": data.n_buffers}
+
+
+PACK_QUERY = f"SELECT {', '.join(FEATURES)}, label FROM pack_data"
+
+
+def proc_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field (kB)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) if match else 0
+
+
+def pack_memory_child(variant: str, path: str) -> None:
+    """``--pack-memory VARIANT PATH``: run one variant once in this fresh process; print its
+    peak RSS growth (MB) over the RSS after imports and a first query."""
+    db = dl.connect(f"sqlite:///{path}")
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT count(*) FROM pack_data")).scalar_one()
+    base = proc_kb("VmRSS")
+    if variant == "database":
+        pack_once(db, PACK_QUERY)
+    else:
+        pd.read_sql(PACK_QUERY, db.engine)
+    print((proc_kb("VmHWM") - base) / 1024)
+
+
+def pack_memory(variant: str, path: Path) -> float:
+    """Peak RSS growth (MB) of a fresh process packing (or reading) ``pack_data`` once."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--pack-memory",
+                          variant, str(path)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pack(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    """SQLite: pack ``mode.pack_rows`` rows × 32 features vs ``pandas.read_sql`` of the query."""
+    columns = labelled(mode.pack_rows, SEED + 50)
+    started = time.perf_counter()
+    write_sqlite(targets.sqlite_path, "pack_data", columns)
+    log(f"loaded {mode.pack_rows:,} rows into pack_data (SQLite,"
+        f" {time.perf_counter() - started:.1f} s)")
+    query = PACK_QUERY
+    db = dl.connect(f"sqlite:///{targets.sqlite_path}")
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for repeat in range(mode.pack_repeats):
+        for variant in (["database", "read_sql"] if repeat % 2 == 0 else ["read_sql", "database"]):
+            wait_quiet(mode.quiet)
+            if variant == "database":
+                run = pack_once(db, query)
+            else:
+                t0, cpu = time.perf_counter(), time.process_time()
+                frame = pd.read_sql(query, db.engine)
+                run = {"total": time.perf_counter() - t0, "cpu": time.process_time() - cpu}
+                assert len(frame) == mode.pack_rows
+                del frame
+            runs[variant].append(run)
+            log(f"pack {variant}: {run['total']:.1f} s (CPU {run['cpu']:.1f} s)")
+    wait_quiet(mode.quiet)
+    before = pack_once(db, query, sql_path=True)
+    log(f"pack SQL path (before): {before['total']:.1f} s")
+    runs["SQL path (before)"].append(before)
+    db.engine.dispose()
+    memory = {v: pack_memory(v, targets.sqlite_path) for v in ("database", "read_sql")}
+    log(f"pack peak RSS growth: {memory}")
+    same = all(r["fingerprint"] == before["fingerprint"] for r in runs["database"])
+    read_sql = median([r["total"] for r in runs["read_sql"]])
+    read_sql_cpu = median([r["cpu"] for r in runs["read_sql"]])
+    results = []
+    for variant, samples in runs.items():
+        keys = [k for k in samples[0] if isinstance(samples[0][k], float)]
+        row = {k: median([s[k] for s in samples]) for k in keys}
+        row.update(variant=variant, rows=mode.pack_rows, repeats=len(samples),
+                   vs_read_sql=row["total"] / read_sql, cpu_vs_read_sql=row["cpu"] / read_sql_cpu,
+                   same_buffers=same,
+                   rss_growth_mb=memory.get(variant, float("nan")))
+        results.append(row)
+    return results
+
+
+# -- benchmark 6: concurrent sessions -------------------------------------------------------------
+def bench_concurrent(mode: Mode, targets: Targets) -> list[dict[str, Any]]:
+    """``mode.sessions`` threads, each with its own engine (so its own connection and server
+    process), run ``dl.predict(..., into=scores_i)`` over ``pred_data`` at the same time; then
+    one session alone. Warm: each session first scores 1,000 rows."""
+    import threading
+
+    if not targets.pg_url:
+        return []
+    query = f"SELECT id, {', '.join(FEATURES)} FROM pred_data"
+    dbs = [dl.connect(targets.pg_url) for _ in range(mode.sessions)]
+    for db in dbs:
+        dl.predict(db, "scorer", f"{query} LIMIT 1000")
+    results = []
+    for sessions in (1, mode.sessions):
+        wait_quiet(mode.quiet)
+        errors: list[BaseException] = []
+        counts = [0] * sessions
+        seconds = [0.0] * sessions
+        barrier = threading.Barrier(sessions)
+
+        def work(i: int, errors: list = errors, counts: list = counts,
+                 seconds: list = seconds, barrier: threading.Barrier = barrier) -> None:
+            try:
+                barrier.wait()
+                t0 = time.perf_counter()
+                counts[i] = dl.predict(dbs[i], "scorer", query, into=f"scores_{i}", replace=True)
+                seconds[i] = time.perf_counter() - t0
+            except BaseException as exc:  # reported, counted as a failure
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        agree = True
+        if not errors and sessions > 1:
+            with dbs[0].engine.connect() as conn:
+                differ = conn.execute(text(
+                    "SELECT count(*) FROM scores_0 AS a JOIN scores_1 AS b USING (id)"
+                    " WHERE a.prediction <> b.prediction"
+                )).scalar_one()
+            agree = differ == 0
+        rows = sum(counts)
+        results.append({"sessions": sessions, "rows": rows, "wall": wall,
+                        "rows_per_s": rows / wall, "slowest": max(seconds),
+                        "errors": [f"{type(e).__name__}: {e}" for e in errors],
+                        "agree": agree})
+        log(f"predict, {sessions} session(s): {rows:,} rows in {wall:.1f} s"
+            f" ({rows / wall:,.0f} rows/s), errors: {len(errors)}")
+    for db in dbs:
+        db.engine.dispose()
+    return results
+
+
 # -- report ---------------------------------------------------------------------------------------
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b else "–"
@@ -999,6 +1219,10 @@ def render(mode: Mode, facts: dict[str, str], results: dict[str, Any]) -> str:
         parts += render_predict(mode, results["predict"])
     if results.get("rows"):
         parts += render_rows(mode, results["rows"])
+    if results.get("pack"):
+        parts += render_pack(mode, results["pack"])
+    if results.get("concurrent"):
+        parts += render_concurrent(mode, results["concurrent"])
     if results.get("before"):
         parts += render_before_after(results, results["before"], results["before_label"])
     return "\n".join(parts) + "\n"
@@ -1282,6 +1506,61 @@ def render_rows(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def render_pack(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
+    n = rows[0]["rows"]
+    steps = ["stage query", "statistics", "  of which reading the rows", "pack buffers",
+             "drop stage + commit"]
+    return [
+        "",
+        f"### 5. SQLite packing vs read_sql ({n:,} rows × {N_FEATURES} features + label,"
+        f" median of {rows[0]['repeats']})",
+        "",
+        "*database* = what a training run does before its first epoch (`prepare.pack_data`):"
+        " stage the query, the encoding statistics, pack the shuffled rows into buffers, drop"
+        " the stage, in one transaction; on SQLite the statistics read the staged rows into this"
+        " process once (numpy) and the buffers are packed from those arrays."
+        " *SQL path (before)* = the same with the code's previous SQLite path (a column-type"
+        " scan, statistics aggregates, the window sorts and the per-row `dbdl_pack` aggregate),"
+        " once. *read_sql* = `pandas.read_sql` of the same query. *CPU s* = this process's CPU"
+        " time (SQLite runs in it; every variant is single-threaded), which other processes on"
+        " the shared machine disturb less than the wall time. *same buffers* = equal packed"
+        " fingerprints. *peak RSS growth* = a fresh process's peak RSS over its RSS before the"
+        " variant ran (once; SQLite runs in that process, so its page cache counts too).",
+        "",
+        table(
+            ["variant", "seconds", "÷ read_sql", "CPU s", "CPU ÷ read_sql",
+             *[s.strip() for s in steps], "peak RSS growth MB", "same buffers"],
+            [[r["variant"], f"{r['total']:.2f}", f"**{r['vs_read_sql']:.2f}**",
+              f"{r['cpu']:.2f}", f"**{r['cpu_vs_read_sql']:.2f}**",
+              *[f"{r[s]:.2f}" if s in r else "–" for s in steps],
+              f"{r['rss_growth_mb']:.0f}" if r["rss_growth_mb"] == r["rss_growth_mb"] else "–",
+              "yes" if r["same_buffers"] else "**no**"] for r in rows],
+        ),
+    ]
+
+
+def render_concurrent(mode: Mode, rows: list[dict[str, Any]]) -> list[str]:
+    one = rows[0]
+    return [
+        "",
+        f"### 6. Concurrent prediction sessions on PostgreSQL ({STORE_MODEL},"
+        f" {one['rows']:,} rows per session)",
+        "",
+        "Each session is a thread with its own engine (its own connection and server process)"
+        " running `dl.predict(db, 'scorer', query, into='scores_<i>', replace=True)` over the"
+        " same table, all started together (warm: each session scored 1,000 rows first)."
+        " *rows/s* = all sessions' rows ÷ wall time; *agree* = sessions 0 and 1 wrote the same"
+        " predictions.",
+        "",
+        table(["sessions", "rows", "wall s", "rows/s", "÷ one session", "slowest session s",
+               "errors", "agree"],
+              [[r["sessions"], f"{r['rows']:,}", f"{r['wall']:.2f}", f"**{r['rows_per_s']:,.0f}**",
+                f"{r['rows_per_s'] / one['rows_per_s']:.2f}", f"{r['slowest']:.2f}",
+                len(r["errors"]) or "none", "yes" if r["agree"] else "**no**"] for r in rows]),
+        *[f"- error: {e}" for r in rows for e in r["errors"]],
+    ]
+
+
 def render_before_after(results: dict[str, Any], before: dict[str, Any], label: str) -> list[str]:
     """One table of the same measurements by the code before this change and after it."""
     lines = []
@@ -1366,12 +1645,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="update RESULTS.md in quick mode")
     parser.add_argument("--no-write", action="store_true", help="never update RESULTS.md")
     parser.add_argument(
-        "--only", default="storage,load,predict,rows",
-        help="comma list of storage, load, predict, rows",
+        "--only", default="storage,load,predict,rows,pack,concurrent",
+        help="comma list of storage, load, predict, rows, pack, concurrent",
     )
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
     parser.add_argument("--predict-rows", type=int, help="rows of the prediction benchmark")
+    parser.add_argument("--pack-rows", type=int, help="rows of the SQLite packing benchmark")
     parser.add_argument("--row-rows", type=int, help="rows of the row-level benchmark")
     parser.add_argument("--repeats", type=int, help="repeats of the prediction benchmark")
     parser.add_argument("--quiet", type=float,
@@ -1382,13 +1662,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--before-row-rows", type=int, default=5_000,
                         help="rows of the row-level benchmark on the --before code")
+    parser.add_argument("--pack-memory", nargs=2, metavar=("VARIANT", "PATH"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pack_memory:
+        pack_memory_child(*args.pack_memory)
+        return 0
 
     # a kill (nohup runs) unwinds the context managers: the PostgreSQL server and temp files go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = FULL if args.full else QUICK
     for field, value in (("predict_rows", args.predict_rows), ("row_rows", args.row_rows),
-                         ("predict_repeats", args.repeats), ("quiet", args.quiet)):
+                         ("predict_repeats", args.repeats), ("quiet", args.quiet),
+                         ("pack_rows", args.pack_rows)):
         if value is not None:
             setattr(mode, field, value)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -1397,7 +1683,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     results: dict[str, Any] = {}
     if args.before:
-        results["before"] = run_before(args, only - {"storage"})
+        # the packing part measures the previous SQL path itself
+        results["before"] = run_before(args, only - {"storage", "pack"})
         results["before_label"] = f"before = git {args.before}, after = this work tree"
     with databases(not args.no_postgres) as targets:
         facts = machine_facts(targets)
@@ -1407,11 +1694,15 @@ def main(argv: list[str] | None = None) -> int:
             results["load"] = bench_load(mode, targets)
         if "predict" in only:
             results["predict"] = bench_predict(mode, targets)
+        if {"rows", "concurrent"} & only and "predict" not in only:
+            for db in setup_predict(mode, targets).values():
+                db.engine.dispose()
         if "rows" in only:
-            if "predict" not in only:
-                for db in setup_predict(mode, targets).values():
-                    db.engine.dispose()
             results["rows"] = bench_rows(mode, targets)
+        if "concurrent" in only:
+            results["concurrent"] = bench_concurrent(mode, targets)
+        if "pack" in only:
+            results["pack"] = bench_pack(mode, targets)
     facts["benchmark wall time"] = f"{time.perf_counter() - started:.0f} s"
     body = render(mode, facts, results)
     print(body)

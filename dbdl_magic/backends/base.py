@@ -79,6 +79,9 @@ class Backend(ABC):
     name: str = "?"
     byteorder: str = "<"  # byte order of packed float32/int32 buffers
     supports_parallel: bool = False  # whether an iteration can run on several processes
+    #: the database runs in this process (SQLite): packing may read the staged rows here
+    #: (:mod:`dbdl_magic.data.inprocess`) instead of round-tripping them through SQL
+    packs_in_process: bool = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -390,11 +390,27 @@ def _raw_values(
     return out, None
 
 
+def storage_kind(lo: str | None, hi: str | None) -> ColumnKind | None:
+    """A column's kind from the smallest and largest storage class among its values ('blob' <
+    'integer' < 'real' < 'text'; None: NULLs only). None for text only: categories, unless the
+    text is JSON (:meth:`SQLiteBackend.holds_json` tells)."""
+    if lo is None or (lo in ("integer", "real") and hi in ("integer", "real")):
+        return ColumnKind("numeric", "REAL" if hi == "real" else "INTEGER", is_float=hi == "real")
+    if lo == hi == "text":
+        return None
+    if lo == hi == "blob":
+        return ColumnKind("array", "BLOB (float32)")
+    if hi == "text":
+        return ColumnKind("unsupported", "mixed text and numbers")
+    return ColumnKind("unsupported", "mixed blobs and numbers")
+
+
 class SQLiteBackend(Backend):
     """Embedded SQLite: the zero-set-up default."""
 
     name = "sqlite"
     byteorder = "<"
+    packs_in_process = True
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
@@ -488,26 +504,17 @@ class SQLiteBackend(Backend):
             row += conn.execute(text(f"SELECT {chunk} FROM {table}")).one()
         kinds: dict[str, ColumnKind] = {}
         for i, c in enumerate(names):
-            lo, hi = row[2 * i], row[2 * i + 1]
-            if lo is None or (lo in ("integer", "real") and hi in ("integer", "real")):
-                kinds[c] = ColumnKind(
-                    "numeric", "REAL" if hi == "real" else "INTEGER", is_float=hi == "real"
-                )
-            elif lo == hi == "text":
-                kinds[c] = (
+            kind = storage_kind(row[2 * i], row[2 * i + 1])
+            if kind is None:
+                kind = (
                     ColumnKind("unsupported", "JSON text")
-                    if self._holds_json(conn, table, c)
+                    if self.holds_json(conn, table, c)
                     else ColumnKind("categorical", "TEXT")
                 )
-            elif lo == hi == "blob":
-                kinds[c] = ColumnKind("array", "BLOB (float32)")
-            elif hi == "text":
-                kinds[c] = ColumnKind("unsupported", "mixed text and numbers")
-            else:
-                kinds[c] = ColumnKind("unsupported", "mixed blobs and numbers")
+            kinds[c] = kind
         return kinds
 
-    def _holds_json(self, conn: Connection, table: str, column: str, sample: int = 1000) -> bool:
+    def holds_json(self, conn: Connection, table: str, column: str, sample: int = 1000) -> bool:
         """Whether a text column holds JSON objects/arrays (judged on its first values)."""
         col = self.q(column)
         n, js = conn.execute(

@@ -16,11 +16,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from dbdl_magic.backends.base import Backend, ColumnKind
+from dbdl_magic.data import inprocess
 from dbdl_magic.data.encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding, Feature, Target
 from dbdl_magic.errors import InputError
 
@@ -46,6 +48,9 @@ class PackOptions:
     batch_size: int = 64
     seed: int = 0
     group_by: str | None = None
+    #: the fewest training buffers a run with segments needs (a share for every segment in
+    #: every sync round); None: one process
+    min_buffers: int | None = None
 
 
 MAX_GROUPS = 10_000
@@ -90,6 +95,8 @@ def stage_query(
     change where PostgreSQL starts reading): the same rows get the same shuffle, split and
     model for the same seed. The query always runs as exactly one statement: the wrapper binds
     a value, so drivers use the extended protocol, which refuses ``...; DROP TABLE t``.
+    SQLite numbers the rows by the table's rowid instead of a window
+    (:func:`~dbdl_magic.data.inprocess.stage_by_rowid`: the same numbers, one copy less).
 
     A query the database cannot run (unknown table, syntax error, missing ``:name`` value) is
     the user's input: it raises :class:`InputError` with the database's message in ``detail``.
@@ -101,15 +108,18 @@ def stage_query(
         body = f"SELECT * FROM {_quote_dotted(backend, body)}"
     try:
         order = backend.staging_order("src") if deterministic else ""
+        select = f"src.* FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1"
+        bound = {**params, ONE_STATEMENT: 1}
+        by_rowid = numbered and not order and limit is None and create == "CREATE TABLE"
+        if (
+            by_rowid
+            and backend.packs_in_process
+            and inprocess.stage_by_rowid(conn, backend, table, RN, select, bound)
+        ):
+            return
         number = f"row_number() OVER ({order}) AS {RN}, " if numbered else ""
         tail = "" if limit is None else f" LIMIT {int(limit)}"
-        conn.execute(
-            text(
-                f"{create} {table} AS SELECT {number}src.*"
-                f" FROM ({body}) AS src WHERE CAST(:{ONE_STATEMENT} AS INTEGER) = 1{tail}"
-            ),
-            {**params, ONE_STATEMENT: 1},
-        )
+        conn.execute(text(f"{create} {table} AS SELECT {number}{select}{tail}"), bound)
     except DBAPIError as exc:
         detail = str(exc.orig) if exc.orig is not None else str(exc)
         first = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
@@ -171,8 +181,15 @@ def _quote_dotted(backend: Backend, name: str) -> str:
 def infer_encoding(
     backend: Backend, conn: Connection, stage: str, opts: PackOptions
 ) -> tuple[Encoding, int]:
-    """Column kinds and statistics → :class:`Encoding`; returns it with the row count."""
-    kinds = backend.column_kinds(conn, stage)
+    """Column kinds and statistics → :class:`Encoding`; returns it with the row count.
+
+    On SQLite one scan reads the columns into this process and the kinds and statistics come
+    from those values (:mod:`~dbdl_magic.data.inprocess`, the same numbers as the SQL
+    aggregates); :func:`pack` then packs the rows read.
+    """
+    fetched = inprocess.fetch_stage(backend, conn, stage, RN, opts.features, opts.target,
+                                    opts.group_by)
+    kinds = fetched.kinds(conn) if fetched is not None else backend.column_kinds(conn, stage)
     check_staged_names(backend, list(kinds), "training query")
     kinds.pop(RN, None)
     where = f"in the query's columns ({', '.join(kinds)})"
@@ -200,7 +217,10 @@ def infer_encoding(
                 "cast it to a number or text in the query, or leave it out"
             )
 
-    total, nulls, bad, means = _numeric_pass(backend, conn, stage, names, opts.target, kinds)
+    numeric = fetched.numeric_pass([*names, opts.target], kinds) if fetched else None
+    total, nulls, bad, means = numeric or _numeric_pass(
+        backend, conn, stage, names, opts.target, kinds
+    )
     if total == 0:
         raise InputError("the training query returned no rows")
     for name in [*names, opts.target]:
@@ -219,11 +239,16 @@ def infer_encoding(
                 f"column {name!r} has {nulls[name]} NULL value(s); fill them in the query or "
                 "pass impute='mean'"
             )
-    stds = _std_pass(backend, conn, stage, [n for n in names if kinds[n].kind == NUMERIC], means)
+    numeric_names = [n for n in names if kinds[n].kind == NUMERIC]
+    stds = fetched.std_pass(numeric_names, means) if fetched else None
+    if stds is None:
+        stds = _std_pass(backend, conn, stage, numeric_names, means)
     features = [
         _feature(backend, conn, stage, name, kinds[name], means, stds, opts) for name in names
     ]
     target = _target(backend, conn, stage, opts, kinds[opts.target], total)
+    if fetched is not None:
+        inprocess.keep(conn, fetched)
     return Encoding(features=features, target=target, impute=opts.impute), total
 
 
@@ -474,19 +499,27 @@ def feature_sql(
     return backend.group_pieces(pieces)
 
 
-def choose_rows_per_buffer(n_train: int, width: int, batch_size: int, n_parameters: int = 0) -> int:
-    """Rows per buffer, from the feature count and the model size.
+def choose_rows_per_buffer(
+    n_train: int, width: int, batch_size: int, n_parameters: int = 0,
+    min_buffers: int | None = None,
+) -> int:
+    """Rows per buffer, from the feature count, the model size and the run's segments.
 
-    Large buffers (≈8 MB) cut the per-buffer crossing; ≥ 16 buffers keep parallel workers and
-    shuffling fed; and a buffer holds at least as many bytes as the model's training state
-    (≈ 12 bytes per parameter with Adam), which PostgreSQL passes through every transition.
-    Always a multiple of the batch size, so only the last buffer ends with a short batch.
+    Large buffers (≈8 MB) cut the per-buffer crossing; ≥ 16 buffers keep shuffling fed; and a
+    buffer holds at least as many bytes as the model's training state (≈ 12 bytes per
+    parameter with Adam), which PostgreSQL passes through every transition. A run with
+    segments needs ``min_buffers`` (segments × sync rounds × 2) so that every segment trains
+    in every round: that need wins over the state rule. Always a multiple of the batch size,
+    so only the last buffer ends with a short batch.
     """
     row_bytes = max(4 * width, 1)
     by_bytes = TARGET_BUFFER_BYTES // row_bytes
     by_count = math.ceil(n_train / 16)
     by_state = math.ceil(12 * n_parameters / row_bytes)
-    rows = max(batch_size, min(by_bytes, by_count), by_state)
+    rows = max(min(by_bytes, by_count), by_state)
+    if min_buffers:
+        rows = min(rows, math.ceil(n_train / max(16, min_buffers)))
+    rows = max(batch_size, rows)
     return math.ceil(rows / batch_size) * batch_size
 
 
@@ -500,7 +533,13 @@ def pack(
     opts: PackOptions,
     val_stage: str | None = None,
 ) -> PackedData:
-    """Create ``packed`` from ``stage`` (and ``val_stage``, a second query's rows)."""
+    """Create ``packed`` from ``stage`` (and ``val_stage``, a second query's rows).
+
+    SQLite packs the rows :func:`infer_encoding` read into this process with numpy (the same
+    bytes as the SQL path, see :mod:`~dbdl_magic.data.inprocess`); otherwise, and for input
+    that path does not reproduce, the database packs them with SQL.
+    """
+    fetched = inprocess.take(conn, stage)
     params: dict[str, Any] = {"seed": opts.seed, "vseed": opts.seed + 7919}
     pieces, y_sql = encode_sql(backend, encoding, params)
     selected = ", ".join(f"{sql} AS p{i}" for i, (sql, _) in enumerate(pieces))
@@ -540,20 +579,24 @@ def pack(
     # sized from all training rows, groups included: ≥ 16 buffers overall keep parallel workers
     # fed, and a small group fits in one buffer (per-buffer kernel calls are the fixed cost)
     rows = opts.rows_per_buffer or choose_rows_per_buffer(
-        n_train, encoding.width, opts.batch_size, opts.n_parameters
+        n_train, encoding.width, opts.batch_size, opts.n_parameters, opts.min_buffers
     )
     if rows < 1:
         raise InputError(f"rows_per_buffer={rows} must be positive")
-    backend.create_packed(
-        conn,
-        packed,
-        rows_sql,
-        pieces,
-        y_sql,
-        encoding.target.task == "classification",
-        rows,
-        params,
+    local = fetched is not None and fetched.n == n_rows and _pack_in_process(
+        backend, conn, fetched, packed, encoding, opts, rows, params, pieces, y_sql, val_stage
     )
+    if not local:
+        backend.create_packed(
+            conn,
+            packed,
+            rows_sql,
+            pieces,
+            y_sql,
+            encoding.target.task == "classification",
+            rows,
+            params,
+        )
     n_buffers = int(conn.execute(text(f"SELECT count(*) FROM {packed}")).scalar_one())
     if groups is not None:
         groups = _packed_group_rows(conn, packed, opts.group_by or "", groups)
@@ -561,6 +604,59 @@ def pack(
         packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters, groups,
         backend.fingerprint(conn, packed),
     )
+
+
+def _pack_in_process(
+    backend: Backend,
+    conn: Connection,
+    fetched: inprocess.FetchedStage,
+    packed: str,
+    encoding: Encoding,
+    opts: PackOptions,
+    rows: int,
+    params: dict[str, Any],
+    pieces: list[tuple[str, bool]],
+    y_sql: str,
+    val_stage: str | None,
+) -> bool:
+    """Pack ``fetched`` (and ``val_stage``'s rows, encoded by SQL) into ``packed`` in this
+    process; False, having created nothing, for input only the SQL path packs exactly."""
+    grp = f"CAST(s.{backend.q(opts.group_by)} AS TEXT)" if opts.group_by else None
+    try:
+        train = inprocess.Part(
+            fetched.rn,
+            _column_values(conn, f"SELECT {grp} FROM {fetched.stage} AS s") if grp else None,
+            inprocess.encode_rows(fetched, encoding),
+            inprocess.encode_targets(fetched, encoding),
+            np.zeros(fetched.n, dtype=np.int64),
+        )
+    except inprocess.NotHere:
+        return False
+    fetched.columns.clear()  # encoded: the raw values are no longer needed
+    parts = [train]
+    if val_stage is None:
+        train.split = inprocess.split_by_hash(train.rn, int(params["vseed"]), int(params["n_val"]))
+    else:
+        selected = ", ".join(sql for sql, _ in pieces)
+        rows_sql = (
+            f"SELECT s.{RN}, {grp or 'NULL'}, {selected}, {y_sql} FROM {val_stage} AS s"
+        )
+        found = backend.run_kernels(conn, rows_sql, params).all()  # kernel errors as such
+        y_type = "<i4" if encoding.target.task == "classification" else "<f4"
+        parts.append(inprocess.Part(
+            np.array([r[0] for r in found], dtype=np.int64),
+            [r[1] for r in found] if grp else None,
+            inprocess.rows_from_pieces([tuple(r[2:-1]) for r in found], encoding.width),
+            np.asarray([r[-1] for r in found], dtype=y_type),
+            np.ones(len(found), dtype=np.int64),
+        ))
+    inprocess.write_packed(conn, packed, parts, opts.seed, rows)
+    return True
+
+
+def _column_values(conn: Connection, sql: str) -> list[Any]:
+    """The one column ``sql`` returns, in order."""
+    return [r[0] for r in conn.execute(text(sql)).cursor.fetchall()]
 
 
 def _group_sizes(

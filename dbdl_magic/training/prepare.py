@@ -3,6 +3,7 @@ rows staged, encoded and packed into buffers (one transaction)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -62,8 +63,12 @@ def warm_start_source(backend: Backend, init_from: str) -> dict[str, Any]:
 
 
 def pack_options(opts: TrainOptions, trials: list[dict[str, Any]]) -> PackOptions:
-    """How to pack for ``opts``: buffers hold whole batches of the largest searched size."""
-    return PackOptions(**pack_values(opts, trials))
+    """How to pack for ``opts``: buffers hold whole batches of the largest searched size, and
+    forced segments (``parallel=N``) get two buffers each per sync round at least."""
+    segments = opts.parallel if isinstance(opts.parallel, int) else 1
+    rounds = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
+    need = 2 * segments * rounds if segments > 1 else None
+    return PackOptions(**pack_values(opts, trials), min_buffers=need)
 
 
 def pack_data(
