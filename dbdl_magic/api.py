@@ -136,7 +136,7 @@ def train(
     ``name`` names the stored model (default: a generated name); ``callbacks`` receive the
     run's events. Bad option values raise :class:`~dbdl_magic.errors.InputError` naming the
     option. The options, generated from :class:`~dbdl_magic.options.TrainOptions` by
-    ``python -m dbdl_magic.options --docstring`` (tests/test_options.py checks this list):
+    ``python -m dbdl_magic.options --docstring`` (tests/unit/test_options.py checks this list):
 
     - ``target``: the label column to predict
     - ``model="mlp:64,32"``: `linear`, `mlp:64,32` (add `dropout=0.2`, `bn`, `ln`, `act=gelu`),

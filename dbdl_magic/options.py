@@ -13,7 +13,7 @@ config it becomes, and whether packing reads it. Generated from the schema:
   (:func:`pack_values`);
 - the option list of ``dl.train``'s docstring and the README's options table
   (``python -m dbdl_magic.options --docstring`` / ``--readme-table`` / ``--update-readme``;
-  tests/test_options.py fails when either drifts from the schema).
+  tests/unit/test_options.py fails when either drifts from the schema).
 """
 
 from __future__ import annotations
@@ -586,7 +586,8 @@ def values_from_flags(
 # -- documentation -------------------------------------------------------------------------------
 README_BEGIN = (
     "<!-- options-table: generated from dbdl_magic/options.py "
-    "(python -m dbdl_magic.options --update-readme README.md); tests/test_options.py checks it -->"
+    "(python -m dbdl_magic.options --update-readme README.md);"
+    " tests/unit/test_options.py checks it -->"
 )
 README_END = "<!-- /options-table -->"
 

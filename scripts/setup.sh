@@ -33,7 +33,7 @@ if is_root && command -v pg_lsclusters >/dev/null 2>&1 \
     pg_ctlcluster "$PG_VERSION" main stop || true
 fi
 
-# --- Chromium for the browser tests (tests/test_browser.py drives it through Playwright) -------
+# --- Chromium for the browser tests (tests/notebook/test_browser.py drives it through Playwright) -------
 # Debian's package; `playwright install` needs a download that is not always possible. Optional:
 # without it the browser tests skip locally (and fail on CI).
 if [ ! -x /usr/bin/chromium ]; then

@@ -38,7 +38,7 @@ try:
 except ImportError:  # the fixtures skip (or fail on CI)
     PlaywrightTimeout = TimeoutError  # type: ignore[assignment,misc]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 SCREENSHOTS = REPO / "build" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SQLITE_NOTEBOOKS = ["quickstart", "dataframe_accessor", "cnn_digits", "scale_out"]
 ALL_NOTEBOOKS = [*SQLITE_NOTEBOOKS, "postgres"]
 CHECK = "# NBVAL_CHECK_OUTPUT"

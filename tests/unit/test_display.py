@@ -23,7 +23,7 @@ from dbdl_magic.options import TrainOptions
 from dbdl_magic.training.policies import EarlyStopping
 from dbdl_magic.training.selection import maximize, rank
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 LOWER = ["train_loss", "val_loss", "val_mse", "val_mae", "val_rmse", "train_rmse", "val_mape",
          "val_huber_loss", "loss", "rmse"]
