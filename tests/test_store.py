@@ -10,6 +10,7 @@ from sqlalchemy import text
 import dbdl_magic as dl
 from dbdl_magic.datasets import digits_frame, load_table
 from dbdl_magic.kernel import blockstore, state, train
+from dbdl_magic.store import registry
 from dbdl_magic.store.spec import parse_spec
 
 
@@ -94,10 +95,12 @@ def test_corruption_is_detected_on_load(digits_db):
     db = digits_db
     dl.train(db, "SELECT * FROM digits", name="fragile", target="digit", model="linear",
              epochs=1)
-    blocks = db.backend.table("blocks")
-    with db.engine.begin() as conn:
+    blocks, cb = db.backend.table("blocks"), db.backend.table("checkpoint_blocks")
+    with db.engine.begin() as conn:  # a weight block of the checkpoint the model serves
         victim = conn.execute(text(
-            f"SELECT hash FROM {blocks} WHERE encoding = 0 AND raw_size > 1000 LIMIT 1")
+            f"SELECT b.hash FROM {blocks} AS b JOIN {cb} AS cb ON cb.hash = b.hash"
+            " WHERE cb.name = 'fragile' AND cb.iteration = 1 AND cb.label LIKE 'model.%'"
+            " AND b.encoding = 0 AND b.raw_size > 1000 LIMIT 1")
         ).scalar_one()
         data = bytearray(conn.execute(text(f"SELECT data FROM {blocks} WHERE hash = :h"),
                                       {"h": victim}).scalar_one())
@@ -159,3 +162,51 @@ def test_approximate_dedup_serving_copy(digits_db):
             f"SELECT new_bytes FROM {db.backend.table('checkpoints')} "
             "WHERE name = 'tuned_serving'")).scalar_one()
     assert new_bytes < listing.loc["tuned_serving", "logical_bytes"]
+
+
+def test_served_checkpoint_weights_are_raw_and_load_exact(digits_db):
+    """A finished model's served checkpoint holds its network's tensors as raw blocks (loading
+    reads the weights' bytes, decodes no delta); the weights equal the full state's, resume
+    still reads the whole checkpoint exactly, and the re-stored bytes are accounted."""
+    db = digits_db
+    model = dl.train(db, "SELECT * FROM digits", name="served", target="digit",
+                     model="mlp:128,64", epochs=3, seed=5, lr=1e-3)
+    blocks, cb = db.backend.table("blocks"), db.backend.table("checkpoint_blocks")
+    key = {"name": "served", "version": 1}
+    with db.engine.connect() as conn:
+        row = registry.read_model(conn, db.backend, "served", 1)
+        assert row["iteration"] == 3
+        encodings = conn.execute(text(
+            f"SELECT cb.label, b.encoding FROM {cb} AS cb JOIN {blocks} AS b ON b.hash = cb.hash"
+            " WHERE cb.name = 'served' AND cb.iteration = :it"), {"it": 3}).all()
+        weights = [e for label, e in encodings if label.startswith("model.")]
+        assert weights and all(e == blockstore.RAW for e in weights)
+        # the earlier checkpoints and the optimizer's moments keep their deltas
+        assert conn.execute(text(
+            f"SELECT count(*) FROM {cb} AS cb JOIN {blocks} AS b ON b.hash = cb.hash"
+            " WHERE cb.name = 'served' AND b.encoding = 1")).scalar_one() > 0
+        expected = state.decode_state(row["state"]).model_tensors()
+        stats: dict[str, int] = {}
+        weights_read = registry.read_weights(conn, db.backend, key, 3, stats)
+        payload = sum(len(d) for d in conn.execute(text(
+            f"SELECT b.data FROM {cb} AS cb JOIN {blocks} AS b ON b.hash = cb.hash"
+            " WHERE cb.name = 'served' AND cb.iteration = 3 AND (cb.label LIKE 'model.%'"
+            " OR cb.label = 'safetensors-header')")).scalars())
+        assert stats["bytes"] == payload  # no base block read
+        new_bytes = dict(conn.execute(text(
+            f"SELECT iteration, new_bytes FROM {db.backend.table('checkpoints')}"
+            " WHERE name = 'served'")).all())
+        stored = conn.execute(text(
+            f"SELECT sum(length(data)) FROM {blocks}")).scalar_one()
+    assert sum(new_bytes.values()) == stored  # every stored byte is counted once
+    module = dl.load_model(db, "served")
+    loaded = {k.removeprefix("net."): v for k, v in module.state_dict().items()}
+    trained = {k.removeprefix("net."): v for k, v in model.state_dict().items()}
+    assert loaded.keys() == expected.keys() == weights_read.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(tensor, expected[name]), name
+        assert torch.equal(loaded[name], expected[name]), name
+        assert torch.equal(weights_read[name], expected[name]), name
+    # resume reads the whole last checkpoint (weights + optimizer moments) bit-exact
+    with db.engine.connect() as conn:
+        assert db.backend.load_state(conn, key, 3) == row["state"]

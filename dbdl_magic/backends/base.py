@@ -549,6 +549,16 @@ class Backend(ABC):
             key["name"], key["version"], iteration
         )
 
+    def store_weights_raw(
+        self, conn: Connection, key: dict[str, Any], iteration: int
+    ) -> dict[str, Any]:
+        """Re-store the weight blocks of the checkpoint a model serves as raw blocks
+        (:meth:`Archiver.store_weights_raw`), through this backend's store tables (on
+        PostgreSQL the owner's views)."""
+        return Archiver(self.runner(conn), self.store_tables()).store_weights_raw(
+            key["name"], key["version"], iteration
+        )
+
     def load_state(self, conn: Connection, key: dict[str, Any], iteration: int) -> bytes:
         """A checkpoint's state reassembled from verified blocks (read by the client)."""
         return Archiver(self.runner(conn), self.store_tables()).load(

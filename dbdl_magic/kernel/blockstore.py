@@ -41,6 +41,9 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
+#: the blocks a module needs (SQL condition on ``cb.label``): the tensor table and the
+#: network's own tensors; the optimizer's moments (``optim.*``) are only read to resume
+WEIGHT_LABELS = "substr(cb.label, 1, 6) = 'model.' OR cb.label = 'safetensors-header'"
 #: delta must save at least this fraction of the raw size to be worth a decode at load time
 DELTA_MIN_SAVING = 0.1
 
@@ -301,6 +304,11 @@ class Archiver:
         ):
             self._ref(bytes(address), -int(count))
         self.run(f"DELETE FROM {t['checkpoint_blocks']} WHERE {where}", params)
+        return self._collect()
+
+    def _collect(self) -> int:
+        """Delete the blocks nobody references; returns how many."""
+        t = self.tables
         deleted = 0
         while True:  # deltas hold a reference on their base: collect in rounds
             dead = self.run(f"SELECT hash, base FROM {t['blocks']} WHERE refs <= 0", [])
@@ -311,3 +319,48 @@ class Archiver:
                     self._ref(bytes(base), -1)
                 self.run(f"DELETE FROM {t['blocks']} WHERE hash = $1", [bytes(address)])
                 deleted += 1
+
+    def store_weights_raw(self, name: str, version: int, iteration: int) -> dict:
+        """Re-store the delta blocks a module needs (the tensor table and the ``model.*``
+        tensors) of checkpoint ``iteration`` as raw blocks, so that loading the model reads
+        exactly the weights' bytes and decodes nothing. Each block is decoded and checked
+        against its address first; its address (content) does not change, so every
+        checkpoint sharing it reads the raw copy too. The bytes this adds are counted in the
+        checkpoint's ``new_bytes``; base blocks no longer referenced are collected. Returns
+        ``{"blocks": re-stored, "added_bytes": ..., "collected": blocks deleted}``."""
+        t = self.tables
+        rows = self.run(
+            "SELECT b.hash, b.dtype, b.data, b.base, base.data AS base_data"
+            f" FROM {t['checkpoint_blocks']} AS cb JOIN {t['blocks']} AS b ON b.hash = cb.hash"
+            f" LEFT JOIN {t['blocks']} AS base ON base.hash = b.base"
+            " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3 AND b.encoding = 1"
+            f" AND ({WEIGHT_LABELS})",
+            [name, version, iteration],
+        )
+        done: set[bytes] = set()
+        added = 0
+        for address, dtype, data, base, base_data in rows:
+            address = bytes(address)
+            if address in done:
+                continue
+            raw = decode_block(DELTA, data, base_data)
+            if block_hash(dtype, raw) != address:
+                raise CorruptBlockError(
+                    f"a block of {name!r} v{version} checkpoint {iteration} is corrupt: its "
+                    f"content does not match its address {address.hex()[:16]}…"
+                )
+            self.run(
+                f"UPDATE {t['blocks']} SET encoding = 0, base = NULL, data = $1 WHERE hash = $2",
+                [raw, address],
+            )
+            self._ref(bytes(base), -1)
+            done.add(address)
+            added += len(raw) - len(data)
+        if done:
+            self.run(
+                f"UPDATE {t['checkpoints']} SET new_bytes = coalesce(new_bytes, 0) + $1"
+                " WHERE name = $2 AND version = $3 AND iteration = $4",
+                [added, name, version, iteration],
+            )
+        return {"blocks": len(done), "added_bytes": added,
+                "collected": self._collect() if done else 0}

@@ -29,6 +29,9 @@ def complete_members(run: TrainingRun, conn: Connection) -> None:
                             model_iteration=best)
         if best is not None:
             registry.ensure_hot_state(conn, run.backend, m.key, best)
+        served = best if best is not None else len(m.history)
+        if served:  # checkpoint 0 has no deltas; loading the model decodes nothing
+            run.backend.store_weights_raw(conn, m.key, served)
 
 
 def finish(run: TrainingRun, conn: Connection, status: str = "complete") -> dict[str, Any]:
@@ -88,6 +91,7 @@ def _store_best_trial(
     registry.copy_checkpoint(conn, backend, best.key, iteration, key)
     backend.archive(conn, key, iteration, (run.name, best.key["version"], iteration),
                     opts.block_bytes, opts.deltas)
+    backend.store_weights_raw(conn, key, iteration)  # the trial's: shared, usually raw
     registry.set_status(conn, backend, key, status, best.history[:iteration],
                         model_iteration=iteration)
 

@@ -6,7 +6,6 @@ plans do, closed by :meth:`IterationPlanner.close`."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +13,12 @@ from dbdl_magic.backends.base import Backend
 from dbdl_magic.backends.segments import Segments
 from dbdl_magic.data.packing import PackedData
 from dbdl_magic.options import TrainOptions
-from dbdl_magic.training.scaling import WorkerPlan, plan_workers, threads_per_worker
+from dbdl_magic.training.scaling import (
+    WorkerPlan,
+    plan_workers,
+    sync_rounds,
+    threads_per_worker,
+)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class IterationPlanner:
     def plan(self, data: PackedData, epoch: int = 0) -> IterationPlan:
         """The next iteration's plan; opens (or closes) the segments it needs."""
         opts = self.options
-        chunks = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
+        chunks = sync_rounds(opts.sync_every, 1, data.n_parameters)
         if self.distribution is None:
             self.distribution = self.backend.distribution(data.table) or {}
         if self.distribution:
@@ -70,7 +74,15 @@ class IterationPlanner:
             self.decided = workers
         threads = threads_per_worker(self.cpus, workers.workers, opts.threads, data.n_parameters)
         segments = self._hold(workers.workers)
-        return IterationPlan(chunks, workers.workers, workers.note, threads, segments)
+        note = workers.note
+        if workers.workers > 1 and not opts.sync_every:
+            # a small model's segments sync several times per epoch (as many rounds as leave
+            # every segment buffers to train)
+            rounds = sync_rounds(None, workers.workers, data.n_parameters)
+            chunks = max(1, min(rounds, data.n_buffers // (2 * workers.workers)))
+            if chunks > 1:
+                note += f"; {chunks} sync rounds per epoch"
+        return IterationPlan(chunks, workers.workers, note, threads, segments)
 
     def _distributed(self, chunks: int, data: PackedData) -> IterationPlan:
         """A distributed database (Citus): every shard holding buffers trains one partial
@@ -79,8 +91,10 @@ class IterationPlanner:
         shards, nodes = d["shards"], d["nodes"]
         per_node = -(-shards // max(1, nodes))
         threads = threads_per_worker(d["cpus"], per_node, self.options.threads, data.n_parameters)
+        combine = ("the coordinator combines" if shards > 1 else
+                   "one shard: the worker runs the whole aggregate, nothing to combine")
         note = (f"citus: {shards} shard(s) on {nodes} worker node(s), {threads} thread(s) each;"
-                " the coordinator combines")
+                f" {combine}")
         return IterationPlan(chunks, 1, note, threads)
 
     def _hold(self, n: int) -> Segments | None:

@@ -3,7 +3,6 @@ rows staged, encoded and packed into buffers (one transaction)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -18,6 +17,7 @@ from dbdl_magic.options import TrainOptions, pack_values
 from dbdl_magic.store import registry
 from dbdl_magic.store.spec import parse_spec
 from dbdl_magic.training.policies import warm_encoding
+from dbdl_magic.training.scaling import sync_rounds
 
 
 def spec_of(model: Any) -> dict[str, Any]:
@@ -63,12 +63,17 @@ def warm_start_source(backend: Backend, init_from: str) -> dict[str, Any]:
 
 
 def pack_options(opts: TrainOptions, trials: list[dict[str, Any]]) -> PackOptions:
-    """How to pack for ``opts``: buffers hold whole batches of the largest searched size, and
-    forced segments (``parallel=N``) get two buffers each per sync round at least."""
+    """How to pack for ``opts``: buffers hold whole batches of the largest searched size."""
+    return PackOptions(**pack_values(opts, trials))
+
+
+def segment_buffers(opts: TrainOptions, parameters: int) -> int | None:
+    """The fewest buffers forced segments (``parallel=N``) need: two per segment per sync
+    round (None: one process, or ``auto``, which packs before it knows)."""
     segments = opts.parallel if isinstance(opts.parallel, int) else 1
-    rounds = math.ceil(1 / opts.sync_every) if opts.sync_every else 1
-    need = 2 * segments * rounds if segments > 1 else None
-    return PackOptions(**pack_values(opts, trials), min_buffers=need)
+    if segments <= 1:
+        return None
+    return 2 * segments * sync_rounds(opts.sync_every, segments, parameters)
 
 
 def pack_data(
@@ -94,6 +99,7 @@ def pack_data(
             )
         batch = max(1, min(pack_opts.batch_size, n_rows))
         pack_opts.n_parameters = max(check_spec_fits(s, encoding, batch) for s in specs)
+        pack_opts.min_buffers = segment_buffers(opts, pack_opts.n_parameters)
         if opts.validation_query:
             stage_query(
                 backend, conn, opts.validation_query, opts.params, vstage, "validation query",
@@ -115,6 +121,7 @@ __all__ = [
     "check_spec_fits",
     "pack_data",
     "pack_options",
+    "segment_buffers",
     "spec_of",
     "warm_start_source",
 ]

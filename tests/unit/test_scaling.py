@@ -367,7 +367,7 @@ def _planner(epochs=10):
 
     backend = _Backend()
     planner = IterationPlanner(backend, opts(epochs=epochs), cpus=2, token="t")
-    return planner, backend, SimpleNamespace(table="p", n_parameters=1000)
+    return planner, backend, SimpleNamespace(table="p", n_parameters=1000, n_buffers=16)
 
 
 def test_auto_opens_segments_once_measured_and_keeps_its_choice():
