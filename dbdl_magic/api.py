@@ -175,8 +175,9 @@ def train(
     - ``parallel="auto"``: segments training side by side, N or `auto` (spread once a measured
       iteration says it pays): sessions held by the run on PostgreSQL, worker processes on
       SQLite
-    - ``sync_every=None``: average the workers' models every this fraction of an epoch (e.g.
-      0.25: 4 times per epoch; None: once)
+    - ``sync_every=None``: combine the segments' models every this fraction of an epoch (e.g.
+      0.25: 4 times per epoch; None: 10 times for a model under 100k parameters on segments,
+      else once)
     - ``averaging="outer"``: how segments' models become one at each sync: `mean`
       (sample-weighted average) or `outer` (the average's change as a pseudo-gradient of an
       outer Nesterov step)

@@ -288,8 +288,8 @@ class TrainOptions:
         flag="--parallel", metavar="N",
     ))
     sync_every: float | None = field(default=None, metadata=about(
-        "average the workers' models every this fraction of an epoch (e.g. 0.25: 4 times per "
-        "epoch; None: once)",
+        "combine the segments' models every this fraction of an epoch (e.g. 0.25: 4 times per "
+        "epoch; None: 10 times for a model under 100k parameters on segments, else once)",
         check=Check(lambda v: 0 < v <= 1, "must be a fraction of an epoch in (0, 1] (e.g. 0.25 "
                     "averages 4 times per epoch)"),
         flag="--sync-every", resume=True,
