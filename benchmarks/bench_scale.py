@@ -1,21 +1,28 @@
-"""Scale-out benchmark: parallel workers, sync_every, model selection and per-group training.
+"""Scale-out benchmark: segments vs one process, convergence of averaged models, model
+selection and per-group training.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_scale.py --quick            # smoke run, < 3 min, prints only
-    .venv/bin/python benchmarks/bench_scale.py                    # full run, updates RESULTS.md
+    .venv/bin/python benchmarks/bench_scale.py --freeze           # full run, updates RESULTS.md
     .venv/bin/python benchmarks/bench_scale.py --only selection   # one part (its section only)
-    .venv/bin/python benchmarks/bench_scale.py --only parallel --workers 1,2,4,8 --rows 4000000
+    .venv/bin/python benchmarks/bench_scale.py --only parallel --workers 2,4,8 --rows 4000000
 
 Four parts, each written to its own marked section of ``benchmarks/RESULTS.md``
 (``<!-- bench_scale:<part>:start -->`` … ``:end -->``), so ``--only`` replaces just its own:
 
-1. ``parallel``: PostgreSQL ``parallel=P`` (P workers, ``threads = cores // P``; and one process
-   with one thread) on a generated table of ≥ 1M rows: epoch seconds (median over the epochs
-   after the first), speedup over P = 1, final validation accuracy, the workers/combines the
-   history reports; and what ``parallel="auto"`` chooses.
-2. ``convergence``: validation accuracy after N epochs with 1, 2, 4 workers, with and without
-   ``sync_every=0.25`` (on 2 cores 4 workers measure accuracy, not speed).
+1. ``parallel``: epoch time (median ``train_seconds`` over the epochs after the first) of one
+   process × 1 thread vs ``parallel=2`` segments × 1 thread, on PostgreSQL and on SQLite (a
+   database file), for mlp:64,32 on 1M rows and mlp:1024,1024 (a 13 MB state to combine) on
+   100k rows: speedup, efficiency, segment start-up; on PostgreSQL also its own parallel query
+   with 2 workers (the path before segments, reached by a wrapper of ``train_iteration``);
+   where a segment iteration's time goes (the rounds' statements, combine, checkpoint insert:
+   the segment classes' methods timed in this process); what ``parallel="auto"`` chooses.
+2. ``convergence``: 200k rows, validation accuracy per epoch for 8 epochs with one process
+   and 2, 4, 8 segments × ``averaging`` {mean, outer} × ``sync_every`` {1, 0.25, 0.1}, the
+   time until the one-process final accuracy is reached, and an ``outer_lr`` ×
+   ``outer_momentum`` sweep at 2 and 8 segments; the section ends with a recommendation
+   computed from the numbers.
 3. ``selection``: a K = 8 grid trained in one pass (``grid=...``; ``halving=False`` for a like
    for like time comparison, and the default successive halving) versus 8 sequential runs of
    the same configurations: total time ratio, best validation accuracy found.
@@ -23,9 +30,9 @@ Four parts, each written to its own marked section of ``benchmarks/RESULTS.md``
    (``group_by="grp"``) versus 50 separate runs (``WHERE grp = :g``): total time ratio and mean
    per-group validation accuracy (both evaluated on the same held-out rows per group).
 
-Parts 2-4 use one torch thread per process (``--threads``): with ``OMP_WAIT_POLICY=PASSIVE``
+Every part uses one torch thread per process (``--threads``): with ``OMP_WAIT_POLICY=PASSIVE``
 (set here as in ``bench_engine.py``) a second thread makes these small models several times
-slower on two cores; part 1 shows that cost.
+slower on two cores.
 
 Data comes from ``bench_engine.make_data`` (32 float features, 4 classes from a seeded
 nonlinear rule) and, for ``groups``, from a per-group variant of that rule; the PostgreSQL
@@ -36,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -75,17 +84,31 @@ class Mode:
     """Sizes of one benchmark mode (every field can be overridden from the command line)."""
 
     name: str
-    # 1. parallel workers
+    # 1. parallel: speed of segments against one process
     rows: int
-    workers: list[int]
+    workers: list[int]  # segment counts besides one process
     epochs: int
     model: str
     auto: bool
+    auto_epochs: int  # parallel="auto" gets more epochs, so that spreading can pay
+    big_model: str  # a large state: what the combine costs
+    big_rows: int  # 0: skip the large model
+    big_epochs: int
+    big_rows_per_buffer: int  # enough buffers for every segment (the default packs 1 here)
+    speed_backends: list[str]
+    query_workers: bool  # also PostgreSQL's own parallel query (the path before segments)
     # 2. convergence
     conv_rows: int
-    conv_workers: list[int]
+    conv_workers: list[int]  # segment counts besides one process
     conv_epochs: int
-    conv_sync: float
+    conv_syncs: list[float | None]
+    conv_averaging: list[str]
+    conv_rows_per_buffer: int
+    conv_backend: str
+    sweep_workers: list[int]  # the outer_lr × outer_momentum sweep ([]: none)
+    sweep_lrs: list[float]
+    sweep_momenta: list[float]
+    sweep_sync: float
     # 3. model selection
     sel_rows: int
     sel_epochs: int
@@ -95,26 +118,42 @@ class Mode:
     group_rows: int  # rows per group (training + validation)
     group_epochs: int
     group_model: str
-    # torch threads per process in the convergence, selection and groups parts (1: on two
-    # cores the fastest for these small models, and the same for every worker count)
+    # torch threads per process in the speed comparison, convergence, selection and groups
+    # parts (1: on two cores the fastest for these small models, and the same for every
+    # segment count)
     threads: int = 1
     # both backends for selection and groups
     backends: list[str] = field(default_factory=lambda: ["postgresql", "sqlite"])
     quiet: float = 20.0  # seconds to wait at most for idle CPUs before a timed run
+    conv_quiet: float = 3.0  # the same for convergence runs (accuracy first)
     quiet_budget: float = 300.0
 
 
 FULL = Mode(
     "full",
     rows=1_000_000,
-    workers=[1, 2],
+    workers=[2],
     epochs=4,
     model="mlp:64,32",
     auto=True,
+    auto_epochs=6,
+    big_model="mlp:1024,1024",
+    big_rows=100_000,
+    big_epochs=3,
+    big_rows_per_buffer=5_000,
+    speed_backends=["postgresql", "sqlite"],
+    query_workers=True,
     conv_rows=200_000,
-    conv_workers=[1, 2, 4],
-    conv_epochs=4,
-    conv_sync=0.25,
+    conv_workers=[2, 4, 8],
+    conv_epochs=8,
+    conv_syncs=[None, 0.25, 0.1],
+    conv_averaging=["mean", "outer"],
+    conv_rows_per_buffer=1000,
+    conv_backend="postgresql",
+    sweep_workers=[2, 8],
+    sweep_lrs=[0.7, 1.0, 1.5],
+    sweep_momenta=[0.0, 0.9],
+    sweep_sync=0.25,
     sel_rows=120_000,
     sel_epochs=4,
     sel_grid={
@@ -130,14 +169,28 @@ FULL = Mode(
 QUICK = Mode(
     "quick",
     rows=60_000,
-    workers=[1, 2],
+    workers=[2],
     epochs=2,
     model="mlp:64,32",
     auto=False,
+    auto_epochs=2,
+    big_model="mlp:1024,1024",
+    big_rows=0,
+    big_epochs=2,
+    big_rows_per_buffer=1_000,
+    speed_backends=["postgresql", "sqlite"],
+    query_workers=False,  # one query's workers cost seconds each: the full run has it
     conv_rows=20_000,
-    conv_workers=[1, 2],
+    conv_workers=[2],
     conv_epochs=2,
-    conv_sync=0.5,
+    conv_syncs=[0.5],
+    conv_averaging=["mean", "outer"],
+    conv_rows_per_buffer=500,
+    conv_backend="postgresql",
+    sweep_workers=[],
+    sweep_lrs=[1.0],
+    sweep_momenta=[0.9],
+    sweep_sync=0.5,
     sel_rows=10_000,
     sel_epochs=2,
     sel_grid={"lr": [1e-3, 1e-2], "model": ["mlp:32", "mlp:64,32"]},
@@ -147,6 +200,7 @@ QUICK = Mode(
     group_model="mlp:16",
     backends=["postgresql"],
     quiet=2.0,
+    conv_quiet=0.0,
     quiet_budget=10.0,
 )
 
@@ -306,6 +360,7 @@ class Run:
     server_cpu: float = 0.0
     others: float = 0.0  # share of the machine's CPU time other processes used meanwhile
     info: dict[str, Any] = field(default_factory=dict)  # the run's start facts (buffers, ...)
+    packed_at: float = float("nan")  # seconds from the call to ``on_start`` (packing done)
 
     @property
     def iter_seconds(self) -> float:
@@ -315,29 +370,161 @@ class Run:
         return [r.get(name) for r in self.rows]
 
 
+class PhaseTimer:
+    """Seconds the run spends in each phase of the segments, per iteration.
+
+    Wraps (in this process, once) the methods :class:`Segments.train` calls (``begin``,
+    ``run_round``: the round's statements on every segment until the last returns,
+    ``combine``: merge + outer step, ``commit``: the checkpoint insert) and the backends'
+    ``open_segments`` (the segments' start-up, in the iteration that opens them).
+    :meth:`take` returns the totals since the last call and resets them; ``opened`` keeps
+    the segments opened, whose processes :func:`run_cpu` reads.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.opened: list[Any] = []
+        self.installed = False
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        from dbdl_magic.backends import postgres, segments, sqlite, sqlite_segments
+
+        for cls in (segments.PostgresSegments, sqlite_segments.SQLiteSegments):
+            for name in ("begin", "run_round", "combine", "commit"):
+                self._wrap(cls, name, name)
+        for cls in (postgres.PostgresBackend, sqlite.SQLiteBackend):
+            self._wrap(cls, "open_segments", "open")
+        self.installed = True
+
+    def _wrap(self, cls: type, name: str, phase: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+                if phase == "open":
+                    self.opened.append(result)
+                return result
+            finally:
+                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - started
+                self.counts[phase] = self.counts.get(phase, 0) + 1
+
+        setattr(cls, name, timed)
+
+    def take(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.totals)
+        out["rounds"] = self.counts.get("run_round", 0)
+        self.totals, self.counts = {}, {}
+        return out
+
+
+TIMER = PhaseTimer()
+QUERY_WORKERS = [0]  # > 1: one-process iterations run as PostgreSQL parallel queries
+
+
+def install_query_workers() -> None:
+    """Make ``QUERY_WORKERS[0]`` reach ``PostgresBackend.train_iteration`` as ``workers``: the
+    path ``parallel=N`` took before segments (a parallel plan of the aggregate, N workers
+    started by the server for every query), no longer reachable through the options."""
+    from dbdl_magic.backends.postgres import PostgresBackend
+
+    if getattr(PostgresBackend.train_iteration, "bench_query_workers", False):
+        return
+    original = PostgresBackend.train_iteration
+
+    @functools.wraps(original)
+    def train_iteration(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if QUERY_WORKERS[0] > 1 and kwargs.get("segments") is None:
+            kwargs["workers"] = QUERY_WORKERS[0]
+        return original(self, *args, **kwargs)
+
+    train_iteration.bench_query_workers = True  # type: ignore[attr-defined]
+    PostgresBackend.train_iteration = train_iteration  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def query_workers(n: int) -> Iterator[None]:
+    install_query_workers()
+    QUERY_WORKERS[0] = n
+    try:
+        yield
+    finally:
+        QUERY_WORKERS[0] = 0
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and its reaped children (SQLite segment processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_cpu(targets: be.Targets) -> float:
+    """CPU seconds so far of everything a run uses: this process (and its reaped children),
+    the live SQLite segment processes, the PostgreSQL server (its sessions, the segments'
+    included, and its exited parallel workers)."""
+    total = own_cpu() + be.server_cpu(targets.pg_postmaster)
+    tck = os.sysconf("SC_CLK_TCK")
+    for segments in list(TIMER.opened):
+        if type(segments).__name__ != "SQLiteSegments":
+            continue
+        pids = segments.pids()
+        if not pids:  # closed: reaped, counted in own_cpu
+            TIMER.opened.remove(segments)
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = be._stat_fields(pid)
+                total += (int(fields[11]) + int(fields[12])) / tck
+    return total
+
+
 def timed_train(targets: be.Targets, backend: str, query: str, quiet: float, **options: Any) -> Run:
     """``dl.train`` on ``backend``, timed from the call (packing included) to the loaded model.
 
     The iteration rows come from the ``on_iteration`` callback, so a failure while loading the
     model at the very end still leaves the training's numbers (the error is kept in ``error``).
-    ``others`` = CPU time the machine spent busy during the run minus this process's and the
-    PostgreSQL server's (incl. its parallel workers), as a share of wall time × cores.
+    Each row also gets ``at`` (seconds since the call when the iteration was committed),
+    ``phases`` (:class:`PhaseTimer`) and ``cpu`` (:func:`run_cpu` seconds since the previous
+    iteration; the first: since packing ended, the segments' opening included). ``others`` =
+    CPU time the machine spent busy during the run minus this process's (and its segment
+    processes') and the PostgreSQL server's (incl. its sessions and parallel workers), as a
+    share of wall time × cores.
     """
+    TIMER.install()
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
     db = targets.database(backend)  # connected (and checked) before the clock starts
     be.wait_quiet(quiet)
     pid = targets.pg_postmaster if backend == "postgresql" else None
-    server0, own0 = be.server_cpu(targets.pg_postmaster), time.process_time()
+    server0, own0 = be.server_cpu(targets.pg_postmaster), own_cpu()
     busy0, _ = cpu_snapshot()
     cpu0 = be.server_cpu(pid)
     started = time.perf_counter()
+    packed_at = [float("nan")]
+    cpu_mark = [0.0]
+
+    def on_start(facts: dict[str, Any]) -> None:
+        packed_at[0] = time.perf_counter() - started
+        info.update(facts)
+        TIMER.take()
+        cpu_mark[0] = run_cpu(targets)
+
+    def on_iteration(row: dict[str, Any]) -> None:
+        now = run_cpu(targets)
+        at = time.perf_counter() - started
+        rows.append({**row, "at": at, "phases": TIMER.take(), "cpu": now - cpu_mark[0]})
+        cpu_mark[0] = now
+
     model, error = None, None
     try:
         model = dl.train(
             db,
             query,
-            callbacks=Callbacks(on_start=info.update, on_iteration=rows.append),
+            callbacks=Callbacks(on_start=on_start, on_iteration=on_iteration),
             **options,
         )
     except Exception as exc:  # keep the numbers; report the error
@@ -347,9 +534,9 @@ def timed_train(targets: be.Targets, backend: str, query: str, quiet: float, **o
         log(f"!! dl.train failed after training: {error}")
     wall = time.perf_counter() - started
     busy1, _ = cpu_snapshot()
-    ours = time.process_time() - own0 + be.server_cpu(targets.pg_postmaster) - server0
+    ours = own_cpu() - own0 + be.server_cpu(targets.pg_postmaster) - server0
     others = max(0.0, (busy1 - busy0) - ours) / max(wall * CORES, 1e-9)
-    return Run(wall, rows, model, error, be.server_cpu(pid) - cpu0, others, info)
+    return Run(wall, rows, model, error, be.server_cpu(pid) - cpu0, others, info, packed_at[0])
 
 
 def warm_up(targets: be.Targets, backends: list[str]) -> None:
@@ -388,88 +575,166 @@ def after_first(values: list[float]) -> list[float]:
     return values[1:] if len(values) > 1 else values
 
 
-# -- 1. parallel workers --------------------------------------------------------------------------
+# -- 1. parallel: segments against one process ----------------------------------------------------
+def speed_variants(mode: Mode, backend: str, big: bool) -> list[tuple[str, int | str, int]]:
+    """(label, ``parallel``, PostgreSQL parallel-query workers) of one backend and model."""
+    out: list[tuple[str, int | str, int]] = [("1 process", 1, 0)]
+    out += [(f"{w} segments", w, 0) for w in mode.workers if w > 1]
+    if backend == "postgresql" and mode.query_workers:
+        out += [(f"parallel query, {w} workers (before)", 1, w) for w in mode.workers if w > 1]
+    if mode.auto and not big and backend == mode.speed_backends[0]:
+        out.append(('"auto"', "auto", 0))
+    return out
+
+
+def phase_split(run: Run) -> dict[str, float]:
+    """Medians over iterations 2..N of where an iteration's time went (:class:`PhaseTimer`):
+    ``rest`` = training time outside the timed phases (buffer ranges, bookkeeping), ``after``
+    = evaluation, archiving, history and the transaction's commit."""
+    keys = ("run_round", "combine", "commit", "begin", "rest", "after", "rounds")
+    per: dict[str, list[float]] = {k: [] for k in keys}
+    for row in after_first(run.rows):
+        p = row.get("phases") or {}
+        timed = sum(p.get(k, 0.0) for k in ("run_round", "combine", "commit", "begin"))
+        for k in ("run_round", "combine", "commit", "begin", "rounds"):
+            per[k].append(float(p.get(k, 0.0)))
+        per["rest"].append(row["train_seconds"] - timed)
+        per["after"].append(row["seconds"] - row["train_seconds"])
+    return {k: median(v) for k, v in per.items()}
+
+
 def bench_parallel(mode: Mode, targets: be.Targets) -> dict[str, Any]:
-    x, y = be.make_data(mode.rows)
-    load_columns(targets, "scale_big", engine_columns(x, y), ["postgresql"])
-    del x, y
-    plans: list[tuple[int | str, int | None]] = [(p, max(1, CORES // p)) for p in mode.workers]
-    if 1 in mode.workers and CORES > 1:  # one process with one thread too: the threads' cost
-        plans.insert(plans.index((1, CORES)) + 1, (1, 1))
-    if mode.auto:
-        plans.append(("auto", None))
+    backends = [b for b in mode.speed_backends if b in targets.urls()]
+    cases: list[tuple[str, int, int, bool, dict[str, Any]]] = [
+        (mode.model, mode.rows, mode.epochs, False, {})
+    ]
+    if mode.big_rows:
+        packing = {"rows_per_buffer": mode.big_rows_per_buffer}
+        cases.append((mode.big_model, mode.big_rows, mode.big_epochs, True, packing))
     results = []
-    for parallel, threads in plans:
-        load0 = loadavg()
-        run = timed_train(
-            targets,
-            "postgresql",
-            "SELECT * FROM scale_big",
-            mode.quiet,
-            **base_options(
-                model=mode.model, epochs=mode.epochs, parallel=parallel, threads=threads
-            ),
-        )
-        train_s = run.col("train_seconds")
-        result = {
-            "parallel": parallel,
-            "threads": threads if threads is not None else "auto",
-            "epochs": mode.epochs,
-            "epoch_s": median(after_first(train_s)),
-            "iteration_s": median(after_first(run.col("seconds"))),
-            "first_epoch_s": train_s[0],
-            "train_s": train_s,
-            "wall": run.wall,
-            "pack_s": run.wall - run.iter_seconds,
-            "server_cpu_per_epoch": run.server_cpu / mode.epochs,
-            "accuracy": run.rows[-1].get("val_accuracy"),
-            "accuracies": run.col("val_accuracy"),
-            "workers": run.col("workers"),
-            "combines": run.col("combines"),
-            "note": run.rows[-1].get("parallel_note"),
-            "buffers": run.info.get("buffers"),
-            "busy": run.others,
-            "load": f"{load0} → {loadavg()}",
-            "error": run.error,
-        }
-        log(
-            f"parallel={parallel} threads={threads}: {result['epoch_s']:.2f} s/epoch,"
-            f" acc {result['accuracy']:.4f}, workers {result['workers']}"
-        )
-        results.append(result)
-    base = results[0]
+    for model, n_rows, epochs, big, packing in cases:
+        x, y = be.make_data(n_rows)
+        table = "scale_big_model" if big else "scale_big"
+        load_columns(targets, table, engine_columns(x, y), backends)
+        del x, y
+        for backend in backends:
+            for label, parallel, qworkers in speed_variants(mode, backend, big):
+                n_epochs = mode.auto_epochs if parallel == "auto" else epochs
+                threads = None if parallel == "auto" else mode.threads
+                load0 = loadavg()
+                with query_workers(qworkers):
+                    run = timed_train(
+                        targets,
+                        backend,
+                        f"SELECT * FROM {table}",
+                        mode.quiet,
+                        **base_options(
+                            model=model,
+                            epochs=n_epochs,
+                            parallel=parallel,
+                            threads=threads,
+                            **packing,
+                        ),
+                    )
+                train_s = run.col("train_seconds")
+                result = {
+                    "backend": backend,
+                    "model": model,
+                    "rows": n_rows,
+                    "rows_per_buffer": packing.get("rows_per_buffer"),
+                    "label": label,
+                    "parallel": parallel,
+                    "n": int(parallel) if parallel != "auto" and parallel > 1 else qworkers or 1,
+                    "threads": threads if threads is not None else "auto",
+                    "epochs": n_epochs,
+                    "epoch_s": median(after_first(train_s)),
+                    "iteration_s": median(after_first(run.col("seconds"))),
+                    "cpu_s": median(after_first(run.col("cpu"))),
+                    "first_epoch_s": train_s[0],
+                    "train_s": train_s,
+                    "wall": run.wall,
+                    "pack_s": run.packed_at,
+                    "startup_s": sum(r["phases"].get("open", 0.0) for r in run.rows),
+                    "phases": phase_split(run),
+                    "accuracy": run.rows[-1].get("val_accuracy"),
+                    "workers": run.col("workers"),
+                    "combines": run.col("combines"),
+                    "notes": run.col("parallel_note"),
+                    "buffers": run.info.get("buffers"),
+                    "busy": run.others,
+                    "load": f"{load0} → {loadavg()}",
+                    "error": run.error,
+                }
+                log(
+                    f"parallel {backend} {model} {label}: {result['epoch_s']:.2f} s/epoch"
+                    f" (first {result['first_epoch_s']:.2f}), acc {result['accuracy']:.4f},"
+                    f" workers {result['workers']}, combines {result['combines']}"
+                )
+                results.append(result)
     for r in results:
+        base = next(
+            b
+            for b in results
+            if b["backend"] == r["backend"]
+            and b["model"] == r["model"]
+            and b["parallel"] == 1
+            and b["n"] == 1
+        )
         r["speedup"] = base["epoch_s"] / r["epoch_s"]
-    return {"rows": mode.rows, "model": mode.model, "results": results}
+        r["efficiency"] = r["speedup"] / r["n"] if r["n"] > 1 else None
+        r["base_phases"] = base["phases"]
+        r["base_epoch_s"] = base["epoch_s"]
+        r["cpu_ratio"] = r["cpu_s"] / base["cpu_s"]
+        r["cpu_bound"] = r["n"] * base["cpu_s"] / r["cpu_s"]
+    return {"results": results, "threads": mode.threads}
 
 
 def render_parallel(mode: Mode, data: dict[str, Any]) -> str:
     rows = data["results"]
-    n_train = round(data["rows"] * 0.8)
+    models = ", ".join(dict.fromkeys(f"{r['model']} on {r['rows']:,} rows" for r in rows))
     lines = [
-        f"### Parallel workers: {data['rows']:,} rows × 32 features, {data['model']}, Adam"
-        f" lr {LR}, batch {BATCH}, {mode.epochs} epochs (PostgreSQL)",
+        f"### Segments vs one process: {models} × 32 features, Adam lr {LR}, batch {BATCH}",
         "",
-        f"Training rows: {n_train:,} (20% held out), packed into {rows[0]['buffers']} buffers"
-        " (training + validation; the parallel scan hands them out one at a time)."
-        " *epoch s* = median of `train_seconds` (the aggregate query) over epochs 2..N;"
-        " *iteration s* adds evaluation and the checkpoint; *speedup* = epoch s of"
-        " `parallel=1` ÷ this row's. *workers* / *combines* are the history's per-epoch"
-        " columns; *server CPU s/epoch* counts every server process (incl. the parallel"
-        " workers); *others* = share of the machine's CPU time (wall × cores) that other"
-        " processes used during the run (all busy CPU time minus this client's and the"
-        " server's).",
+        f"*N segments* = `parallel=N, threads={data['threads']}`: N sessions (PostgreSQL) or"
+        " worker processes (SQLite, a database file) opened once per run, each training over"
+        " its share of the buffers (`buffer_id % N`), the partial states combined in the"
+        f" database once per epoch (averaging = the default). *1 process* = `parallel=1,"
+        f" threads={data['threads']}`. *parallel query (before)* = the path `parallel=N` took"
+        " before segments, PostgreSQL's own parallel plan of the aggregate (N workers, started"
+        " by the server for every query), no longer reachable through the options: the"
+        " benchmark calls `train_iteration(..., workers=N)` (a wrapper in this process)."
+        ' *"auto"* = `parallel="auto"` (threads chosen by the run), given more epochs so that'
+        " spreading can pay. *epoch s* = median `train_seconds` over epochs 2..N; *speedup* ="
+        " 1 process ÷ this row; *efficiency* = speedup ÷ N (goal ≥ 0.85, i.e. ≥ 1.7× with 2);"
+        " *first epoch s* includes each segment's first optimizer (torch's lazy imports);"
+        " *start-up s* = opening the segments (before the first iteration's clock starts);"
+        " *CPU s/iteration* = CPU seconds of every process the run uses (client, segment"
+        " processes, server sessions and parallel workers) per iteration, medians over"
+        " epochs 2..N; *speedup if CPU-bound* = N × CPU of 1 process ÷ CPU of this row: the"
+        " speedup N processes would reach with N idle cores and perfect overlap (on a machine"
+        " shared with other work, more processes also take a larger share of the cores, which"
+        " inflates the measured speedup; this column does not depend on that)."
+        " *pack s* = from the call to the start of training. 20% of the rows are held out;"
+        " *others' CPU* = share of the machine's CPU time (wall × cores) used by other"
+        " processes during the run.",
         "",
         be.table(
             [
-                "parallel",
-                "threads/worker",
+                "backend",
+                "model (rows)",
+                "variant",
                 "epoch s",
                 "speedup",
+                "efficiency",
+                "goal ≥ 1.7×: measured / CPU-bound",
                 "first epoch s",
                 "iteration s",
-                "pack + setup s",
-                "server CPU s/epoch",
+                "CPU s/iteration",
+                "CPU ÷ 1 process",
+                "speedup if CPU-bound",
+                "start-up s",
+                "pack s",
+                "buffers",
                 "workers per epoch",
                 "combines per epoch",
                 "final val acc",
@@ -478,14 +743,26 @@ def render_parallel(mode: Mode, data: dict[str, Any]) -> str:
             ],
             [
                 [
-                    r["parallel"],
-                    r["threads"],
+                    r["backend"],
+                    f"{r['model']} ({r['rows'] // 1000:,}k"
+                    + (f", {r['rows_per_buffer']:,} rows/buffer)" if r["rows_per_buffer"] else ")"),
+                    r["label"],
                     f"**{r['epoch_s']:.2f}**",
                     f"**{r['speedup']:.2f}×**",
+                    "–" if r["efficiency"] is None else f"{r['efficiency']:.2f}",
+                    "–"
+                    if r["efficiency"] is None or r["parallel"] == 1
+                    else " / ".join(
+                        "yes" if v >= 1.7 else "no" for v in (r["speedup"], r["cpu_bound"])
+                    ),
                     f"{r['first_epoch_s']:.2f}",
                     f"{r['iteration_s']:.2f}",
+                    f"{r['cpu_s']:.2f}",
+                    f"{r['cpu_ratio']:.2f}",
+                    f"{r['cpu_bound']:.2f}×",
+                    f"{r['startup_s']:.1f}" if r["startup_s"] else "–",
                     f"{r['pack_s']:.1f}",
-                    f"{r['server_cpu_per_epoch']:.1f}",
+                    r["buffers"],
                     ", ".join(str(w) for w in r["workers"]),
                     ", ".join(str(c) for c in r["combines"]),
                     f"{r['accuracy']:.4f}",
@@ -496,135 +773,469 @@ def render_parallel(mode: Mode, data: dict[str, Any]) -> str:
             ],
         ),
     ]
-    lines += [
-        "",
-        f"The `parallel=1, threads=1` row shows what a second torch thread per process costs or"
-        f" buys for this model (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')});"
-        " `parallel=2` runs one thread per worker.",
+    seg = [r for r in rows if r["parallel"] != "auto" and r["parallel"] > 1]
+    if seg:
+        lines += [
+            "",
+            "Where an iteration's time goes with segments (seconds, medians over epochs 2..N):"
+            " *rounds* = the sync rounds' statements on every segment until the last one"
+            " returns; *combine* = merging the partial states (`dbdl.merge`) + the outer step +"
+            " reading the merged states' facts; *checkpoint insert* = copying the last round's"
+            " states into the checkpoints; *begin + rest* = the round's starting states,"
+            " buffer ranges and bookkeeping; *after training* = evaluation, archiving, history"
+            " and the commit (the same work as with one process, whose numbers are on the"
+            " right).",
+            "",
+            be.table(
+                [
+                    "backend",
+                    "model",
+                    "variant",
+                    "train s",
+                    "rounds",
+                    "rounds s",
+                    "combine s",
+                    "checkpoint insert s",
+                    "begin + rest s",
+                    "after training s",
+                    "1 process: train s",
+                    "1 process: after training s",
+                ],
+                [
+                    [
+                        r["backend"],
+                        r["model"],
+                        r["label"],
+                        f"{r['epoch_s']:.2f}",
+                        f"{r['phases']['rounds']:.0f}",
+                        f"{r['phases']['run_round']:.3f}",
+                        f"{r['phases']['combine']:.3f}",
+                        f"{r['phases']['commit']:.3f}",
+                        f"{r['phases']['begin'] + r['phases']['rest']:.3f}",
+                        f"{r['phases']['after']:.3f}",
+                        f"{r['base_epoch_s']:.2f}",
+                        f"{r['base_phases']['after']:.3f}",
+                    ]
+                    for r in seg
+                ],
+            ),
+        ]
+    for r in rows:
+        if r["parallel"] == "auto":
+            notes = "; ".join(
+                f"epoch {i + 1}: {n} ({w} worker{'s' if w != 1 else ''})"
+                for i, (n, w) in enumerate(zip(r["notes"], r["workers"], strict=True))
+            )
+            lines += [
+                "",
+                f'`parallel="auto"` on {r["backend"]} ({r["model"]}, {r["rows"]:,}'
+                f" rows, {r['epochs']} epochs): {notes}.",
+            ]
+    idle = [
+        f"{r['backend']} {r['model']} {r['label']}"
+        for r in rows
+        if r["parallel"] != "auto" and r["n"] > 1 and not any(r["combines"])
     ]
-    auto = next((r for r in rows if r["parallel"] == "auto"), None)
-    if auto:
-        lines += ["", f'`parallel="auto"` decided, in its last epoch: *{auto["note"]}*']
-    errors = [f"parallel={r['parallel']}: {r['error']}" for r in rows if r.get("error")]
+    if idle:
+        lines += [
+            "",
+            "**Not a parallel measurement** (no partial states combined: one segment or"
+            " worker had all the training buffers): " + "; ".join(idle) + ".",
+        ]
+    errors = [f"{r['backend']} {r['label']}: {r['error']}" for r in rows if r.get("error")]
     if errors:
         lines += ["", "Errors after training: " + "; ".join(errors)]
     lines += [
         "",
-        "On a larger machine run the same part with more workers and rows, e.g."
-        " `.venv/bin/python benchmarks/bench_scale.py --only parallel --workers 1,2,4,8"
-        " --rows 4000000` (threads per worker = cores ÷ workers; the server is started with"
-        " enough `max_parallel_workers`). Each worker is a new process per query that imports"
-        " torch, so the speedup needs epochs that are long against that start-up.",
+        "Before segments (the previous run of this part, git ba468a2, 2026-11-29): 1M × 32,"
+        " mlp:64,32, epoch 2.11 s in one process × 1 thread vs 4.52 s with 2 PostgreSQL"
+        " parallel workers × 1 thread (0.47×).",
     ]
     return "\n".join(lines)
 
 
 # -- 2. convergence -------------------------------------------------------------------------------
+def option_default(name: str) -> Any:
+    """The default of a ``dl.train`` option (the outer step's, as the package ships them)."""
+    from dbdl_magic.options import TrainOptions
+
+    return TrainOptions.__dataclass_fields__[name].default
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One convergence run: segments (1: one process), averaging, sync_every, outer step."""
+
+    workers: int
+    averaging: str | None = None
+    sync: float | None = None
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"parallel": self.workers, "sync_every": self.sync}
+        if self.workers > 1:
+            out["averaging"] = self.averaging
+            if self.averaging == "outer":
+                out["outer_lr"] = self.outer_lr
+                out["outer_momentum"] = self.outer_momentum
+        return out
+
+    def label(self) -> str:
+        if self.workers == 1:
+            return "1 process"
+        avg = str(self.averaging)
+        if self.averaging == "outer":
+            avg += f" ({self.outer_lr:g}, {self.outer_momentum:g})"
+        return f"{self.workers} seg, {avg}, sync {self.sync or 1:g}"
+
+
+def conv_settings(
+    mode: Mode,
+) -> tuple[list[Setting], list[Setting], list[tuple[Setting, Setting]]]:
+    """The main grid, and the sweep as (setting, the run that measures it): a sweep point the
+    grid already ran is not run again, and outer_lr 1 with momentum 0 (the plain average by
+    construction) is the grid's ``mean`` run."""
+    lr0, mom0 = option_default("outer_lr"), option_default("outer_momentum")
+    grid = [Setting(1)]
+    for w in mode.conv_workers:
+        for avg in mode.conv_averaging:
+            for sync in mode.conv_syncs:
+                outer = avg == "outer"
+                grid.append(Setting(w, avg, sync, lr0 if outer else None, mom0 if outer else None))
+    sweep: list[tuple[Setting, Setting]] = []
+    extra: list[Setting] = []
+    for w in mode.sweep_workers:
+        for lr in mode.sweep_lrs:
+            for mom in mode.sweep_momenta:
+                s = Setting(w, "outer", mode.sweep_sync, lr, mom)
+                same = s
+                if lr == 1.0 and mom == 0.0:
+                    same = Setting(w, "mean", mode.sweep_sync)
+                if same not in grid and same not in extra:
+                    extra.append(same)
+                sweep.append((s, same))
+    return grid, extra, sweep
+
+
 def bench_convergence(mode: Mode, targets: be.Targets) -> dict[str, Any]:
+    backend = mode.conv_backend
     x, y = be.make_data(mode.conv_rows, seed=SEED + 11)
-    load_columns(targets, "scale_conv", engine_columns(x, y), ["postgresql"])
+    load_columns(targets, "scale_conv", engine_columns(x, y), [backend])
     del x, y
-    results = []
-    for workers in mode.conv_workers:
-        for sync in (None, mode.conv_sync):
-            threads = mode.threads
-            run = timed_train(
-                targets,
-                "postgresql",
-                "SELECT * FROM scale_conv",
-                mode.quiet,
-                **base_options(
-                    model=mode.model,
-                    epochs=mode.conv_epochs,
-                    parallel=workers,
-                    threads=threads,
-                    sync_every=sync,
-                ),
-            )
-            result = {
-                "workers": workers,
-                "threads": threads,
-                "sync": sync,
-                "accuracy": run.rows[-1].get("val_accuracy"),
-                "accuracies": run.col("val_accuracy"),
-                "val_loss": run.rows[-1].get("val_loss"),
-                "epoch_s": median(after_first(run.col("train_seconds"))),
-                "iteration_s": median(after_first(run.col("seconds"))),
-                "workers_seen": run.col("workers"),
-                "buffers": run.info.get("buffers"),
-                "combines": run.col("combines"),
-                "busy": run.others,
-                "error": run.error,
-            }
-            log(
-                f"convergence workers={workers} sync={sync}: acc {result['accuracy']:.4f},"
-                f" {result['epoch_s']:.2f} s/epoch, workers seen {result['workers_seen']}"
-            )
-            results.append(result)
+    grid, extra, sweep = conv_settings(mode)
+    runs: dict[Setting, dict[str, Any]] = {}
+    for setting in grid + extra:
+        load0 = loadavg()
+        run = timed_train(
+            targets,
+            backend,
+            "SELECT * FROM scale_conv",
+            mode.conv_quiet,
+            **base_options(
+                model=mode.model,
+                epochs=mode.conv_epochs,
+                threads=mode.threads,
+                rows_per_buffer=mode.conv_rows_per_buffer,
+                **setting.options(),
+            ),
+        )
+        result = {
+            "label": setting.label(),
+            "accuracies": run.col("val_accuracy"),
+            "at": run.col("at"),
+            "seconds": run.col("seconds"),
+            "train_s": run.col("train_seconds"),
+            "epoch_s": median(after_first(run.col("train_seconds"))),
+            "pack_s": run.packed_at,
+            "startup_s": sum(r["phases"].get("open", 0.0) for r in run.rows),
+            "rounds": [r["phases"].get("rounds", 0) for r in run.rows],
+            "workers_seen": run.col("workers"),
+            "combines": run.col("combines"),
+            "buffers": run.info.get("buffers"),
+            "busy": run.others,
+            "load": f"{load0} → {loadavg()}",
+            "error": run.error,
+        }
+        log(
+            f"convergence {result['label']}: acc"
+            f" {', '.join(f'{a:.4f}' for a in result['accuracies'])};"
+            f" {result['epoch_s']:.2f} s/epoch, combines {result['combines']}"
+        )
+        runs[setting] = result
+    base = runs[Setting(1)]
+    target = base["accuracies"][-1]
+    for r in runs.values():
+        hit = next((i for i, a in enumerate(r["accuracies"]) if a >= target), None)
+        r["target_epoch"] = None if hit is None else hit + 1
+        r["target_after_pack"] = None if hit is None else r["at"][hit] - r["pack_s"]
+        r["target_wall"] = None if hit is None else r["at"][hit]
     return {
+        "backend": backend,
         "rows": mode.conv_rows,
         "epochs": mode.conv_epochs,
         "model": mode.model,
-        "sync": mode.conv_sync,
         "threads": mode.threads,
-        "results": results,
+        "rows_per_buffer": mode.conv_rows_per_buffer,
+        "target": target,
+        "defaults": (option_default("outer_lr"), option_default("outer_momentum")),
+        "grid": [(s, runs[s]) for s in grid],
+        "sweep": [(s, runs[same], s != same) for s, same in sweep],
+        "sweep_sync": mode.sweep_sync,
     }
 
 
+def acc_at(r: dict[str, Any], epoch: int) -> float:
+    accs = r["accuracies"]
+    return accs[min(epoch, len(accs)) - 1]
+
+
 def render_convergence(data: dict[str, Any]) -> str:
-    rows = data["results"]
-    return "\n".join(
-        [
-            f"### Convergence: accuracy after {data['epochs']} epochs with 1, 2, 4 workers,"
-            f" with and without `sync_every={data['sync']}` (PostgreSQL)",
+    epochs = data["epochs"]
+    mid = min(4, epochs)
+    grid = data["grid"]
+    base = grid[0][1]
+    b_mid, b_end = acc_at(base, mid), acc_at(base, epochs)
+
+    def delta(a: float, b: float) -> str:
+        return f"{(a - b) * 100:+.1f}"
+
+    def target_cells(r: dict[str, Any]) -> list[str]:
+        if r["target_epoch"] is None:
+            return ["not reached", "–", "–"]
+        return [str(r["target_epoch"]), f"{r['target_after_pack']:.1f}", f"{r['target_wall']:.1f}"]
+
+    lr0, mom0 = data["defaults"]
+    lines = [
+        f"### Convergence: 1 process vs segments × averaging × sync_every ({data['backend']})",
+        "",
+        f"{data['rows']:,} rows × 32 features (4 classes; 20% held out), {data['model']}, Adam"
+        f" lr {LR}, batch {BATCH}, seed {SEED}, `threads={data['threads']}`,"
+        f" `rows_per_buffer={data['rows_per_buffer']}` ({base['buffers']} buffers incl."
+        " validation, the same for every run, so that every segment gets buffers in every sync"
+        f" round), {epochs} epochs. *N seg* = `parallel=N`; *mean* = `averaging='mean'`"
+        f" (sample-weighted average), *outer (lr, momentum)* = `averaging='outer'` (defaults"
+        f" outer_lr {lr0:g}, outer_momentum {mom0:g}); *sync 1* = once per epoch, 0.25 / 0.1 ="
+        " `sync_every`. On 2 cores, 4 and 8 segments measure accuracy, not speed (they share"
+        " the cores). *Δ* = points vs 1 process. *time to target* = until the validation"
+        f" accuracy first reaches the 1-process final one ({data['target']:.4f}, after"
+        f" {epochs} epochs): the epoch, seconds after packing (incl. opening the segments) and"
+        " wall seconds from the call (packing is the same for every run). *epoch s* = median"
+        " `train_seconds` over epochs 2..N; *first epoch s* includes each segment's first"
+        " optimizer.",
+        "",
+        be.table(
+            [
+                "setting",
+                f"acc after {mid}",
+                f"Δ {mid}",
+                f"acc after {epochs}",
+                f"Δ {epochs}",
+                "val acc per epoch",
+                "time to target: epoch",
+                "s after packing",
+                "wall s",
+                "epoch s",
+                "first epoch s",
+                "start-up s",
+                "combines per epoch",
+                "others' CPU",
+            ],
+            [
+                [
+                    r["label"],
+                    f"**{acc_at(r, mid):.4f}**",
+                    delta(acc_at(r, mid), b_mid),
+                    f"**{acc_at(r, epochs):.4f}**",
+                    delta(acc_at(r, epochs), b_end),
+                    ", ".join(f"{a:.3f}" for a in r["accuracies"]),
+                    *target_cells(r),
+                    f"{r['epoch_s']:.2f}",
+                    f"{r['train_s'][0]:.2f}",
+                    f"{r['startup_s']:.1f}" if r["startup_s"] else "–",
+                    ", ".join(dict.fromkeys(str(c) for c in r["combines"])),
+                    f"{r['busy']:.0%}",
+                ]
+                for _s, r in grid
+            ],
+        ),
+    ]
+    if data["sweep"]:
+        lines += [
             "",
-            f"{data['rows']:,} rows × 32 features (4 classes; 20% held out), {data['model']},"
-            f" Adam lr {LR}, batch {BATCH}, seed {SEED}, {rows[0]['buffers']} packed buffers"
-            f" (training + validation); {data['threads']} torch thread(s) per process whatever"
-            " the worker count. With more workers than cores this measures accuracy, not speed."
-            " *epoch s* ="
-            " median `train_seconds` over epochs 2..N (with `sync_every` an epoch is"
-            f" {math.ceil(1 / data['sync'])} aggregate queries); *combines* = partial states"
-            " averaged per epoch as the history reports them; *others' CPU* = share of the"
-            " machine's CPU time other processes used during the run.",
+            f"Outer step sweep (`averaging='outer'`, sync {data['sweep_sync']:g}; outer_lr 1"
+            " with momentum 0 is the plain average by construction: its row is the `mean`"
+            " run; a point the grid above ran is that run):",
             "",
             be.table(
                 [
-                    "workers",
-                    "sync_every",
-                    f"val acc after {data['epochs']} epochs",
+                    "segments",
+                    "outer_lr",
+                    "outer_momentum",
+                    f"acc after {mid}",
+                    f"Δ {mid}",
+                    f"acc after {epochs}",
+                    f"Δ {epochs}",
                     "val acc per epoch",
-                    "val loss",
-                    "epoch s",
-                    "iteration s",
-                    "workers seen",
-                    "combines per epoch",
+                    "time to target: epoch",
+                    "s after packing",
+                    "wall s",
                     "others' CPU",
                 ],
                 [
                     [
-                        r["workers"],
-                        r["sync"] if r["sync"] else "none",
-                        f"**{r['accuracy']:.4f}**",
+                        s.workers,
+                        f"{s.outer_lr:g}",
+                        f"{s.outer_momentum:g}" + (" (= mean run)" if other else ""),
+                        f"**{acc_at(r, mid):.4f}**",
+                        delta(acc_at(r, mid), b_mid),
+                        f"**{acc_at(r, epochs):.4f}**",
+                        delta(acc_at(r, epochs), b_end),
                         ", ".join(f"{a:.3f}" for a in r["accuracies"]),
-                        f"{r['val_loss']:.4f}",
-                        f"{r['epoch_s']:.2f}",
-                        f"{r['iteration_s']:.2f}",
-                        ", ".join(str(w) for w in r["workers_seen"]),
-                        ", ".join(str(c) for c in r["combines"]),
+                        *target_cells(r),
                         f"{r['busy']:.0%}",
                     ]
-                    for r in rows
+                    for s, r, other in data["sweep"]
                 ],
             ),
         ]
+    bad = [
+        f"{r['label']} ({', '.join(dict.fromkeys(str(c) for c in r['combines']))})"
+        for s, r in grid
+        if s.workers > 1
+        and any(
+            c != (s.workers - 1) * (math.ceil(1 / s.sync) if s.sync else 1) for c in r["combines"]
+        )
+    ]
+    if bad:
+        lines += [
+            "",
+            "Combines per epoch other than (segments − 1) × rounds — some segment"
+            " had no buffers in some round: " + "; ".join(bad) + ".",
+        ]
+    errors = [f"{r['label']}: {r['error']}" for _s, r in grid if r.get("error")]
+    if errors:
+        lines += ["", "Errors after training: " + "; ".join(errors)]
+    lines += ["", recommendation(data)]
+    return "\n".join(lines)
+
+
+def unstable(r: dict[str, Any], drop: float = 0.02) -> bool:
+    """Whether validation accuracy fell by more than ``drop`` from one epoch to the next."""
+    accs = r["accuracies"]
+    return any(after < before - drop for before, after in itertools.pairwise(accs))
+
+
+def recommendation(data: dict[str, Any]) -> str:
+    """The paragraph that closes the convergence section, computed from its numbers."""
+    epochs = data["epochs"]
+    mid = min(4, epochs)
+    grid = data["grid"]
+    b_mid, b_end = acc_at(grid[0][1], mid), acc_at(grid[0][1], epochs)
+    seg = [(s, r) for s, r in grid if s.workers > 1]
+    if not seg:
+        return ""
+
+    def d(r: dict[str, Any], epoch: int, base: float) -> float:
+        return (acc_at(r, epoch) - base) * 100
+
+    averagings = list(dict.fromkeys(str(s.averaging) for s, _r in seg))
+    avg_delta = {
+        a: float(np.mean([d(r, mid, b_mid) for s, r in seg if s.averaging == a]))
+        for a in averagings
+    }
+    best_avg = max(avg_delta, key=lambda a: avg_delta[a])
+    keys = sorted({(s.workers, s.sync or 1.0) for s, _r in seg}, key=lambda k: (k[0], -k[1]))
+    wins = dict.fromkeys(averagings, 0)
+    for key in keys:
+        scored = {s.averaging: acc_at(r, mid) for s, r in seg if (s.workers, s.sync or 1.0) == key}
+        if len(scored) == len(averagings):
+            wins[max(scored, key=lambda a: scored[a])] += 1
+    text = [
+        f"**Recommendation (computed from the tables above).** Averaging: `{best_avg}` (mean Δ"
+        f" after {mid} epochs over every segment count and sync_every: "
+        + ", ".join(f"{a} {v:+.1f}" for a, v in avg_delta.items())
+        + " points; higher in "
+        + ", ".join(f"{a} {n}" for a, n in wins.items())
+        + f" of {len(keys)} (segments, sync) pairs)."
+    ]
+    per_count = []
+    for w in sorted({s.workers for s, _r in seg}):
+        runs = [(s, r) for s, r in seg if s.workers == w and s.averaging == best_avg]
+        once = next((r for s, r in runs if not s.sync), None)
+        s_best, r_best = max(runs, key=lambda p: (acc_at(p[1], mid), acc_at(p[1], epochs)))
+        cost = (
+            f", {r_best['epoch_s'] / once['epoch_s']:.2f}× the epoch time of sync 1" if once else ""
+        )
+        hit = (
+            f"reaches the 1-process final at epoch {r_best['target_epoch']}"
+            if r_best["target_epoch"]
+            else "does not reach the 1-process final"
+        )
+        per_count.append(
+            f"{w} segments: sync {s_best.sync or 1:g} (Δ {d(r_best, mid, b_mid):+.1f} after {mid},"
+            f" {d(r_best, epochs, b_end):+.1f} after {epochs}; {hit}{cost})"
+        )
+    text.append(f" Most accurate sync_every with `{best_avg}`: " + "; ".join(per_count) + ".")
+    for a in averagings:
+        spreads = []
+        for w in sorted({s.workers for s, _r in seg}):
+            accs = [acc_at(r, mid) for s, r in seg if s.workers == w and s.averaging == a]
+            if len(accs) > 1:
+                spreads.append((max(accs) - min(accs)) * 100)
+        if spreads and max(spreads) < 0.5:
+            text.append(
+                f" With `{a}`, sync_every changes the accuracy after {mid} epochs by at most"
+                f" {max(spreads):.1f} points: syncing more often does not pay."
+            )
+    shaky = [s.label() for s, r in seg if unstable(r)]
+    if data["sweep"]:
+        points: dict[tuple[float, float], list[tuple[float, float]]] = {}
+        for s, r, _other in data["sweep"]:
+            points.setdefault((s.outer_lr, s.outer_momentum), []).append(
+                (acc_at(r, mid), acc_at(r, epochs))
+            )
+            if unstable(r) and s.label() not in shaky:
+                shaky.append(s.label())
+        scores = {
+            k: (float(np.mean([a for a, _b in v])), float(np.mean([b for _a, b in v])))
+            for k, v in points.items()
+        }
+        best = max(scores, key=lambda k: scores[k])
+        default = tuple(data["defaults"])
+        counts = sorted({s.workers for s, _r, _o in data["sweep"]})
+        text.append(
+            f" Outer step (sync {data['sweep_sync']:g}, mean over {counts} segments): best"
+            f" outer_lr {best[0]:g}, outer_momentum {best[1]:g} (acc {scores[best][0]:.4f} after"
+            f" {mid}, {scores[best][1]:.4f} after {epochs} epochs)"
+            + (
+                f"; the default {default[0]:g}/{default[1]:g}: {scores[default][0]:.4f} /"
+                f" {scores[default][1]:.4f}"
+                if default in scores
+                else ""
+            )
+            + "."
+        )
+    if shaky:
+        text.append(
+            " Validation accuracy fell by more than 2 points from one epoch to the next in: "
+            + "; ".join(shaky)
+            + "."
+        )
+    most = max(s.workers for s, _r in seg)
+    top = max(((s, r) for s, r in seg if s.workers == most), key=lambda p: acc_at(p[1], mid))
+    top_delta = d(top[1], mid, b_mid)
+    goal = "met" if top_delta >= -1.0 else "not met"
+    text.append(
+        f" Goal (with {most} segments, after {mid} epochs within 1 point of one process):"
+        f" **{goal}**: the best {most}-segment setting, {top[0].label()}, is at"
+        f" Δ {top_delta:+.1f} points."
     )
+    return "".join(text)
 
 
 # -- 3. model selection ---------------------------------------------------------------------------
 def configs(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    import itertools
-
     names = list(grid)
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
@@ -1036,8 +1647,8 @@ def render_groups(data: dict[str, Any]) -> str:
 
 # -- writing --------------------------------------------------------------------------------------
 TITLES = {
-    "parallel": "1. parallel workers",
-    "convergence": "2. convergence with sync_every",
+    "parallel": "1. segments vs one process",
+    "convergence": "2. convergence: averaging × sync_every",
     "selection": "3. model selection in one pass",
     "groups": "4. per-group training",
 }
@@ -1092,14 +1703,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--rows", type=int, help="rows of the parallel part (full: 1,000,000)")
     parser.add_argument(
-        "--workers", type=int_list, help="parallel part's worker counts, e.g. 1,2,4,8"
+        "--workers", type=int_list, help="parallel part's segment counts (full: 2), e.g. 2,4"
     )
     parser.add_argument("--epochs", type=int, help="epochs of the parallel part")
     parser.add_argument("--model", help="model of the parallel and convergence parts")
     parser.add_argument("--no-auto", action="store_true", help="skip the parallel='auto' run")
+    parser.add_argument("--auto-epochs", type=int, help="epochs of the parallel='auto' run")
+    parser.add_argument("--big-model", help="the parallel part's large model (mlp:1024,1024)")
+    parser.add_argument("--big-rows", type=int, help="its rows (full: 100,000; 0: skip it)")
+    parser.add_argument("--big-epochs", type=int)
+    parser.add_argument(
+        "--speed-backends", help="backends of the parallel part (postgresql,sqlite)"
+    )
+    parser.add_argument(
+        "--no-query-workers",
+        action="store_true",
+        help="skip PostgreSQL's own parallel query (the path before segments)",
+    )
     parser.add_argument("--conv-rows", type=int)
-    parser.add_argument("--conv-workers", type=int_list, help="e.g. 1,2,4")
+    parser.add_argument("--conv-workers", type=int_list, help="segment counts, e.g. 2,4,8")
     parser.add_argument("--conv-epochs", type=int)
+    parser.add_argument(
+        "--conv-syncs", help="sync_every values, 1 = once per epoch (full: 1,0.25,0.1)"
+    )
+    parser.add_argument("--conv-backend", help="postgresql (full) or sqlite")
+    parser.add_argument("--conv-rows-per-buffer", type=int)
+    parser.add_argument(
+        "--sweep-workers", help="segment counts of the outer_lr × outer_momentum sweep (2,8; '')"
+    )
     parser.add_argument("--sel-rows", type=int)
     parser.add_argument("--sel-epochs", type=int)
     parser.add_argument("--groups", type=int)
@@ -1109,6 +1740,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, help="torch threads of the convergence/selection/groups parts"
     )
     parser.add_argument("--backends", help="of the selection and groups parts: postgresql,sqlite")
+    parser.add_argument(
+        "--quiet-budget", type=float, help="seconds to wait in all for idle CPUs (full: 300)"
+    )
     parser.add_argument("--json", type=Path, help="also dump the raw results to this file")
     parser.add_argument(
         "--freeze",
@@ -1129,12 +1763,24 @@ def main(argv: list[str] | None = None) -> int:
         "conv_rows": args.conv_rows,
         "conv_workers": args.conv_workers,
         "conv_epochs": args.conv_epochs,
+        "conv_syncs": [None if float(v) == 1 else float(v) for v in args.conv_syncs.split(",")]
+        if args.conv_syncs
+        else None,
+        "conv_backend": args.conv_backend,
+        "conv_rows_per_buffer": args.conv_rows_per_buffer,
+        "sweep_workers": int_list(args.sweep_workers) if args.sweep_workers is not None else None,
+        "auto_epochs": args.auto_epochs,
+        "big_model": args.big_model,
+        "big_rows": args.big_rows,
+        "big_epochs": args.big_epochs,
+        "speed_backends": args.speed_backends.split(",") if args.speed_backends else None,
         "sel_rows": args.sel_rows,
         "sel_epochs": args.sel_epochs,
         "groups": args.groups,
         "group_rows": args.group_rows,
         "group_epochs": args.group_epochs,
         "threads": args.threads,
+        "quiet_budget": args.quiet_budget,
         "backends": args.backends.split(",") if args.backends else None,
     }
     for key, value in overrides.items():
@@ -1142,12 +1788,14 @@ def main(argv: list[str] | None = None) -> int:
             setattr(mode, key, value)
     if args.no_auto:
         mode.auto = False
+    if args.no_query_workers:
+        mode.query_workers = False
     only = [p for p in PARTS if p in {s.strip() for s in args.only.split(",")}]
     write = (not args.quick or args.write) and not args.no_write
     be._quiet_left[0] = mode.quiet_budget
     torch.set_num_threads(CORES)
     started = time.perf_counter()
-    max_workers = max([*mode.workers, *mode.conv_workers, 4])
+    max_workers = max([*mode.workers, 4])
     runners: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
         "parallel": (bench_parallel, lambda d: render_parallel(mode, d)),
         "convergence": (bench_convergence, render_convergence),
