@@ -167,7 +167,7 @@ def test_interrupt_returns_the_first_hooks_model():
     assert HookList([none]).on_interrupt(None, KeyboardInterrupt()) is None  # type: ignore[arg-type]
 
 
-TRAINING = Path(__file__).resolve().parent.parent / "dbdl_magic" / "training"
+TRAINING = Path(__file__).resolve().parents[2] / "dbdl_magic" / "training"
 
 
 def definitions() -> list[tuple[str, ast.AST]]:

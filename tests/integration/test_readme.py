@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, make_url
 import dbdl_magic as dl
 from dbdl_magic.datasets import digits_frame, load_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 COUNTRIES = ("DE", "FR", "US")
 
@@ -56,7 +56,7 @@ def events_frame(rng: np.random.Generator, n: int = 1000) -> pd.DataFrame:
     """Four numeric features, a 0/1 label from a linear rule. Small on purpose: the rows fit
     one buffer, so one process trains it even with ``parallel=2`` (history ``workers`` 1);
     two real workers cost ≈ 12 s of start-up per query on a busy 2-core machine, 40 queries
-    here, and are tests/test_postgres.py's subject."""
+    here, and are tests/integration/test_postgres.py's subject."""
     x = rng.normal(size=(n, 4))
     frame = pd.DataFrame(x, columns=["x1", "x2", "x3", "x4"])
     frame["label"] = (x[:, 0] + 0.5 * x[:, 1] - x[:, 2] > 0).astype(int)

@@ -28,7 +28,7 @@ from sqlalchemy.pool import StaticPool
 import dbdl_magic as dl
 from dbdl_magic.kernel import plpython
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # what an sdist would not carry, or what other work in the checkout leaves behind
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
