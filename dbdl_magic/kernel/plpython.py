@@ -372,6 +372,17 @@ def statement_stamp() -> Callable[[], tuple[int, int, int]] | None:
     return lambda: (xact(), statement(), command(False))
 
 
+def _store_runner(plpy: Any, GD: dict[str, Any]) -> Callable[[str, Any], list[tuple[Any, ...]]]:
+    """SPI where the model store is (PostgreSQL, a Citus coordinator); on a Citus worker,
+    which runs ``dbdl.predict`` inside the shard tasks of a distributed table and has no store,
+    the coordinator's views read as the same role (:mod:`~dbdl_magic.kernel.coordinator`)."""
+    from dbdl_magic.kernel import coordinator
+
+    if coordinator.store_is_local(plpy) or not coordinator.is_citus_worker(plpy):
+        return spi_runner(plpy, GD)
+    return coordinator.coordinator_runner(plpy)
+
+
 def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: str) -> Any:
     """``dbdl.predict*(model, features)``: one row, features as JSON (by name) or an array.
     The model is looked up once per statement (see :func:`statement_stamp`)."""
@@ -380,7 +391,7 @@ def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: 
         from dbdl_magic.kernel.rowpredict import RowPredictor
 
         predictor = GD["dbdl_rows"] = RowPredictor(
-            spi_runner(plpy, GD), PG_TABLES, statement_stamp()
+            _store_runner(plpy, GD), PG_TABLES, statement_stamp()
         )
     if model is None or features is None:
         _required(model=model, features=features)
