@@ -30,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from dbdl_magic.backends.segments import ProgressSink, Segments
-from dbdl_magic.errors import InputError, TrainingError
+from dbdl_magic.errors import TrainingError
 from dbdl_magic.kernel.averaging import outer_step
 from dbdl_magic.kernel.state import combine_states, state_info
 
@@ -95,13 +95,7 @@ class SQLiteSegments(Segments):
 
     def __init__(self, backend: Backend, size: int, token: str) -> None:
         super().__init__(backend, size, token)
-        url = backend.engine.url
-        if url.database in (None, "", ":memory:") or "mode=memory" in str(url):
-            raise InputError(
-                f"parallel={size}: an in-memory SQLite database cannot be shared with worker "
-                "processes; connect to a database file (dl.connect('sqlite:///path.db')) or use "
-                "parallel=1"
-            )
+        url = backend.engine.url  # a database file (segments_unavailable refuses memory)
         self.processes: list[subprocess.Popen[bytes]] = []
         self.pipes: list[Pipe] = []
         self.states: dict[int, bytes] = {}  # the current round's starting state per member
