@@ -17,6 +17,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from dbdl_magic.kernel.blockstore import Archiver, Run
+from dbdl_magic.kernel.catalog import (
+    StoreTables,
+    checkpoint_sql,
+    insert_checkpoints_sql,
+    lock_models_sql,
+    member_states_sql,
+    meta_sql,
+    set_options_sql,
+    versions_options_sql,
+)
 
 if TYPE_CHECKING:
     from dbdl_magic.backends.segments import Segments
@@ -380,13 +390,9 @@ class Backend(ABC):
                 self.drop_table(conn, source)
             source, source_params = target, {}
         params = {"iteration": iteration + 1}
+        relation = self.members_relation(members, params)
         conn.execute(
-            text(
-                f"INSERT INTO {self.table('checkpoints')} (name, version, iteration, state)"
-                f" SELECT m.name, m.version, :iteration, s.state FROM {source} AS s"
-                f" JOIN {self.members_relation(members, params)} ON m.member = s.member"
-            ),
-            params,
+            text(insert_checkpoints_sql(self.store_tables(), source, relation)), params
         )
         self.drop_table(conn, source)
         return _finish_totals(totals)
@@ -453,12 +459,7 @@ class Backend(ABC):
         """SELECT of ``(member, state)``: each member's checkpoint ``iteration``."""
         params: dict[str, Any] = {"iteration": iteration}
         relation = self.members_relation(members, params)
-        sql = (
-            f"SELECT m.member AS member, c.state AS state FROM {relation}"
-            f" JOIN {self.table('checkpoints')} AS c ON c.name = m.name"
-            " AND c.version = m.version AND c.iteration = :iteration"
-        )
-        return sql, params
+        return member_states_sql(self.store_tables(), relation), params
 
     def _scratch_info(self, conn: Connection, table: str) -> dict[int, dict[str, Any]]:
         rows = conn.execute(
@@ -504,8 +505,9 @@ class Backend(ABC):
     def runner(self, conn: Connection) -> Run:
         """``run(sql, params)`` with ``$1``-style placeholders on ``conn`` (client side)."""
 
-    def store_tables(self) -> dict[str, str]:
-        return {t: self.table(t) for t in ("blocks", "checkpoint_blocks", "checkpoints")}
+    def store_tables(self) -> StoreTables:
+        """The model store's tables as this database names them (see :mod:`catalog`)."""
+        return StoreTables.named(self.table)
 
     def archive(
         self,
@@ -568,13 +570,8 @@ class Backend(ABC):
     # -- helpers shared by the dialects ---------------------------------------------------------
     def state_info(self, conn: Connection, key: dict[str, Any]) -> dict[str, Any]:
         """Header of a stored checkpoint, read by a kernel function inside the database."""
-        row = conn.execute(
-            text(
-                f"SELECT {self.fn_prefix}state_info(state) FROM {self.table('checkpoints')} "
-                "WHERE name = :name AND version = :version AND iteration = :iteration"
-            ),
-            key,
-        ).scalar_one()
+        selected = f"{self.fn_prefix}state_info(c.state)"
+        row = conn.execute(text(checkpoint_sql(self.store_tables(), selected)), key).scalar_one()
         return json.loads(row)
 
     def drop_table(self, conn: Connection, table: str) -> None:
@@ -595,7 +592,7 @@ class Backend(ABC):
         """Serialise allocating versions of model ``name`` until ``conn``'s transaction ends,
         so two runs never read the same highest version (here: take the database's write lock
         now, the one lock an embedded database has)."""
-        conn.execute(text(f"UPDATE {self.table('models')} SET name = name WHERE 0 = 1"))
+        conn.execute(text(lock_models_sql(self.store_tables())))
 
     def version_live(
         self, conn: Connection, name: str, version: int, options: dict[str, Any]
@@ -612,7 +609,7 @@ class Backend(ABC):
         """Runs on record, each with whether it is alive (here: ``run:<token>`` rows of the
         meta table, written when a run starts and deleted when it ends)."""
         rows = conn.execute(
-            text(f"SELECT key, value FROM {self.table('meta')} WHERE key LIKE 'run:%'")
+            text(meta_sql(self.store_tables(), "prefixed")), {"prefix": "run:"}
         ).all()
         return {
             key[4:]: key[4:] in _LIVE_RUNS or record_alive(json.loads(value))
@@ -621,9 +618,7 @@ class Backend(ABC):
 
     def forget_run(self, conn: Connection, token: str) -> None:
         """Delete the record of a run that is gone."""
-        conn.execute(
-            text(f"DELETE FROM {self.table('meta')} WHERE key = :key"), {"key": f"run:{token}"}
-        )
+        conn.execute(text(meta_sql(self.store_tables(), "delete")), {"key": f"run:{token}"})
 
     def scratch_orphaned(self, conn: Connection) -> bool:
         """Whether the iteration scratch tables (``iter_*``, named without their run's token)
@@ -694,8 +689,8 @@ class RunSession:
         try:
             with backend.engine.begin() as conn:
                 conn.execute(
-                    text(f"INSERT INTO {backend.table('meta')} (key, value) VALUES (:k, :v)"),
-                    {"k": f"run:{token}", "v": json.dumps(self.record)},
+                    text(meta_sql(backend.store_tables(), "insert")),
+                    {"key": f"run:{token}", "value": json.dumps(self.record)},
                 )
         except BaseException:
             _LIVE_RUNS.discard(token)
@@ -705,12 +700,11 @@ class RunSession:
         """Take model ``name``'s ``versions`` (one run's, in member order) for this run, inside
         the transaction that holds :meth:`Backend.lock_name`; returns the versions another
         live session trains, and then takes none. Versions without a row yet are free."""
-        models = self.backend.table("models")
+        tables = self.backend.store_tables()
         rows = [
             (int(v), json.loads(options))
             for v, options in conn.execute(
-                text(f"SELECT version, options FROM {models} WHERE name = :name"
-                     " AND version >= :lo AND version <= :hi"),
+                text(versions_options_sql(tables)),
                 {"name": name, "lo": min(versions, default=0), "hi": max(versions, default=0)},
             )
             if int(v) in versions
@@ -724,8 +718,7 @@ class RunSession:
             return taken
         for v, options in rows:
             conn.execute(
-                text(f"UPDATE {models} SET options = :options WHERE name = :name"
-                     " AND version = :version"),
+                text(set_options_sql(tables)),
                 {"name": name, "version": v,
                  "options": json.dumps({**options, "session": self.record}, default=str)},
             )

@@ -27,10 +27,9 @@ from dbdl_magic.backends.segments import PostgresSegments
 from dbdl_magic.errors import InstallError
 from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.kernel.blockstore import Archiver, Run
+from dbdl_magic.kernel.catalog import POSTGRES, STORE_TABLES, checkpoint_sql, meta_sql
 
 SCHEMA = "dbdl"
-#: the model store: views in schema ``dbdl`` that show each role only its own rows
-STORE_TABLES = frozenset({"models", "checkpoints", "blocks", "checkpoint_blocks", "meta"})
 _DOLLAR = re.compile(r"\$(\d+)")
 # One packed buffer per heap page (fillfactor + padding), so a parallel scan hands buffers to
 # workers one by one instead of giving every buffer on the first page to one worker.
@@ -170,7 +169,7 @@ class PostgresBackend(Backend):
                     cur.execute(script)
                 conn.execute(
                     text(
-                        "INSERT INTO dbdl.meta (key, value) VALUES ('version', :v) "
+                        f"INSERT INTO {POSTGRES.meta} (key, value) VALUES ('version', :v) "
                         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
                     ),
                     {"v": KERNEL_VERSION},
@@ -207,9 +206,11 @@ class PostgresBackend(Backend):
         with self.engine.connect() as conn:
             try:
                 installed = None
-                if conn.execute(text("SELECT to_regclass('dbdl.meta') IS NOT NULL")).scalar():
+                meta = conn.execute(text("SELECT to_regclass(:meta) IS NOT NULL"),
+                                    {"meta": POSTGRES.meta}).scalar()
+                if meta:
                     installed = conn.execute(
-                        text("SELECT value FROM dbdl.meta WHERE key = 'version'")
+                        text(meta_sql(POSTGRES, "read")), {"key": "version"}
                     ).scalar()
             except DBAPIError as exc:
                 raise InstallError(
@@ -605,16 +606,12 @@ class PostgresBackend(Backend):
     def predict_buffer(
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
-        ck = self.table("checkpoints")
+        selected = "dbdl.predict_buffer(CAST(:x AS bytea), c.state, CAST(:config AS text))"
         self._kernel_settings(conn)
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         return bytes(
             conn.execute(
-                text(
-                    f"SELECT dbdl.predict_buffer(CAST(:x AS bytea), c.state, CAST(:config AS text))"
-                    f" FROM {ck} AS c"
-                    " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration"
-                ),
+                text(checkpoint_sql(self.store_tables(), selected)),
                 {**key, "x": x, "config": json.dumps(config)},
             ).scalar_one()
         )
@@ -685,7 +682,7 @@ class PostgresBackend(Backend):
         selected = (["CAST(g.p AS bigint) * 16777216 + u.i AS " + q("__dbdl_rn")] if with_rn
                     else []) + [f"{k} AS {q(c)}" for k, c in zip(kept, keys, strict=True)]
         selected += [f"{e} AS {q(c)}" for e, c in zip(predicted, outputs, strict=True)]
-        ck = self.table("checkpoints")
+        tables = self.store_tables()
         self._kernel_settings(conn)
         if self._server_major(conn) >= 14:  # a memo of each range's arrays would only copy them
             conn.execute(text("SET LOCAL enable_memoize = off"))
@@ -707,10 +704,8 @@ class PostgresBackend(Backend):
                 + ", ".join([*aggs, f"dbdl.array_image(array_agg({row_sql})) AS x"])
                 + f" FROM {source} AS s"
                 f" WHERE {pages_of}) AS b"
-                " CROSS JOIN LATERAL dbdl.predict_batch(b.x, (SELECT c.state FROM"
-                f" {ck} AS c WHERE c.name = CAST(:name AS text)"
-                " AND c.version = CAST(:version AS integer)"
-                " AND c.iteration = CAST(:iteration AS integer)), CAST(:config AS text)) AS r"
+                f" CROSS JOIN LATERAL dbdl.predict_batch(b.x, ({checkpoint_sql(tables)}),"
+                " CAST(:config AS text)) AS r"
                 f" CROSS JOIN LATERAL (SELECT {made} OFFSET 0) AS o"
                 f" CROSS JOIN LATERAL unnest({', '.join(f'b.a{i}' for i in range(len(gathered)))}"
                 f"{', ' if gathered else ''}{', '.join(outs)}) WITH ORDINALITY"

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.errors import TrainingError
+from dbdl_magic.kernel.catalog import insert_checkpoints_sql
 
 if TYPE_CHECKING:
     from dbdl_magic.backends.base import Backend, Member
@@ -305,12 +306,10 @@ class PostgresSegments(Segments):
     def commit(self, conn: Connection, members: list[Member], iteration: int, last: int) -> None:
         params: dict[str, Any] = {"iteration": iteration + 1, "seg_round": last}
         relation = self.backend.members_relation(members, params)
-        conn.execute(text(
-            f"INSERT INTO {self.backend.table('checkpoints')} (name, version, iteration, state)"
-            f" SELECT m.name, m.version, CAST(:iteration AS integer), s.state FROM {self.table}"
-            f" AS s JOIN {relation} ON m.member = s.member"
-            " WHERE s.round = CAST(:seg_round AS integer) AND s.segment = -1"
-        ), params)
+        last_merged = "s.round = CAST(:seg_round AS integer) AND s.segment = -1"
+        conn.execute(text(insert_checkpoints_sql(
+            self.backend.store_tables(), self.table, relation, last_merged
+        )), params)
 
     def close(self) -> None:
         for k in range(len(self.connections)):

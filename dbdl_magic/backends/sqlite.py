@@ -25,6 +25,7 @@ from dbdl_magic.errors import DbdlError, InputError, TrainingError
 from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.kernel.averaging import outer_step
 from dbdl_magic.kernel.blockstore import Run
+from dbdl_magic.kernel.catalog import SQLITE, checkpoint_sql, sqlite_schema
 from dbdl_magic.kernel.evaluate import Evaluator, metrics_json, stats_from_bytes, stats_to_bytes
 from dbdl_magic.kernel.plpython import kernel_info
 from dbdl_magic.kernel.predict import encode_raw, predict_buffer
@@ -291,9 +292,6 @@ def register_kernels(dbapi_connection: sqlite3.Connection) -> None:
     c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # effective for new database files
 
 
-SQLITE_TABLES = {t: f'"dbdl_{t}"' for t in ("blocks", "checkpoint_blocks", "checkpoints", "models")}
-
-
 def _register_row_predict(c: sqlite3.Connection) -> None:
     """``dbdl_predict(model, json_object(...))`` and friends, reading models through ``c``.
 
@@ -310,7 +308,7 @@ def _register_row_predict(c: sqlite3.Connection) -> None:
         file's data version (which moves when another connection commits)."""
         return c.total_changes, c.execute("PRAGMA data_version").fetchone()[0]
 
-    predictor = RowPredictor(run, SQLITE_TABLES, stamp)
+    predictor = RowPredictor(run, SQLITE, stamp)
 
     def make(mode: str) -> Callable[..., Any]:
         @_kernel
@@ -424,58 +422,12 @@ class SQLiteBackend(Backend):
         return self.q(f"dbdl_{name}")
 
     def install(self) -> None:
-        models, checkpoints, meta = (self.table(t) for t in ("models", "checkpoints", "meta"))
+        tables = self.store_tables()
         with self.engine.begin() as conn:
+            for statement in sqlite_schema(tables):
+                conn.execute(text(statement))
             conn.execute(
-                text(f"CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT)")
-            )
-            conn.execute(
-                text(
-                    f"CREATE TABLE IF NOT EXISTS {models} (name TEXT NOT NULL,"
-                    " version INTEGER NOT NULL,"
-                    " status TEXT NOT NULL, spec TEXT NOT NULL, encoding TEXT NOT NULL,"
-                    " options TEXT NOT NULL, query TEXT NOT NULL,"
-                    " history TEXT NOT NULL DEFAULT '[]', model_iteration INTEGER, parent TEXT,"
-                    " error TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                    " updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                    " PRIMARY KEY (name, version))"
-                )
-            )
-            conn.execute(
-                text(
-                    f"CREATE TABLE IF NOT EXISTS {checkpoints} (name TEXT NOT NULL,"
-                    " version INTEGER NOT NULL, iteration INTEGER NOT NULL, state BLOB,"
-                    " logical_bytes INTEGER, new_bytes INTEGER,"
-                    " metrics TEXT, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                    " PRIMARY KEY (name, version, iteration),"
-                    f" FOREIGN KEY (name, version) REFERENCES {models} (name, version)"
-                    " ON DELETE CASCADE)"
-                )
-            )
-            conn.execute(
-                text(
-                    f"CREATE TABLE IF NOT EXISTS {self.table('blocks')} (hash BLOB PRIMARY KEY,"
-                    " dtype TEXT NOT NULL, encoding INTEGER NOT NULL, base BLOB,"
-                    " data BLOB NOT NULL,"
-                    " raw_size INTEGER NOT NULL, refs INTEGER NOT NULL DEFAULT 0)"
-                )
-            )
-            conn.execute(
-                text(
-                    f"CREATE TABLE IF NOT EXISTS {self.table('checkpoint_blocks')} ("
-                    " name TEXT NOT NULL, version INTEGER NOT NULL, iteration INTEGER NOT NULL,"
-                    " ord INTEGER NOT NULL, label TEXT NOT NULL, hash BLOB NOT NULL,"
-                    " PRIMARY KEY (name, version, iteration, ord))"
-                )
-            )
-            conn.execute(
-                text(
-                    "CREATE INDEX IF NOT EXISTS dbdl_checkpoint_blocks_hash ON"
-                    f" {self.table('checkpoint_blocks')} (hash)"
-                )
-            )
-            conn.execute(
-                text(f"INSERT OR REPLACE INTO {meta} (key, value) VALUES ('version', :v)"),
+                text(f"INSERT OR REPLACE INTO {tables.meta} (key, value) VALUES ('version', :v)"),
                 {"v": KERNEL_VERSION},
             )
 
@@ -657,11 +609,9 @@ class SQLiteBackend(Backend):
     def predict_buffer(
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
-        ck = self.table("checkpoints")
+        selected = "dbdl_predict_buffer(:x, c.state, :config)"
         return self._run(
-            conn,
-            f"SELECT dbdl_predict_buffer(:x, c.state, :config) FROM {ck} AS c"
-            " WHERE c.name = :name AND c.version = :version AND c.iteration = :iteration",
+            conn, checkpoint_sql(self.store_tables(), selected),
             {**key, "x": x, "config": json.dumps(config)},
         ).scalar_one()
 
@@ -705,13 +655,7 @@ class SQLiteBackend(Backend):
         kept = ([rn] if with_rn else []) + [q(k) for k in keys]
         columns = kept + [q(c) for c in outputs]
         conn.execute(text(f"CREATE TABLE {result} ({', '.join(columns)})"))
-        state = conn.execute(
-            text(
-                f"SELECT state FROM {self.table('checkpoints')} WHERE name = :name"
-                " AND version = :version AND iteration = :iteration"
-            ),
-            key,
-        ).scalar_one()
+        state = conn.execute(text(checkpoint_sql(self.store_tables())), key).scalar_one()
         evaluator = Evaluator(config, bytes(state))
         values = dict(params)
         scalars = [f for f in features if f["kind"] != "array"]
@@ -766,7 +710,7 @@ class SQLiteBackend(Backend):
 
     def work_tables(self, conn: Connection) -> list[str]:
         """Every ``dbdl_*`` table of the file but the model store's and the meta table."""
-        store = {*SQLITE_TABLES.values(), self.table("meta")}
+        store = set(self.store_tables())
         names = conn.execute(
             text(
                 "SELECT name FROM sqlite_master WHERE type = 'table'"

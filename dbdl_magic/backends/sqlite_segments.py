@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from dbdl_magic.backends.segments import ProgressSink, Segments
 from dbdl_magic.errors import TrainingError
 from dbdl_magic.kernel.averaging import outer_step
+from dbdl_magic.kernel.catalog import insert_checkpoints_sql
 from dbdl_magic.kernel.state import combine_states, state_info
 
 if TYPE_CHECKING:
@@ -217,9 +218,7 @@ class SQLiteSegments(Segments):
         source, sparams = self.source(last, members)
         params.update(sparams)
         conn.execute(text(
-            f"INSERT INTO {self.backend.table('checkpoints')} (name, version, iteration, state)"
-            f" SELECT m.name, m.version, :iteration, s.state FROM {source} AS s"
-            f" JOIN {relation} ON m.member = s.member"
+            insert_checkpoints_sql(self.backend.store_tables(), source, relation)
         ), params)
 
     def _kill(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dbdl_magic.kernel.catalog import WEIGHT_LABELS, StoreTables
 from dbdl_magic.kernel.state import read_header
 
 RAW, DELTA = 0, 1
@@ -41,9 +42,6 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
-#: the blocks a module needs (SQL condition on ``cb.label``): the tensor table and the
-#: network's own tensors; the optimizer's moments (``optim.*``) are only read to resume
-WEIGHT_LABELS = "substr(cb.label, 1, 6) = 'model.' OR cb.label = 'safetensors-header'"
 #: delta must save at least this fraction of the raw size to be worth a decode at load time
 DELTA_MIN_SAVING = 0.1
 
@@ -173,12 +171,12 @@ class Archiver:
     """Writes a checkpoint's state into the block store and reads it back.
 
     ``run(sql, params)`` executes SQL with positional parameters written ``$1, $2, ...``
-    (SQLite and PostgreSQL both accept that spelling) and returns the rows. ``tables`` maps
-    ``blocks``/``checkpoint_blocks``/``checkpoints`` to their quoted names.
+    (SQLite and PostgreSQL both accept that spelling) and returns the rows; ``tables`` are
+    the store's (:mod:`catalog`).
     """
 
     run: Run
-    tables: dict[str, str]
+    tables: StoreTables
     block_bytes: int = DEFAULT_BLOCK_BYTES
     deltas: bool = True
 
@@ -193,7 +191,7 @@ class Archiver:
         """
         t = self.tables
         rows = self.run(
-            f"SELECT state FROM {t['checkpoints']} WHERE name = $1 AND version = $2 "
+            f"SELECT state FROM {t.checkpoints} WHERE name = $1 AND version = $2 "
             "AND iteration = $3",
             [name, version, iteration],
         )
@@ -203,9 +201,9 @@ class Archiver:
         if parent is not None and self.deltas:
             for label, base_hash, base_data in self.run(
                 "SELECT cb.label, b.hash AS base_hash, b.data AS base_data"
-                f" FROM {t['checkpoint_blocks']} AS cb"
-                f" JOIN {t['blocks']} AS b ON b.hash = (SELECT CASE WHEN x.encoding = 0 THEN"
-                f" x.hash ELSE x.base END FROM {t['blocks']} AS x WHERE x.hash = cb.hash)"
+                f" FROM {t.checkpoint_blocks} AS cb"
+                f" JOIN {t.blocks} AS b ON b.hash = (SELECT CASE WHEN x.encoding = 0 THEN"
+                f" x.hash ELSE x.base END FROM {t.blocks} AS x WHERE x.hash = cb.hash)"
                 " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3",
                 list(parent),
             ):
@@ -214,7 +212,7 @@ class Archiver:
             {
                 bytes(r[0])
                 for r in self.run(
-                    f"SELECT hash FROM {t['blocks']} WHERE hash IN "
+                    f"SELECT hash FROM {t.blocks} WHERE hash IN "
                     f"({', '.join(f'${i + 1}' for i in range(len(blocks)))})",
                     [b.hash for b in blocks],
                 )
@@ -232,7 +230,7 @@ class Archiver:
                 if delta is None:
                     data = block.raw
                     self.run(
-                        f"INSERT INTO {t['blocks']} (hash, dtype, encoding, data, raw_size, refs)"
+                        f"INSERT INTO {t.blocks} (hash, dtype, encoding, data, raw_size, refs)"
                         " VALUES ($1, $2, 0, $3, $4, 0) ON CONFLICT DO NOTHING",
                         [block.hash, block.dtype, data, len(block.raw)],
                     )
@@ -240,7 +238,7 @@ class Archiver:
                     assert base is not None
                     data = delta
                     self.run(
-                        f"INSERT INTO {t['blocks']} (hash, dtype, encoding, base, data, raw_size,"
+                        f"INSERT INTO {t.blocks} (hash, dtype, encoding, base, data, raw_size,"
                         " refs) VALUES ($1, $2, 1, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
                         [block.hash, block.dtype, base[0], data, len(block.raw)],
                     )
@@ -248,13 +246,13 @@ class Archiver:
                 known.add(block.hash)
                 stored += len(data)
             self.run(
-                f"INSERT INTO {t['checkpoint_blocks']} (name, version, iteration, ord, label,"
+                f"INSERT INTO {t.checkpoint_blocks} (name, version, iteration, ord, label,"
                 " hash) VALUES ($1, $2, $3, $4, $5, $6)",
                 [name, version, iteration, block.ord, block.label, block.hash],
             )
             self._ref(block.hash, 1)
         self.run(
-            f"UPDATE {t['checkpoints']} SET logical_bytes = $1, new_bytes = $2 WHERE name = $3"
+            f"UPDATE {t.checkpoints} SET logical_bytes = $1, new_bytes = $2 WHERE name = $3"
             " AND version = $4 AND iteration = $5",
             [len(state), stored, name, version, iteration],
         )
@@ -264,14 +262,14 @@ class Archiver:
         """Write a checkpoint's reassembled state back into ``checkpoints.state`` (hot copy)."""
         state = self.load(name, version, iteration)
         self.run(
-            f"UPDATE {self.tables['checkpoints']} SET state = $1 WHERE name = $2 AND"
+            f"UPDATE {self.tables.checkpoints} SET state = $1 WHERE name = $2 AND"
             " version = $3 AND iteration = $4",
             [state, name, version, iteration],
         )
 
     def _ref(self, address: bytes, delta: int) -> None:
         self.run(
-            f"UPDATE {self.tables['blocks']} SET refs = refs + $1 WHERE hash = $2", [delta, address]
+            f"UPDATE {self.tables.blocks} SET refs = refs + $1 WHERE hash = $2", [delta, address]
         )
 
     def load(self, name: str, version: int, iteration: int) -> bytes:
@@ -279,8 +277,8 @@ class Archiver:
         t = self.tables
         rows = self.run(
             f"SELECT b.hash, b.dtype, b.encoding, b.data, base.data AS base_data"
-            f" FROM {t['checkpoint_blocks']} AS cb JOIN {t['blocks']} AS b ON b.hash = cb.hash"
-            f" LEFT JOIN {t['blocks']} AS base ON base.hash = b.base"
+            f" FROM {t.checkpoint_blocks} AS cb JOIN {t.blocks} AS b ON b.hash = cb.hash"
+            f" LEFT JOIN {t.blocks} AS base ON base.hash = b.base"
             " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3 ORDER BY cb.ord",
             [name, version, iteration],
         )
@@ -299,11 +297,11 @@ class Archiver:
         )
         params: list[Any] = [name, version] + ([iteration] if iteration is not None else [])
         for address, count in self.run(
-            f"SELECT hash, count(*) FROM {t['checkpoint_blocks']} WHERE {where} GROUP BY hash",
+            f"SELECT hash, count(*) FROM {t.checkpoint_blocks} WHERE {where} GROUP BY hash",
             params,
         ):
             self._ref(bytes(address), -int(count))
-        self.run(f"DELETE FROM {t['checkpoint_blocks']} WHERE {where}", params)
+        self.run(f"DELETE FROM {t.checkpoint_blocks} WHERE {where}", params)
         return self._collect()
 
     def _collect(self) -> int:
@@ -311,13 +309,13 @@ class Archiver:
         t = self.tables
         deleted = 0
         while True:  # deltas hold a reference on their base: collect in rounds
-            dead = self.run(f"SELECT hash, base FROM {t['blocks']} WHERE refs <= 0", [])
+            dead = self.run(f"SELECT hash, base FROM {t.blocks} WHERE refs <= 0", [])
             if not dead:
                 return deleted
             for address, base in dead:
                 if base is not None:
                     self._ref(bytes(base), -1)
-                self.run(f"DELETE FROM {t['blocks']} WHERE hash = $1", [bytes(address)])
+                self.run(f"DELETE FROM {t.blocks} WHERE hash = $1", [bytes(address)])
                 deleted += 1
 
     def store_weights_raw(self, name: str, version: int, iteration: int) -> dict:
@@ -331,8 +329,8 @@ class Archiver:
         t = self.tables
         rows = self.run(
             "SELECT b.hash, b.dtype, b.data, b.base, base.data AS base_data"
-            f" FROM {t['checkpoint_blocks']} AS cb JOIN {t['blocks']} AS b ON b.hash = cb.hash"
-            f" LEFT JOIN {t['blocks']} AS base ON base.hash = b.base"
+            f" FROM {t.checkpoint_blocks} AS cb JOIN {t.blocks} AS b ON b.hash = cb.hash"
+            f" LEFT JOIN {t.blocks} AS base ON base.hash = b.base"
             " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3 AND b.encoding = 1"
             f" AND ({WEIGHT_LABELS})",
             [name, version, iteration],
@@ -350,7 +348,7 @@ class Archiver:
                     f"content does not match its address {address.hex()[:16]}…"
                 )
             self.run(
-                f"UPDATE {t['blocks']} SET encoding = 0, base = NULL, data = $1 WHERE hash = $2",
+                f"UPDATE {t.blocks} SET encoding = 0, base = NULL, data = $1 WHERE hash = $2",
                 [raw, address],
             )
             self._ref(bytes(base), -1)
@@ -358,7 +356,7 @@ class Archiver:
             added += len(raw) - len(data)
         if done:
             self.run(
-                f"UPDATE {t['checkpoints']} SET new_bytes = coalesce(new_bytes, 0) + $1"
+                f"UPDATE {t.checkpoints} SET new_bytes = coalesce(new_bytes, 0) + $1"
                 " WHERE name = $2 AND version = $3 AND iteration = $4",
                 [added, name, version, iteration],
             )

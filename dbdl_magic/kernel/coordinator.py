@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dbdl_magic.kernel.blockstore import Run
+from dbdl_magic.kernel.catalog import POSTGRES
 from dbdl_magic.kernel.errors import KernelError
 
 #: columns of the model store that hold bytes (hex in JSON: ``"\\x0a1b..."``)
@@ -37,7 +38,7 @@ class CoordinatorError(KernelError):
 
 def store_is_local(plpy: Any) -> bool:
     """Whether this server holds the model store (PostgreSQL, a Citus coordinator)."""
-    rows = plpy.execute("SELECT to_regclass('dbdl.models') IS NOT NULL AS here")
+    rows = plpy.execute(f"SELECT to_regclass('{POSTGRES.models}') IS NOT NULL AS here")
     return bool(rows[0]["here"])
 
 

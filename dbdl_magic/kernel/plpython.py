@@ -268,7 +268,6 @@ def kernel_info() -> str:
 
 
 # -- storage routines (SPI; called only from PARALLEL UNSAFE functions, never in parallel plans)
-PG_TABLES = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints", "models")}
 
 
 def _required(**arguments: Any) -> None:
@@ -313,8 +312,9 @@ def spi_runner(plpy: Any, GD: dict[str, Any]) -> Callable[[str, Any], list[tuple
 
 def _archiver(plpy: Any, GD: dict[str, Any], **kwargs: Any) -> Any:
     from dbdl_magic.kernel.blockstore import Archiver
+    from dbdl_magic.kernel.catalog import POSTGRES
 
-    return Archiver(spi_runner(plpy, GD), PG_TABLES, **kwargs)
+    return Archiver(spi_runner(plpy, GD), POSTGRES, **kwargs)
 
 
 def archive(
@@ -388,10 +388,11 @@ def row_predict(plpy: Any, GD: dict[str, Any], model: str, features: Any, mode: 
     The model is looked up once per statement (see :func:`statement_stamp`)."""
     predictor = GD.get("dbdl_rows")
     if predictor is None:
+        from dbdl_magic.kernel.catalog import POSTGRES
         from dbdl_magic.kernel.rowpredict import RowPredictor
 
         predictor = GD["dbdl_rows"] = RowPredictor(
-            _store_runner(plpy, GD), PG_TABLES, statement_stamp()
+            _store_runner(plpy, GD), POSTGRES, statement_stamp()
         )
     if model is None or features is None:
         _required(model=model, features=features)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dbdl_magic.kernel.blockstore import Archiver, Run
+from dbdl_magic.kernel.catalog import StoreTables, model_lookup_sql
 from dbdl_magic.kernel.evaluate import Evaluator
 
 Values = Mapping[str, Any] | Sequence[Any]
@@ -55,7 +56,7 @@ class RowPredictor:
     ``stamp`` (optional) tells one statement from the next (see the module docstring)."""
 
     def __init__(
-        self, run: Run, tables: dict[str, str], stamp: Callable[[], Hashable] | None = None
+        self, run: Run, tables: StoreTables, stamp: Callable[[], Hashable] | None = None
     ) -> None:
         self.run = run
         self.tables = tables
@@ -78,15 +79,8 @@ class RowPredictor:
 
     def _lookup(self, ref: str) -> _Model | _Router:
         name, _, version = ref.partition(":")
-        sql = (f"SELECT version, coalesce(model_iteration, (SELECT max(c.iteration) FROM"
-               f" {self.tables['checkpoints']} AS c WHERE c.name = m.name AND c.version ="
-               f" m.version)), spec, encoding, updated_at, options"
-               f" FROM {self.tables['models']} AS m WHERE m.name = $1")
-        params: list[Any] = [name]
-        if version:
-            sql += " AND m.version = $2"
-            params.append(int(version))
-        rows = self.run(sql + " ORDER BY m.version DESC LIMIT 1", params)
+        params: list[Any] = [name, int(version)] if version else [name]
+        rows = self.run(model_lookup_sql(self.tables, bool(version)), params)
         if not rows:
             raise ValueError(f"no model {ref!r} in this database")
         v, iteration, spec, encoding, updated, options = rows[0]

@@ -21,6 +21,7 @@ from dbdl_magic.backends.base import Backend
 from dbdl_magic.data.encoding import Encoding
 from dbdl_magic.errors import InputError
 from dbdl_magic.kernel.blockstore import assemble, decode_block, split_state
+from dbdl_magic.kernel.catalog import blocks_like_sql
 from dbdl_magic.kernel.netbuild import build_network
 from dbdl_magic.kernel.state import decode_state
 from dbdl_magic.store import registry
@@ -54,11 +55,8 @@ def _accuracy(state: bytes, spec: dict[str, Any], enc: Encoding, X: torch.Tensor
 
 def _candidates(conn: Any, backend: Backend, dtype: str, size: int, own: set[bytes],
                 limit: int) -> list[tuple[bytes, np.ndarray]]:
-    blocks = backend.table("blocks")
     rows = conn.execute(
-        text(f"SELECT b.hash, b.encoding, b.data, base.data FROM {blocks} AS b"
-             f" LEFT JOIN {blocks} AS base ON base.hash = b.base"
-             " WHERE b.dtype = :dtype AND b.raw_size = :size LIMIT :limit"),
+        text(blocks_like_sql(backend.store_tables())),
         {"dtype": dtype, "size": size, "limit": limit},
     ).all()
     out = []

@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.backends.base import Backend
 from dbdl_magic.errors import InputError
+from dbdl_magic.kernel.catalog import model_iteration_sql, set_options_sql, weight_blocks_sql
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def next_version(conn: Connection, backend: Backend, name: str) -> int:
     return int(
         conn.execute(
             text(
-                f"SELECT coalesce(max(version), 0) + 1 FROM {backend.table('models')} "
+                f"SELECT coalesce(max(version), 0) + 1 FROM {backend.store_tables().models} "
                 "WHERE name = :name"
             ),
             {"name": name},
@@ -45,7 +46,7 @@ def create_model(
     """Insert the model row with status ``training``."""
     conn.execute(
         text(
-            f"INSERT INTO {backend.table('models')} (name, version, status, spec, encoding,"
+            f"INSERT INTO {backend.store_tables().models} (name, version, status, spec, encoding,"
             " options, query, history, parent) VALUES (:name, :version, 'training', :spec,"
             " :encoding, :options, :query, '[]', :parent)"
         ),
@@ -80,7 +81,7 @@ def set_status(
         params["history"] = json.dumps(history)
     conn.execute(
         text(
-            f"UPDATE {backend.table('models')} SET {', '.join(sets)} "
+            f"UPDATE {backend.store_tables().models} SET {', '.join(sets)} "
             "WHERE name = :name AND version = :version"
         ),
         params,
@@ -92,10 +93,7 @@ def set_options(
 ) -> None:
     """Replace the stored options of a model version (e.g. a resumed run's work token)."""
     conn.execute(
-        text(
-            f"UPDATE {backend.table('models')} SET options = :options "
-            "WHERE name = :name AND version = :version"
-        ),
+        text(set_options_sql(backend.store_tables())),
         {**key, "options": json.dumps(options, default=str)},
     )
 
@@ -105,7 +103,7 @@ def write_checkpoint(
 ) -> None:
     conn.execute(
         text(
-            f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state) "
+            f"INSERT INTO {backend.store_tables().checkpoints} (name, version, iteration, state) "
             "VALUES (:name, :version, :iteration, :state)"
         ),
         {**key, "iteration": iteration, "state": state},
@@ -123,7 +121,8 @@ def record_iteration(
     checkpoints dropped (their blocks keep them) — three statements, however many models."""
     if not entries:
         return
-    ck, models = backend.table("checkpoints"), backend.table("models")
+    t = backend.store_tables()
+    ck, models = t.checkpoints, t.models
     conn.execute(
         text(
             f"UPDATE {ck} SET metrics = :metrics "
@@ -153,7 +152,7 @@ def ensure_hot_state(
     """Make sure checkpoint ``iteration`` has its hot copy (rebuilt from blocks if needed)."""
     missing = conn.execute(
         text(
-            f"SELECT count(*) FROM {backend.table('checkpoints')} WHERE name = :name AND "
+            f"SELECT count(*) FROM {backend.store_tables().checkpoints} WHERE name = :name AND "
             "version = :version AND iteration = :iteration AND state IS NULL"
         ),
         {**key, "iteration": iteration},
@@ -171,7 +170,7 @@ def delete_model(conn: Connection, backend: Backend, name: str, version: int | N
     versions = [
         r[0]
         for r in conn.execute(
-            text(f"SELECT version FROM {backend.table('models')} WHERE {where}"), params
+            text(f"SELECT version FROM {backend.store_tables().models} WHERE {where}"), params
         )
     ]
     if not versions:
@@ -199,7 +198,8 @@ def read_model(
 ) -> dict[str, Any]:
     """The model row (latest version when ``version`` is None) plus the state of its model
     checkpoint, reassembled from verified blocks (``with_state``)."""
-    models, ck = backend.table("models"), backend.table("checkpoints")
+    t = backend.store_tables()
+    models, ck = t.models, t.checkpoints
     params: dict[str, Any] = {"name": name}
     where = "m.name = :name"
     if version is not None:
@@ -212,8 +212,7 @@ def read_model(
                 " m.query,"
                 f" m.history, m.error, c.iteration FROM {models} AS m"
                 f" LEFT JOIN {ck} AS c ON c.name = m.name AND c.version = m.version"
-                f" AND c.iteration = coalesce(m.model_iteration, (SELECT max(c2.iteration)"
-                f"  FROM {ck} AS c2 WHERE c2.name = m.name AND c2.version = m.version))"
+                f" AND c.iteration = {model_iteration_sql(backend.store_tables())}"
                 f" WHERE {where} ORDER BY m.version DESC LIMIT 1"
             ),
             params,
@@ -238,16 +237,6 @@ def read_model(
     return out
 
 
-#: the blocks a module needs: the tensor table and the network's own tensors (``model.*``);
-#: the optimizer's moments (``optim.*``, twice the weights for Adam) stay in the store
-_WEIGHT_BLOCKS = (
-    "SELECT cb.label, b.hash, b.dtype, b.encoding, b.data, base.data"
-    " FROM {cb} AS cb JOIN {blocks} AS b ON b.hash = cb.hash"
-    " LEFT JOIN {blocks} AS base ON base.hash = b.base"
-    " WHERE cb.name = {name} AND cb.version = {version} AND cb.iteration = {iteration}"
-    " AND (substr(cb.label, 1, 6) = 'model.' OR cb.label = 'safetensors-header')"
-    " ORDER BY cb.ord"
-)
 #: safetensors dtype tags a state holds (little-endian, as this machine's torch reads them)
 _DTYPES = {"F32": "float32", "I64": "int64"}
 
@@ -268,16 +257,12 @@ def read_weights(
 
     dtypes = {tag: getattr(torch, name) for tag, name in _DTYPES.items()}
     params = {**key, "iteration": int(iteration)}
-    tables = {"cb": backend.table("checkpoint_blocks"), "blocks": backend.table("blocks")}
+    sql = weight_blocks_sql(backend.store_tables())
     if backend.name == "postgresql":  # bytea in binary: no hex text of twice the size
-        sql = _WEIGHT_BLOCKS.format(**tables, name="CAST(%(name)s AS text)",
-                                    version="CAST(%(version)s AS integer)",
-                                    iteration="CAST(%(iteration)s AS integer)")
+        sql = re.sub(r":(name|version|iteration)\b", r"%(\1)s", sql)
         with conn.connection.driver_connection.cursor(binary=True) as cursor:
             rows = cursor.execute(sql, params).fetchall()
     else:
-        sql = _WEIGHT_BLOCKS.format(**tables, name=":name", version=":version",
-                                    iteration=":iteration")
         rows = conn.execute(text(sql), params).all()
     if not rows:
         return None
@@ -332,7 +317,8 @@ def read_run(conn: Connection, backend: Backend, name: str, token: str) -> list[
     """Every version of ``name`` written by the run with work token ``token`` (a group_by /
     grid run's members and its router or best copy), oldest first, each with its last
     checkpoint's ``iteration``."""
-    models, ck = backend.table("models"), backend.table("checkpoints")
+    t = backend.store_tables()
+    models, ck = t.models, t.checkpoints
     rows = conn.execute(
         text(
             "SELECT m.version, m.status, m.spec, m.options, m.query, m.history,"
@@ -352,7 +338,8 @@ def read_run(conn: Connection, backend: Backend, name: str, token: str) -> list[
 
 def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
     """One row per stored model version."""
-    models, ck = backend.table("models"), backend.table("checkpoints")
+    t = backend.store_tables()
+    models, ck = t.models, t.checkpoints
     rows = (
         conn.execute(
             text(
@@ -360,8 +347,8 @@ def list_models(conn: Connection, backend: Backend) -> pd.DataFrame:
                 f" (SELECT count(*) FROM {ck} AS c WHERE c.name = m.name AND c.version = m.version)"
                 f" AS checkpoints, (SELECT sum(c.logical_bytes) FROM {ck} AS c"
                 "  WHERE c.name = m.name AND c.version = m.version) AS logical_bytes,"
-                f" (SELECT sum(length(b.data)) FROM {backend.table('blocks')} AS b WHERE b.hash IN"
-                f"  (SELECT cb.hash FROM {backend.table('checkpoint_blocks')} AS cb"
+                f" (SELECT sum(length(b.data)) FROM {t.blocks} AS b WHERE b.hash IN"
+                f"  (SELECT cb.hash FROM {t.checkpoint_blocks} AS cb"
                 "   WHERE cb.name = m.name AND cb.version = m.version)) AS stored_bytes"
                 f" FROM {models} AS m ORDER BY m.name, m.version"
             )
@@ -404,9 +391,9 @@ def copy_checkpoint(
     ensure_hot_state(conn, backend, source, iteration)
     conn.execute(
         text(
-            f"INSERT INTO {backend.table('checkpoints')} (name, version, iteration, state)"
+            f"INSERT INTO {backend.store_tables().checkpoints} (name, version, iteration, state)"
             " SELECT :to_name, :to_version, c.iteration, c.state"
-            f" FROM {backend.table('checkpoints')} AS c WHERE c.name = :name"
+            f" FROM {backend.store_tables().checkpoints} AS c WHERE c.name = :name"
             " AND c.version = :version AND c.iteration = :iteration"
         ),
         {
@@ -434,7 +421,7 @@ def mark_orphans(backend: Backend, name: str | None = None) -> set[tuple[str, in
     live session training them (:meth:`Backend.version_live`) as ``interrupted``; returns
     their ``(name, version)``. Runs in a transaction of its own, so whoever looks leaves the
     mark. Best effort: when the database refuses now (busy, down), a later look marks them."""
-    models = backend.table("models")
+    models = backend.store_tables().models
     params: dict[str, Any] = {} if name is None else {"name": name}
     where = "status = 'training'" + ("" if name is None else " AND name = :name")
     gone: set[tuple[str, int]] = set()
@@ -478,7 +465,7 @@ def sweep_work_tables(backend: Backend) -> list[str]:
             if not runs and not scratch and not dead_records:
                 return []
             rows = conn.execute(
-                text(f"SELECT status, options FROM {backend.table('models')}")
+                text(f"SELECT status, options FROM {backend.store_tables().models}")
             ).all()
     except DBAPIError as exc:
         log.warning("dbdl: could not look for left-over work tables now: %s", exc.orig or exc)
