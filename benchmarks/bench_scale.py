@@ -1005,6 +1005,28 @@ def render_convergence(data: dict[str, Any]) -> str:
             return ["not reached", "–", "–"]
         return [str(r["target_epoch"]), f"{r['target_after_pack']:.1f}", f"{r['target_wall']:.1f}"]
 
+    # the accuracy and time-to-target columns both tables share, and their cells for a run
+    accuracy_headers = [
+        f"acc after {mid}",
+        f"Δ {mid}",
+        f"acc after {epochs}",
+        f"Δ {epochs}",
+        "val acc per epoch",
+        "time to target: epoch",
+        "s after packing",
+        "wall s",
+    ]
+
+    def accuracy_cells(r: dict[str, Any]) -> list[str]:
+        return [
+            f"**{acc_at(r, mid):.4f}**",
+            delta(acc_at(r, mid), b_mid),
+            f"**{acc_at(r, epochs):.4f}**",
+            delta(acc_at(r, epochs), b_end),
+            ", ".join(f"{a:.3f}" for a in r["accuracies"]),
+            *target_cells(r),
+        ]
+
     lr0, mom0 = data["defaults"]
     lines = [
         f"### Convergence: 1 process vs segments × averaging × sync_every ({data['backend']})",
@@ -1027,14 +1049,7 @@ def render_convergence(data: dict[str, Any]) -> str:
         be.table(
             [
                 "setting",
-                f"acc after {mid}",
-                f"Δ {mid}",
-                f"acc after {epochs}",
-                f"Δ {epochs}",
-                "val acc per epoch",
-                "time to target: epoch",
-                "s after packing",
-                "wall s",
+                *accuracy_headers,
                 "epoch s",
                 "first epoch s",
                 "start-up s",
@@ -1044,12 +1059,7 @@ def render_convergence(data: dict[str, Any]) -> str:
             [
                 [
                     r["label"],
-                    f"**{acc_at(r, mid):.4f}**",
-                    delta(acc_at(r, mid), b_mid),
-                    f"**{acc_at(r, epochs):.4f}**",
-                    delta(acc_at(r, epochs), b_end),
-                    ", ".join(f"{a:.3f}" for a in r["accuracies"]),
-                    *target_cells(r),
+                    *accuracy_cells(r),
                     f"{r['epoch_s']:.2f}",
                     f"{r['train_s'][0]:.2f}",
                     f"{r['startup_s']:.1f}" if r["startup_s"] else "–",
@@ -1072,14 +1082,7 @@ def render_convergence(data: dict[str, Any]) -> str:
                     "segments",
                     "outer_lr",
                     "outer_momentum",
-                    f"acc after {mid}",
-                    f"Δ {mid}",
-                    f"acc after {epochs}",
-                    f"Δ {epochs}",
-                    "val acc per epoch",
-                    "time to target: epoch",
-                    "s after packing",
-                    "wall s",
+                    *accuracy_headers,
                     "others' CPU",
                 ],
                 [
@@ -1087,12 +1090,7 @@ def render_convergence(data: dict[str, Any]) -> str:
                         s.workers,
                         f"{s.outer_lr:g}",
                         f"{s.outer_momentum:g}" + (" (= mean run)" if other else ""),
-                        f"**{acc_at(r, mid):.4f}**",
-                        delta(acc_at(r, mid), b_mid),
-                        f"**{acc_at(r, epochs):.4f}**",
-                        delta(acc_at(r, epochs), b_end),
-                        ", ".join(f"{a:.3f}" for a in r["accuracies"]),
-                        *target_cells(r),
+                        *accuracy_cells(r),
                         f"{r['busy']:.0%}",
                     ]
                     for s, r, other in data["sweep"]

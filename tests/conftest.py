@@ -76,3 +76,28 @@ def digits(db):
 def pg_digits(pg_db):
     """Table ``digits`` in a PostgreSQL database."""
     return load_digits(pg_db.engine)
+
+
+@pytest.fixture(scope="module")
+def module_pg_db(pg_server: PostgresServer):
+    """One PostgreSQL database (kernels installed) shared by the tests of one module."""
+    import dbdl_magic as dl
+
+    url = pg_server.create_database(f"dbdl_module_{os.getpid()}_{next(_DB_COUNTER)}")
+    db = dl.install(url)
+    yield db
+    db.engine.dispose()
+
+
+def database_tables(db) -> set[str]:
+    """Every table (on SQLite also every index) in ``db`` outside the system catalogs: to see
+    that a failed call leaves nothing behind."""
+    from sqlalchemy import text
+
+    with db.engine.connect() as conn:
+        if db.backend.name == "postgresql":
+            sql = ("SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname"
+                   " NOT IN ('pg_catalog', 'information_schema')")
+        else:
+            sql = "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')"
+        return {r[0] for r in conn.execute(text(sql))}

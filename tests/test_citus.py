@@ -39,6 +39,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -100,29 +101,48 @@ def _kernels_on_workers(db) -> None:
     )
 
 
+@contextlib.contextmanager
+def _packed_on_shards(db, tag: str, rows: str, shards: int) -> Iterator[tuple[str, str]]:
+    """The backend's packed table of ``rows`` (columns split, grp, ord, p0, y; buffers of 50
+    rows) distributed by buffer_id over ``shards`` shards, and a name for a table of starting
+    states; both (``packed_<tag>_<token>``, ``states_<tag>_<token>``) are dropped afterwards."""
+    backend = db.backend
+    token = uuid.uuid4().hex[:8]
+    packed = backend.table(f"packed_{tag}_{token}")
+    states = backend.table(f"states_{tag}_{token}")
+    try:
+        with db.engine.begin() as conn:
+            backend.create_packed(conn, packed, rows, [("p0", False)], "y", True, 50, {})
+            backend.distribute_packed(conn, packed, shards)
+        yield packed, states
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {packed}"))
+            conn.execute(text(f"DROP TABLE IF EXISTS {states}"))
+
+
+def _iteration_plan(db, packed: str, members: list[Member], states: str) -> str:
+    """EXPLAIN (VERBOSE) of one training iteration of ``members`` over ``packed``, starting
+    from a local (coordinator) table ``states`` as in train_iteration. Aggregating on the
+    coordinator is disabled, so a plan that would pull the rows there errors instead."""
+    sql, params = db.backend.iteration_query(packed, members, states)
+    with db.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {states} (member integer, state bytea)"))
+        conn.execute(text("SET LOCAL citus.coordinator_aggregation_strategy TO 'disabled'"))
+        return _explain(conn, sql, params)
+
+
 def test_the_aggregate_pushes_down_to_as_many_shards_as_the_run_chose():
     db = dl.install(CITUS_URL)
     _kernels_on_workers(db)
     backend = db.backend
-    token = uuid.uuid4().hex[:8]
-    packed = backend.table(f"packed_citus_explain_{token}")
-    states = backend.table(f"states_citus_explain_{token}")
-    try:
-        # The backend's own packed table is distributed by buffer_id over the shards the run
-        # chose (parallel=N; "auto": one per worker node), not citus.shard_count.
-        with db.engine.begin() as conn:
-            backend.create_packed(
-                conn,
-                packed,
-                "SELECT CASE WHEN g % 5 = 0 THEN 1 ELSE 0 END AS split, CAST(NULL AS text) AS grp,"
-                " g AS ord, CAST(g AS real) AS p0, g % 2 AS y FROM generate_series(0, 999) AS g",
-                [("p0", False)],
-                "y",
-                True,
-                50,
-                {},
-            )
-            backend.distribute_packed(conn, packed, 3)
+    # The backend's own packed table is distributed by buffer_id over the shards the run
+    # chose (parallel=N; "auto": one per worker node), not citus.shard_count.
+    rows = (
+        "SELECT CASE WHEN g % 5 = 0 THEN 1 ELSE 0 END AS split, CAST(NULL AS text) AS grp,"
+        " g AS ord, CAST(g AS real) AS p0, g % 2 AS y FROM generate_series(0, 999) AS g"
+    )
+    with _packed_on_shards(db, "citus_explain", rows, 3) as (packed, states):
         with db.engine.connect() as conn:
             column, shards = _distribution(conn, packed)
             nodes = len(backend.citus_workers(conn))
@@ -132,22 +152,13 @@ def test_the_aggregate_pushes_down_to_as_many_shards_as_the_run_chose():
                                                 "cpus": backend.distribution(packed)["cpus"]}
 
         # One iteration is a partial aggregate per shard plus a combine on the coordinator.
-        # The starting states come from a local (coordinator) table, as in train_iteration.
-        sql, params = backend.iteration_query(packed, [Member(0, "citus_explain", 1, {})], states)
-        with db.engine.begin() as conn:
-            conn.execute(text(f"CREATE TABLE {states} (member integer, state bytea)"))
-            conn.execute(text("SET LOCAL citus.coordinator_aggregation_strategy TO 'disabled'"))
-            plan = "\n".join(r[0] for r in conn.execute(text("EXPLAIN (VERBOSE) " + sql), params))
+        plan = _iteration_plan(db, packed, [Member(0, "citus_explain", 1, {})], states)
         assert CITUS_SCAN.search(plan), plan
         tasks = [int(n) for n in TASK_COUNT.findall(plan)]
         assert 3 in tasks, f"expected a task per shard (3):\n{plan}"
         assert PARTIAL.search(plan), f"no worker partial aggregate:\n{plan}"
         assert COMBINE.search(plan), f"no coordinator combine:\n{plan}"
         assert "dbdl.train(" in plan, plan
-    finally:
-        with db.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {packed}"))
-            conn.execute(text(f"DROP TABLE IF EXISTS {states}"))
 
 
 OPTIONS = dict(target="digit", model="mlp:64", epochs=8, seed=0, lr=3e-3, batch_size=32,
@@ -327,29 +338,13 @@ def test_resume_after_the_coordinator_session_is_killed():
 def _multi_member_plan(db) -> str:
     """EXPLAIN of a two-member iteration (the form group_by and grid runs use) over a packed
     table of two shards."""
-    backend = db.backend
-    token = uuid.uuid4().hex[:8]
-    packed = backend.table(f"packed_citus_groups_{token}")
-    states = backend.table(f"states_citus_groups_{token}")
-    try:
-        with db.engine.begin() as conn:
-            backend.create_packed(
-                conn, packed,
-                "SELECT 0 AS split, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END AS grp,"
-                " g AS ord, CAST(g AS real) AS p0, g % 2 AS y FROM generate_series(0, 999) AS g",
-                [("p0", False)], "y", True, 50, {},
-            )
-            backend.distribute_packed(conn, packed, 2)
+    rows = (
+        "SELECT 0 AS split, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END AS grp,"
+        " g AS ord, CAST(g AS real) AS p0, g % 2 AS y FROM generate_series(0, 999) AS g"
+    )
+    with _packed_on_shards(db, "citus_groups", rows, 2) as (packed, states):
         members = [Member(0, "citus_groups", 1, {}, "a"), Member(1, "citus_groups", 2, {}, "b")]
-        sql, params = backend.iteration_query(packed, members, states)
-        with db.engine.begin() as conn:
-            conn.execute(text(f"CREATE TABLE {states} (member integer, state bytea)"))
-            conn.execute(text("SET LOCAL citus.coordinator_aggregation_strategy TO 'disabled'"))
-            return _explain(conn, sql, params)
-    finally:
-        with db.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {packed}"))
-            conn.execute(text(f"DROP TABLE IF EXISTS {states}"))
+        return _iteration_plan(db, packed, members, states)
 
 
 # one sync per epoch on both sides (plain PostgreSQL's segments would sync a model this small

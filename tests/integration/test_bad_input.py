@@ -51,23 +51,15 @@ BASE_COLUMNS = [
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shared_pg(pg_server: PostgresServer) -> Iterator[Database]:
-    """One PostgreSQL database with the kernels installed, for this module's tests."""
-    db = dl.install(pg_server.create_database(f"dbdl_bad_input_{os.getpid()}"))
-    yield db
-    db.engine.dispose()
-
-
 @pytest.fixture
-def pg_db(shared_pg: Database) -> Database:
-    """Overrides conftest's ``pg_db`` (and so ``db``): the shared database, emptied first.
+def pg_db(module_pg_db: Database) -> Database:
+    """Overrides conftest's ``pg_db`` (and so ``db``): the module's database, emptied first.
 
     A fresh database per test costs a server connection that imports torch (seconds); here the
     pooled connection keeps it. Emptying drops every user table and work table and truncates
     the model store, so each test starts as on a fresh install.
     """
-    db = shared_pg
+    db = module_pg_db
     with db.engine.begin() as conn:
         rows = conn.execute(
             text(

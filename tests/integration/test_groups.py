@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import database_tables
 from sqlalchemy import text
 
 import dbdl_magic as dl
@@ -17,17 +18,6 @@ from dbdl_magic.datasets import load_table
 from dbdl_magic.store.modules import DBModel, GroupedModel, group_key_candidates, group_keys
 
 FEATURES = ["plan", "age", "spend"]
-
-
-def tables(db) -> set[str]:
-    """Every table in the database (to see that a failed prediction leaves nothing behind)."""
-    with db.engine.connect() as conn:
-        if db.backend.name == "postgresql":
-            sql = ("SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname"
-                   " NOT IN ('pg_catalog', 'information_schema')")
-        else:
-            sql = "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')"
-        return {r[0] for r in conn.execute(text(sql))}
 
 
 def opposite_lines(n: int, seed: int) -> pd.DataFrame:
@@ -178,14 +168,14 @@ def test_stored_versions_in_database_routing_unknown_groups_and_fallback(db):
     assert dl.predict(db, "churn", "customers", into="scores", replace=True) == len(frame)
 
     # Unknown groups: an error naming the column and the value; nothing left behind.
-    before = tables(db)
+    before = database_tables(db)
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE customers SET region = 'ap.jp' WHERE id < 1010"))
     with pytest.raises(dl.InputError, match=r"'region'.*'ap\.jp'.*fallback="):
         dl.predict(db, "churn", "customers")
     with pytest.raises(dl.InputError, match="lacks the group_by column 'region'"):
         dl.predict(db, "churn", "SELECT id, plan, age, spend FROM customers")
-    assert tables(db) == before
+    assert database_tables(db) == before
     moved = frame.assign(region=np.where(frame["id"] < 1010, "ap.jp", frame["region"]))
     with pytest.raises(dl.InputError, match=r"'region'.*'ap\.jp'"):
         loaded.predict(moved)
@@ -203,7 +193,7 @@ def test_stored_versions_in_database_routing_unknown_groups_and_fallback(db):
                        loaded.predict_proba(moved[~unknown]), atol=1e-5)
     assert list(out["prediction"]) == list(loaded.predict(moved, fallback=fallback))
     assert list(moved.dl.predict(loaded, fallback=fallback)) == list(out["prediction"])
-    assert tables(db) == before
+    assert database_tables(db) == before
     load_table(db.engine, "narrow", frame[["plan", "age", "churned"]])
     dl.train(db, "narrow", name="narrow", target="churned", model="linear", epochs=1)
     with pytest.raises(dl.InputError, match=r"other features.*lacks 'spend'"):

@@ -552,17 +552,9 @@ def pg_error(conn: Any, kind: str, args: tuple[Any, ...]) -> str:
     raise AssertionError(f"{kind} accepted hostile input")
 
 
-@pytest.fixture(scope="module")
-def kernel_pg(pg_server: Any) -> Iterator[Database]:
-    """One PostgreSQL database with the kernels, for this module."""
-    db = dl.install(pg_server.create_database(f"dbdl_limits_{os.getpid()}"))
-    yield db
-    db.engine.dispose()
-
-
 @pytest.fixture
-def pg_conn(kernel_pg: Database) -> Iterator[Any]:
-    with kernel_pg.engine.connect() as conn:
+def pg_conn(module_pg_db: Database) -> Iterator[Any]:
+    with module_pg_db.engine.connect() as conn:
         yield conn
         conn.rollback()
 

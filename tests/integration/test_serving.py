@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import database_tables
 from sqlalchemy import text
 
 import dbdl_magic as dl
@@ -42,16 +43,6 @@ def customers(n: int, seed: int = 0) -> pd.DataFrame:
     df["churned"] = np.where(score > 0.5, "yes", np.where(score > -0.5, "maybe", "no"))
     df["price"] = 3 * df["spend"] + df["age"]
     return df
-
-
-def tables(db) -> set[str]:
-    with db.engine.connect() as conn:
-        if db.backend.name == "postgresql":
-            sql = ("SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname"
-                   " NOT IN ('pg_catalog', 'information_schema')")
-        else:
-            sql = "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')"
-        return {r[0] for r in conn.execute(text(sql))}
 
 
 def rows_of(db, sql: str, **params) -> list:
@@ -202,7 +193,7 @@ def test_per_group_models_match_the_client(db, monkeypatch):
 
 def test_null_missing_and_mistyped_features_are_named(trained):
     db, _, _ = trained
-    before = tables(db)
+    before = database_tables(db)
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE customers SET age = NULL WHERE id IN (1003, 1650)"))
     with pytest.raises(dl.InputError, match="'age' has 2 NULL value"):
@@ -213,7 +204,7 @@ def test_null_missing_and_mistyped_features_are_named(trained):
         dl.predict(db, "churn", "SELECT id, region, plan, age FROM customers")
     with pytest.raises(dl.InputError, match=r"mistyped.*'spend'"):
         dl.predict(db, "churn", "SELECT id, region, plan, age, plan AS spend FROM customers")
-    assert tables(db) == before  # no into table, no work table
+    assert database_tables(db) == before  # no into table, no work table
     with pytest.raises(Exception, match="feature 'age' is NULL"):
         rows_of(db, row_sql(db, "predict", ["region", "plan", "age", "spend"]), m="churn")
     without_spend = (
@@ -229,7 +220,7 @@ def test_null_missing_and_mistyped_features_are_named(trained):
 def test_an_interrupted_prediction_leaves_no_into_table(trained, monkeypatch):
     db, _, frame = trained
     dl.predict(db, "churn", "SELECT * FROM customers WHERE id < 1100", into="scores")
-    before = tables(db)
+    before = database_tables(db)
     monkeypatch.setattr(predicting, "ROWS_PER_BUFFER", 4)
     if db.backend.name == "sqlite":
         from dbdl_magic.backends import sqlite as backend_module
@@ -267,7 +258,7 @@ def test_an_interrupted_prediction_leaves_no_into_table(trained, monkeypatch):
         finally:
             stop.set()
             canceller.join()
-    assert tables(db) == before
+    assert database_tables(db) == before
     kept = rows_of(db, "SELECT count(*) AS n FROM scores")[0].n
     assert kept == int((frame["id"] < 1100).sum())  # the old table, untouched
 

@@ -121,6 +121,14 @@ def screenshot_path(name: str) -> Path:
     return SCREENSHOTS / name
 
 
+def assert_curves_and_metrics_shown(report: Any) -> None:
+    """The report's training-curve image has loaded and its metrics table has a row per epoch."""
+    image = report.locator('img[src^="data:image/png"]')
+    assert image.count() == 1
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    assert report.locator("table.dbdl-metrics tbody tr").count() == EPOCHS
+
+
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A Playwright context of the system Chromium with a fresh profile directory."""
@@ -284,10 +292,7 @@ def test_quickstart_in_jupyterlab_shows_live_widget_then_report(browser_context,
 
         report = page.locator(".jp-OutputArea .dbdl-report").first
         report.scroll_into_view_if_needed()
-        image = report.locator('img[src^="data:image/png"]')
-        assert image.count() == 1
-        assert image.evaluate("img => img.complete && img.naturalWidth") > 0
-        assert report.locator("table.dbdl-metrics tbody tr").count() == EPOCHS
+        assert_curves_and_metrics_shown(report)
         assert SUMMARY in report.inner_text() and report.get_by_text(SUMMARY).is_visible()
         assert page.locator(".jp-OutputArea .widget-hprogress").count() == 0  # replaced
         errors = page.locator('.jp-OutputArea-output[data-mime-type*="error"]')
@@ -323,10 +328,7 @@ def test_html_report_renders_in_the_browser(browser_context, tmp_path: Path) -> 
         page.goto(html.as_uri(), wait_until="load")
         report = page.locator(".dbdl-report").first
         report.wait_for()
-        image = report.locator('img[src^="data:image/png"]')
-        assert image.count() == 1
-        assert image.evaluate("img => img.complete && img.naturalWidth") > 0
-        assert report.locator("table.dbdl-metrics tbody tr").count() == EPOCHS
+        assert_curves_and_metrics_shown(report)
         assert page.get_by_text(SUMMARY).first.is_visible()
         errors = page.locator('.jp-OutputArea-output[data-mime-type*="error"]')
         assert errors.count() == 0, errors.all_inner_texts()
