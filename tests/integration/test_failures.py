@@ -238,13 +238,16 @@ def test_two_sessions_train_one_name_at_once(db, monkeypatch):
         own = dl.connect(url)
         try:
             return dl.train(own, QUERY, name="same", **options)
+        except BaseException:
+            barrier.abort()  # the other session stops waiting for this one
+            raise
         finally:
             own.engine.dispose()
 
     results = run_in_threads(session, session)
-    for result in results:
-        assert not isinstance(result, BaseException), "".join(
-            traceback.format_exception(result.__cause__ or result))
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, "\n".join(
+        "".join(traceback.format_exception(r.__cause__ or r)) for r in failed)
     assert sorted(m.version for m in results) == [1, 2]
     listing = dl.list_models(db).query("name == 'same'")
     assert list(listing["version"]) == [1, 2]
