@@ -5,4 +5,4 @@ interpreter for SQLite). It may import only torch, numpy, safetensors and zstand
 IPython, pandas, matplotlib or the rest of ``dbdl_magic``.
 """
 
-KERNEL_VERSION = "4"
+KERNEL_VERSION = "5"

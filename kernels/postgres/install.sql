@@ -354,7 +354,8 @@ CREATE OR REPLACE VIEW dbdl.checkpoint_blocks WITH (security_barrier) AS
 
 -- Work tables: one schema per role, owned by it, reachable by no one else. SECURITY DEFINER
 -- (creating a schema for a role needs the installer's rights), so it checks that the session
--- may act as that role, and refuses a schema of that name that someone else already owns.
+-- may act as that role, and refuses a schema of that name that someone else already owns. Two
+-- sessions of a role that ask at once both get the schema one of them created.
 CREATE OR REPLACE FUNCTION dbdl.work_schema(role_name text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -367,11 +368,19 @@ BEGIN
     SELECT r.rolname INTO owner_name FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
         WHERE n.nspname = schema_name;
     IF owner_name IS NULL THEN
-        EXECUTE format('CREATE SCHEMA %I AUTHORIZATION %I', schema_name, role_name);
-        EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', schema_name);
-        EXECUTE format('COMMENT ON SCHEMA %I IS %L', schema_name,
-                       'dbdl_magic work tables of role ' || role_name);
-    ELSIF owner_name <> role_name THEN
+        BEGIN
+            EXECUTE format('CREATE SCHEMA %I AUTHORIZATION %I', schema_name, role_name);
+            EXECUTE format('REVOKE ALL ON SCHEMA %I FROM PUBLIC', schema_name);
+            EXECUTE format('COMMENT ON SCHEMA %I IS %L', schema_name,
+                           'dbdl_magic work tables of role ' || role_name);
+        EXCEPTION WHEN unique_violation OR duplicate_schema THEN
+            -- another session of the role created it meanwhile (this one waited for that
+            -- transaction to commit): check whose it is, as for one that existed before
+            SELECT r.rolname INTO owner_name FROM pg_namespace n
+                JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = schema_name;
+        END;
+    END IF;
+    IF owner_name IS NOT NULL AND owner_name <> role_name THEN
         RAISE EXCEPTION 'dbdl.work_schema: schema % exists but belongs to %, not %',
             schema_name, owner_name, role_name;
     END IF;

@@ -378,3 +378,34 @@ def test_the_sweep_drops_only_what_dead_sessions_left(db):
         with db.engine.connect() as conn:
             records = conn.execute(text("SELECT key FROM dbdl_meta WHERE key LIKE 'run:%'"))
             assert records.scalars().all() == []
+
+
+def test_two_sessions_create_the_work_schema_at_once(pg_db):
+    """A role's first two sessions ask for its work schema together: the second waits for the
+    first's transaction and gets the schema the first created (no duplicate-key error)."""
+    url = url_of(pg_db)
+    first, second = create_engine(url), create_engine(url)
+    try:
+        with first.connect() as a:
+            a.execute(text("SET lock_timeout = '30s'"))
+            schema = a.execute(text("SELECT dbdl.work_schema(CAST(current_user AS text))"))
+            created = schema.scalar_one()  # created, not committed yet
+
+            def ask():
+                with second.begin() as b:
+                    return b.execute(
+                        text("SELECT dbdl.work_schema(CAST(current_user AS text))")
+                    ).scalar_one()
+
+            out: list = [None]
+            waiter = threading.Thread(target=lambda: out.__setitem__(0, run_in_threads(ask)[0]))
+            waiter.start()
+            time.sleep(1.0)  # the second session now waits on the first's new schema
+            assert waiter.is_alive()
+            a.commit()
+            waiter.join(timeout=60)
+        assert not isinstance(out[0], BaseException), out[0]
+        assert out[0] == created
+    finally:
+        first.dispose()
+        second.dispose()
