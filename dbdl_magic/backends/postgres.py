@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from dbdl_magic.backends import citus, postgres_predict
 from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession
 from dbdl_magic.backends.segments import PostgresSegments
 from dbdl_magic.errors import InstallError
@@ -119,7 +120,7 @@ class PostgresBackend(Backend):
             with self.engine.connect() as conn:
                 if "greenplum" in str(conn.execute(text("SELECT version()")).scalar()).lower():
                     self._flavor = "greenplum"
-                elif self._has_citus(conn):
+                elif citus.installed(conn):
                     self._flavor = "citus"
                 else:
                     self._flavor = "postgresql"
@@ -421,75 +422,23 @@ class PostgresBackend(Backend):
         conn.execute(text(f"ANALYZE {packed}"))
 
     def distribute_packed(self, conn: Connection, packed: str, parallel: int | str) -> None:
-        """On Citus, spread the packed buffers over ``parallel`` shards (``"auto"``: one per
-        worker node): every shard that holds buffers trains one partial model per sync, so the
-        run, not ``citus.shard_count``, chooses how many models are averaged. The local copy
-        the coordinator keeps after distributing is truncated."""
-        if self.flavor != "citus":
-            return
-        nodes = len(self.citus_workers(conn))
-        shards = max(1, nodes) if parallel == "auto" else int(parallel)
-        conn.execute(
-            text("SELECT create_distributed_table(CAST(:t AS regclass), 'buffer_id',"
-                 " shard_count => CAST(:n AS integer))"),
-            {"t": _relation_text(packed), "n": shards},
-        )
-        conn.execute(
-            text("SELECT truncate_local_data_after_distributing_table(CAST(:t AS regclass))"),
-            {"t": _relation_text(packed)},
-        )
-        per_node = -(-shards // max(1, nodes))
-        # shard tasks stay in warm worker backends between iterations: one cached connection
-        # per shard a node holds (Citus keeps 1 by default and closes the rest after a query)
-        conn.execute(
-            text("SELECT set_config('citus.max_cached_conns_per_worker', CAST(:n AS text),"
-                 " false)"),
-            {"n": max(per_node, self._cached_conns(conn))},
-        )
-
-    def _cached_conns(self, conn: Connection) -> int:
-        return int(conn.execute(text("SHOW citus.max_cached_conns_per_worker")).scalar_one())
+        """On Citus, spread the packed buffers over the run's shards (see :mod:`citus`)."""
+        if self.flavor == "citus":
+            citus.distribute_packed(conn, _relation_text(packed), parallel)
 
     def citus_workers(self, conn: Connection) -> list[tuple[str, int]]:
         """The active primary worker nodes of a Citus coordinator (host, port)."""
-        return [
-            (str(h), int(p)) for h, p in conn.execute(text(
-                "SELECT nodename, nodeport FROM pg_dist_node WHERE isactive"
-                " AND noderole = 'primary' AND groupid <> 0 ORDER BY nodename, nodeport"
-            )).all()
-        ]
+        return citus.worker_nodes(conn)
 
     def distribution(self, packed: str) -> dict[str, int] | None:
-        """Citus: the packed table's shards that hold training buffers, the worker nodes they
-        are on, and the fewest cores among those nodes (None when the table is local)."""
+        """Citus: the packed table's shards, nodes and cores (see :func:`citus.distribution`)."""
         if self.flavor != "citus":
             return None
         with self.engine.connect() as conn:
-            placed = conn.execute(text(
-                "SELECT s.shardid, p.nodename, p.nodeport FROM pg_dist_shard s"
-                " JOIN pg_dist_shard_placement p ON p.shardid = s.shardid"
-                " WHERE s.logicalrelid = CAST(:t AS regclass)"
-            ), {"t": _relation_text(packed)}).all()
-            if not placed:
-                return None
-            cpus = conn.execute(text(
-                "SELECT result FROM run_command_on_workers($$SELECT dbdl.kernel_info()$$)"
-                " WHERE success"
-            )).scalars().all()
-        node_cpus = [int(json.loads(c).get("cpus") or 1) for c in cpus] or [1]
-        return {
-            "shards": len({r[0] for r in placed}),
-            "nodes": len({(r[1], r[2]) for r in placed}),
-            "cpus": min(node_cpus),
-        }
-
-    def _has_citus(self, conn: Connection) -> bool:
-        return bool(
-            conn.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")).scalar()
-        )
+            return citus.distribution(conn, _relation_text(packed))
 
     # -- iterations -----------------------------------------------------------------------------
-    def _kernel_settings(self, conn: Connection) -> None:
+    def kernel_settings(self, conn: Connection) -> None:
         """Settings for the rest of a transaction that runs kernels.
 
         No JIT: the kernels' high COST (set so the planner spreads them over parallel workers)
@@ -511,7 +460,7 @@ class PostgresBackend(Backend):
         """Plan the next query on ``workers`` parallel workers (the leader only coordinates),
         or in this process when ``workers`` is 1."""
         workers = int(workers)
-        self._kernel_settings(conn)
+        self.kernel_settings(conn)
         if self.flavor == "citus":
             # Citus plans multi-shard queries only with bound parameters (custom plans)
             conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
@@ -607,7 +556,7 @@ class PostgresBackend(Backend):
         self, conn: Connection, x: bytes, key: dict[str, Any], config: dict[str, Any]
     ) -> bytes:
         selected = "dbdl.predict_buffer(CAST(:x AS bytea), c.state, CAST(:config AS text))"
-        self._kernel_settings(conn)
+        self.kernel_settings(conn)
         conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         return bytes(
             conn.execute(
@@ -634,130 +583,16 @@ class PostgresBackend(Backend):
         rows_per_buffer: int,
         with_rn: bool,
     ) -> None:
-        """One statement: the staged rows (``source``, a table whose physical order is the row
-        order) are read a range of heap pages at a time (a TID range scan, no sort, no row
-        numbers); each range's key columns are aggregated into arrays and its raw feature
-        values into one ``double precision[]``, whose image the kernel scores in one call
-        (:func:`dbdl_magic.kernel.plpython.predict_batch`); the keys and the predictions are
-        unnested side by side into ``result``."""
-        q = self.q
-        name = source.replace("\\:", ":")
-        pages = int(conn.execute(
-            text("SELECT pg_relation_size(CAST(:t AS regclass))"
-                 " / CAST(current_setting('block_size') AS bigint)"),
-            {"t": name},
-        ).scalar_one())
-        # rows per page from the first page (a TID range scan of one page): ranges of about
-        # rows_per_buffer rows
-        rows = int(conn.execute(
-            text(f"SELECT count(*) FROM {source} WHERE ctid < CAST('(1,0)' AS tid)")
-        ).scalar_one()) * max(pages, 1)
-        step = max(1, -(-rows_per_buffer * max(pages, 1) // max(rows, 1)))
-        values: dict[str, Any] = {
-            **params, **key, "last_page": max(pages - 1, 0), "step": step,
-            "config": json.dumps({**config, "proba": len(outputs) > 1}),
-        }
-        row_sql = self._raw_row_sql(features, values)
-        by_tid = any(k in self._array_columns(conn, name) for k in keys)
-        gathered = ["s.ctid"] if by_tid else [f"s.{q(k)}" for k in keys]
-        aggs = [f"array_agg({g}) AS a{i}" for i, g in enumerate(gathered)]
-        task = config["task"]
-        if task == "classification":
-            whens = []
-            for j, cls in enumerate(classes):
-                values[f"c{j}"] = cls
-                whens.append(f"WHEN {j} THEN :c{j}")
-            outs = ["o.labels"] + [
-                f"o.proba[{j} * r.n + 1 : {j + 1} * r.n]" for j in range(len(outputs) - 1)
-            ]
-            made = ("dbdl.int4_array(r.labels) AS labels, dbdl.float4_array(r.proba) AS proba"
-                    if len(outputs) > 1 else "dbdl.int4_array(r.labels) AS labels")
-            predicted = [f"CASE u.v0 {' '.join(whens)} END"]
-        else:
-            outs, made = ["o.vals"], "dbdl.float8_array(r.vals) AS vals"
-            predicted = ["u.v0"]
-        predicted += [f"u.v{j}" for j in range(1, len(outputs))]
-        names = [f"a{i}" for i in range(len(gathered))] + [f"v{j}" for j in range(len(outs))]
-        kept = [f"t.{q(k)}" for k in keys] if by_tid else [f"u.a{i}" for i in range(len(keys))]
-        selected = (["CAST(g.p AS bigint) * 16777216 + u.i AS " + q("__dbdl_rn")] if with_rn
-                    else []) + [f"{k} AS {q(c)}" for k, c in zip(kept, keys, strict=True)]
-        selected += [f"{e} AS {q(c)}" for e, c in zip(predicted, outputs, strict=True)]
-        tables = self.store_tables()
-        self._kernel_settings(conn)
-        if self._server_major(conn) >= 14:  # a memo of each range's arrays would only copy them
-            conn.execute(text("SET LOCAL enable_memoize = off"))
-            pages_of = ("s.ctid >= CAST(format('(%s,0)', g.p) AS tid) AND s.ctid <"
-                        " CAST(format('(%s,0)', g.p + CAST(:step AS integer)) AS tid)")
-        else:  # no TID range scans before PostgreSQL 14: every TID the pages can hold
-            # (MaxHeapTuplesPerPage: 291 items on 8 kB pages)
-            pages_of = ("s.ctid = ANY(CAST(ARRAY(SELECT format('(%s,%s)', pp, oo) FROM"
-                        " generate_series(g.p, g.p + CAST(:step AS integer) - 1) AS pp,"
-                        " generate_series(1, (CAST(current_setting('block_size') AS integer)"
-                        " - 24) / 28) AS oo) AS tid[]))")
-        conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
-        conn.execute(
-            text(
-                f"CREATE TABLE {result} AS SELECT {', '.join(selected)}"
-                " FROM generate_series(0, CAST(:last_page AS integer), CAST(:step AS integer))"
-                " AS g(p)"
-                " CROSS JOIN LATERAL (SELECT "
-                + ", ".join([*aggs, f"dbdl.array_image(array_agg({row_sql})) AS x"])
-                + f" FROM {source} AS s"
-                f" WHERE {pages_of}) AS b"
-                f" CROSS JOIN LATERAL dbdl.predict_batch(b.x, ({checkpoint_sql(tables)}),"
-                " CAST(:config AS text)) AS r"
-                f" CROSS JOIN LATERAL (SELECT {made} OFFSET 0) AS o"
-                f" CROSS JOIN LATERAL unnest({', '.join(f'b.a{i}' for i in range(len(gathered)))}"
-                f"{', ' if gathered else ''}{', '.join(outs)}) WITH ORDINALITY"
-                f" AS u({', '.join(names)}, i)"
-                + (f" JOIN {source} AS t ON t.ctid = u.a0" if by_tid else "")
-            ),
-            values,
+        """One statement scores ``source`` a range of heap pages at a time (see
+        :mod:`postgres_predict`)."""
+        postgres_predict.predict_into(
+            self, conn, source, result, features, params, keys, outputs, classes, config, key,
+            rows_per_buffer, with_rn,
         )
 
-    def _server_major(self, conn: Connection) -> int:
+    def server_major(self, conn: Connection) -> int:
         """The server's major version (14: TID range scans, ``enable_memoize``)."""
         return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
-
-    def _raw_row_sql(self, features: list[dict[str, Any]], params: dict[str, Any]) -> str:
-        """One row's raw feature values as a ``double precision[]``: numeric values (NULL
-        replaced by the imputed value), the index of a categorical value among the model's
-        categories (-1: none of them), array elements in storage order."""
-        scalars: list[str] = []
-        parts: list[str] = []
-        for i, f in enumerate(features):
-            col = f"s.{self.q(f['name'])}"
-            if f["kind"] == "numeric":
-                value = f"CAST({col} AS double precision)"
-                if f.get("impute") is not None:
-                    params[f"f{i}_i"] = f["impute"]
-                    value = f"COALESCE({value}, CAST(:f{i}_i AS double precision))"
-                scalars.append(value)
-            elif f["kind"] == "categorical":
-                whens = []
-                for j, cat in enumerate(f["categories"]):
-                    params[f"f{i}_c{j}"] = cat
-                    whens.append(f"WHEN {col} = :f{i}_c{j} THEN {j}")
-                scalars.append(f"CAST(CASE {' '.join(whens)} ELSE -1 END AS double precision)"
-                               if whens else "CAST(-1 AS double precision)")
-            else:
-                if scalars:
-                    parts.append(f"ARRAY[{', '.join(scalars)}]")
-                    scalars = []
-                parts.append(f"ARRAY(SELECT CAST(e.v AS double precision) FROM unnest({col})"
-                             " AS e(v))")
-        if scalars:
-            parts.append(f"ARRAY[{', '.join(scalars)}]")
-        return " || ".join(parts)
-
-    def _array_columns(self, conn: Connection, table: str) -> set[str]:
-        """The columns of ``table`` whose type is an array (array_agg would nest them)."""
-        return set(conn.execute(
-            text("SELECT a.attname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
-                 " WHERE a.attrelid = CAST(:t AS regclass) AND a.attnum > 0"
-                 " AND NOT a.attisdropped AND t.typcategory = 'A'"),
-            {"t": table},
-        ).scalars())
 
     def runner(self, conn: Connection) -> Run:
         def run(sql: str, params: Any) -> list[tuple[Any, ...]]:

@@ -24,7 +24,7 @@ model with ``fallback``, or an error naming them) and puts the union back in que
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
@@ -409,108 +409,29 @@ def _predict_grouped(
     (a few tables each), so thousands of groups do not pile up locks.
     """
     engine, q = backend.engine, backend.q
-    name, options = router["name"], router["options"]
-    group_by = str(options.get("group_by") or "")
-    groups = {str(g): int(v) for g, v in options["groups"].items()}
-    encoding = Encoding.from_json(router["encoding"])
     token = uuid.uuid4().hex[:12]
-    stage, routes, routed, union = (
-        backend.table(f"{t}_{token}") for t in ("stage", "routes", "routed", "pred")
-    )
+    union = backend.table(f"pred_{token}")
     result = _quote_dotted(backend, into) if into else None
-    work = [stage, routes, routed, union]
+    work = [union]
     try:
-        with engine.begin() as conn:
-            stage_query(backend, conn, query, params or {}, stage)
-            columns = _check_features(backend, conn, stage, encoding)
-            if group_by not in columns:
-                raise InputError(
-                    f"the query lacks the group_by column {group_by!r}: model {name!r} version "
-                    f"{router['version']} has one model per {group_by} value and routes every "
-                    f"row by that column"
-                )
-            key_columns = _key_columns(encoding, columns, keys)
-            outputs = prediction_columns(encoding, proba, key_columns)
-            if result and not replace and backend.table_exists(conn, _driver_name(result)):
-                raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
-            found = conn.execute(
-                text(f"SELECT CAST({q(group_by)} AS TEXT), count(*) FROM {stage} GROUP BY 1")
-            ).all()
-            present = {str(g) for g, _ in found if g is not None and str(g) in groups}
-            unknown = sorted((g for g, _ in found if g is None or str(g) not in groups),
-                             key=lambda g: (g is not None, str(g)))
-            if unknown and fallback is None:
-                raise InputError(unknown_groups_message(group_by, unknown, groups, api=True))
-            scored = [g for g in groups if g in present]  # in the router's group order
-            conn.execute(text(f"CREATE TABLE {routes} (grp TEXT, {q(MEMBER)} INTEGER)"))
-            if scored:
-                conn.execute(
-                    text(f"INSERT INTO {routes} (grp, {q(MEMBER)}) VALUES (:g, :m)"),
-                    [{"g": g, "m": i} for i, g in enumerate(scored)],
-                )
-            conn.execute(
-                text(
-                    f"CREATE TABLE {routed} AS SELECT row_number() OVER (PARTITION BY"
-                    f" COALESCE(rt.{q(MEMBER)}, -1) ORDER BY s.{q(RN)}) AS {q(SUB)},"
-                    f" COALESCE(rt.{q(MEMBER)}, -1) AS {q(MEMBER)}, s.* FROM {stage} AS s"
-                    f" LEFT JOIN {routes} AS rt ON rt.grp = CAST(s.{q(group_by)} AS TEXT)"
-                )
-            )
-            if backend.name == "postgresql":
-                conn.execute(text(f"CREATE INDEX ON {routed} ({q(MEMBER)})"))
-            else:
-                index = backend.table(f"routed_ix_{token}")
-                conn.execute(text(f"CREATE INDEX {index} ON {routed} ({q(MEMBER)})"))
+        routing = _route_rows(backend, router, query, params or {}, token, work,
+                              proba=proba, keys=keys, into=into if not replace else None,
+                              has_fallback=fallback is not None)
         plan: list[tuple[int, dict[str, Any] | None]] = [
-            (i, None) for i in range(len(scored))
-        ] + ([(-1, fallback)] if unknown else [])
+            (i, None) for i in range(len(routing.scored))
+        ] + ([(-1, fallback)] if routing.unknown else [])
         if not plan:  # no rows: score nothing with the first group model, for the columns
-            scored, plan = [next(iter(groups))], [(0, None)]
+            routing.scored, plan = [next(iter(routing.groups))], [(0, None)]
         fb_features = Encoding.from_json(fallback["encoding"]).feature_names() if fallback else []
-        needed = list(dict.fromkeys([*key_columns, *encoding.feature_names(), *fb_features]))
-        kept = ", ".join(f"r.{q(c)}" for c in needed)
+        routing.needed += [c for c in fb_features if c not in routing.needed]
         for step, (member, stored) in enumerate(plan):
-            sub, res = (backend.table(f"{t}{step}_{token}") for t in ("gstage", "gpred"))
-            work += [sub, res]
-            with engine.begin() as conn:
-                if stored is None:
-                    stored = registry.read_model(
-                        conn, backend, name, groups[scored[member]], with_state=False
-                    )
-                if stored["iteration"] is None:
-                    raise InputError(
-                        f"model {name!r} version {stored['version']} (group "
-                        f"{scored[member]!r}) has no checkpoint to predict with"
-                    )
-                enc = Encoding.from_json(stored["encoding"])
-                key = {"name": stored["name"], "version": stored["version"],
-                       "iteration": stored["iteration"]}
-                registry.ensure_hot_state(conn, backend, key, int(key["iteration"]))
-                conn.execute(
-                    text(
-                        f"CREATE TABLE {sub} AS SELECT r.{q(SUB)} AS {q(RN)},"
-                        f" r.{q(RN)} AS {q(ORIG)}, {kept} FROM {routed} AS r"
-                        f" WHERE r.{q(MEMBER)} = :m"
-                    ),
-                    {"m": member},
-                )
-                backend.predict_into(
-                    conn, sub, res, feature_specs(enc), {}, [*key_columns, ORIG], outputs,
-                    enc.target.classes, kernel_config(stored, enc, backend), key,
-                    ROWS_PER_BUFFER, with_rn=False,
-                )
-                if step == 0:
-                    conn.execute(text(f"CREATE TABLE {union} AS SELECT * FROM {res}"))
-                else:
-                    conn.execute(text(f"INSERT INTO {union} SELECT * FROM {res}"))
-                for table in (sub, res):
-                    backend.drop_table(conn, table)
-        selected = ", ".join(q(c) for c in [*key_columns, *outputs])
+            _score_group(backend, router["name"], routing, step, member, stored, union, work)
+        selected = ", ".join(q(c) for c in [*routing.key_columns, *routing.outputs])
         with engine.begin() as conn:
             ordered = f"SELECT {selected} FROM {union} ORDER BY {q(ORIG)}"
             if result is None:
                 return _with_mapping(pd.read_sql(text(ordered), conn).reset_index(drop=True),
-                                     outputs, encoding)
+                                     routing.outputs, routing.encoding)
             _begin_ddl(backend, conn)  # replace: the old table goes only with the new one made
             if replace:
                 backend.drop_table(conn, result)
@@ -522,3 +443,126 @@ def _predict_grouped(
         with engine.begin() as conn:
             for table in work:
                 backend.drop_table(conn, table)
+
+
+@dataclass
+class _Routing:
+    """A per-group prediction's staged rows, routed: the table ``routed`` holds every row with
+    its group's member index (``-1``: a group the router has no model for) and its number
+    within that member (``SUB``); ``scored`` are the groups that have rows, in member order."""
+
+    routed: str
+    token: str
+    groups: dict[str, int]
+    encoding: Encoding
+    key_columns: list[str]
+    outputs: list[str]
+    scored: list[str]
+    unknown: list[Any]
+    needed: list[str]
+
+
+def _route_rows(
+    backend: Backend, router: dict[str, Any], query: str, params: dict[str, Any], token: str,
+    work: list[str], *, proba: bool, keys: list[str] | None, into: str | None,
+    has_fallback: bool,
+) -> _Routing:
+    """Stage ``query`` and route its rows to the router's groups (one transaction); the
+    tables made are added to ``work``. ``into`` (when given) must not exist yet; rows of
+    groups the router has no model for are refused unless there is a fallback model."""
+    q, name, options = backend.q, router["name"], router["options"]
+    group_by = str(options.get("group_by") or "")
+    groups = {str(g): int(v) for g, v in options["groups"].items()}
+    encoding = Encoding.from_json(router["encoding"])
+    stage, routes, routed = (backend.table(f"{t}_{token}") for t in ("stage", "routes", "routed"))
+    work += [stage, routes, routed]
+    with backend.engine.begin() as conn:
+        stage_query(backend, conn, query, params, stage)
+        columns = _check_features(backend, conn, stage, encoding)
+        if group_by not in columns:
+            raise InputError(
+                f"the query lacks the group_by column {group_by!r}: model {name!r} version "
+                f"{router['version']} has one model per {group_by} value and routes every "
+                f"row by that column"
+            )
+        key_columns = _key_columns(encoding, columns, keys)
+        outputs = prediction_columns(encoding, proba, key_columns)
+        result = _quote_dotted(backend, into) if into else None
+        if result and backend.table_exists(conn, _driver_name(result)):
+            raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
+        found = conn.execute(
+            text(f"SELECT CAST({q(group_by)} AS TEXT), count(*) FROM {stage} GROUP BY 1")
+        ).all()
+        present = {str(g) for g, _ in found if g is not None and str(g) in groups}
+        unknown = sorted((g for g, _ in found if g is None or str(g) not in groups),
+                         key=lambda g: (g is not None, str(g)))
+        if unknown and not has_fallback:
+            raise InputError(unknown_groups_message(group_by, unknown, groups, api=True))
+        scored = [g for g in groups if g in present]  # in the router's group order
+        conn.execute(text(f"CREATE TABLE {routes} (grp TEXT, {q(MEMBER)} INTEGER)"))
+        if scored:
+            conn.execute(
+                text(f"INSERT INTO {routes} (grp, {q(MEMBER)}) VALUES (:g, :m)"),
+                [{"g": g, "m": i} for i, g in enumerate(scored)],
+            )
+        conn.execute(
+            text(
+                f"CREATE TABLE {routed} AS SELECT row_number() OVER (PARTITION BY"
+                f" COALESCE(rt.{q(MEMBER)}, -1) ORDER BY s.{q(RN)}) AS {q(SUB)},"
+                f" COALESCE(rt.{q(MEMBER)}, -1) AS {q(MEMBER)}, s.* FROM {stage} AS s"
+                f" LEFT JOIN {routes} AS rt ON rt.grp = CAST(s.{q(group_by)} AS TEXT)"
+            )
+        )
+        if backend.name == "postgresql":
+            conn.execute(text(f"CREATE INDEX ON {routed} ({q(MEMBER)})"))
+        else:
+            index = backend.table(f"routed_ix_{token}")
+            conn.execute(text(f"CREATE INDEX {index} ON {routed} ({q(MEMBER)})"))
+    needed = list(dict.fromkeys([*key_columns, *encoding.feature_names()]))
+    return _Routing(routed, token, groups, encoding, key_columns, outputs, scored, unknown,
+                    needed)
+
+
+def _score_group(
+    backend: Backend, name: str, routing: _Routing, step: int, member: int,
+    stored: dict[str, Any] | None, union: str, work: list[str],
+) -> None:
+    """Score the routed rows of ``member`` (``-1``: the unknown groups' rows, by the fallback
+    model ``stored``) in a transaction of their own and add them to ``union``."""
+    q = backend.q
+    sub, res = (backend.table(f"{t}{step}_{routing.token}") for t in ("gstage", "gpred"))
+    work += [sub, res]
+    kept = ", ".join(f"r.{q(c)}" for c in routing.needed)
+    with backend.engine.begin() as conn:
+        if stored is None:
+            stored = registry.read_model(
+                conn, backend, name, routing.groups[routing.scored[member]], with_state=False
+            )
+        if stored["iteration"] is None:
+            raise InputError(
+                f"model {name!r} version {stored['version']} (group "
+                f"{routing.scored[member]!r}) has no checkpoint to predict with"
+            )
+        enc = Encoding.from_json(stored["encoding"])
+        key = {"name": stored["name"], "version": stored["version"],
+               "iteration": stored["iteration"]}
+        registry.ensure_hot_state(conn, backend, key, int(key["iteration"]))
+        conn.execute(
+            text(
+                f"CREATE TABLE {sub} AS SELECT r.{q(SUB)} AS {q(RN)},"
+                f" r.{q(RN)} AS {q(ORIG)}, {kept} FROM {routing.routed} AS r"
+                f" WHERE r.{q(MEMBER)} = :m"
+            ),
+            {"m": member},
+        )
+        backend.predict_into(
+            conn, sub, res, feature_specs(enc), {}, [*routing.key_columns, ORIG],
+            routing.outputs, enc.target.classes, kernel_config(stored, enc, backend), key,
+            ROWS_PER_BUFFER, with_rn=False,
+        )
+        if step == 0:
+            conn.execute(text(f"CREATE TABLE {union} AS SELECT * FROM {res}"))
+        else:
+            conn.execute(text(f"INSERT INTO {union} SELECT * FROM {res}"))
+        for table in (sub, res):
+            backend.drop_table(conn, table)

@@ -126,7 +126,7 @@ def test_servers_before_postgresql_14_read_the_pages_by_tid_lists(pg_db, monkeyp
     load_table(pg_db.engine, "customers", frame)
     model = dl.train(pg_db, "SELECT plan, age, spend, churned FROM customers", name="old",
                      target="churned", model="mlp:16", epochs=2)
-    monkeypatch.setattr(PostgresBackend, "_server_major", lambda self, conn: 13)
+    monkeypatch.setattr(PostgresBackend, "server_major", lambda self, conn: 13)
     out = dl.predict(pg_db, "old", "SELECT id, plan, age, spend FROM customers", proba=True)
     assert list(out["id"]) == list(frame["id"])
     assert list(out["prediction"]) == list(model.predict(frame))
