@@ -546,30 +546,9 @@ def pack(
     h = backend.row_hash(f"s.{RN}", "seed")
     grp = f"CAST(s.{backend.q(opts.group_by)} AS TEXT)" if opts.group_by else "CAST(NULL AS TEXT)"
     h = f"{h} AS h, {grp} AS grp"
-    if val_stage is not None:
-        n_val = int(conn.execute(text(f"SELECT count(*) FROM {val_stage}")).scalar_one())
-        if n_val == 0:
-            raise InputError("the validation query returned no rows")
-        inner = (
-            f"SELECT 0 AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
-            f" UNION ALL SELECT 1 AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y"
-            f" FROM {val_stage} AS s"
-        )
-        n_train = n_rows
-    else:
-        fraction = float(opts.validation or 0.0)
-        if not 0.0 <= fraction < 1.0:
-            raise InputError(f"validation={opts.validation!r} must be a fraction in [0, 1)")
-        n_val = round(n_rows * fraction)
-        n_train = n_rows - n_val
-        if n_train < 1:
-            raise InputError(f"validation={fraction} leaves no training rows of {n_rows}")
-        params["n_val"] = n_val
-        vh = backend.row_hash(f"s.{RN}", "vseed")
-        inner = (
-            f"SELECT CASE WHEN row_number() OVER (ORDER BY {vh}, s.{RN}) <= :n_val THEN 1 ELSE 0"
-            f" END AS split, {h}, s.{RN} AS rn, {selected}, {y_sql} AS y FROM {stage} AS s"
-        )
+    columns = f"{h}, s.{RN} AS rn, {selected}, {y_sql} AS y"
+    inner, n_train, n_val = _split_sql(backend, conn, stage, val_stage, n_rows, opts, params,
+                                       columns)
     cols = ", ".join(f"e.p{i}" for i in range(len(pieces)))
     rows_sql = (
         "SELECT e.split AS split, e.grp AS grp, row_number() OVER (PARTITION BY e.split, e.grp"
@@ -604,6 +583,38 @@ def pack(
         packed, encoding, n_train, n_val, n_buffers, rows, opts.n_parameters, groups,
         backend.fingerprint(conn, packed),
     )
+
+
+
+def _split_sql(
+    backend: Backend, conn: Connection, stage: str, val_stage: str | None, n_rows: int,
+    opts: PackOptions, params: dict[str, Any], columns: str,
+) -> tuple[str, int, int]:
+    """The staged rows with their split (0 train, 1 validation) and ``columns``: the second
+    query's rows are the validation rows, or a ``validation`` fraction of the rows is, chosen
+    by a seeded hash of the row number. Returns the SQL and the train and validation counts."""
+    if val_stage is not None:
+        n_val = int(conn.execute(text(f"SELECT count(*) FROM {val_stage}")).scalar_one())
+        if n_val == 0:
+            raise InputError("the validation query returned no rows")
+        inner = (
+            f"SELECT 0 AS split, {columns} FROM {stage} AS s"
+            f" UNION ALL SELECT 1 AS split, {columns} FROM {val_stage} AS s"
+        )
+        return inner, n_rows, n_val
+    fraction = float(opts.validation or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"validation={opts.validation!r} must be a fraction in [0, 1)")
+    n_val = round(n_rows * fraction)
+    if n_rows - n_val < 1:
+        raise InputError(f"validation={fraction} leaves no training rows of {n_rows}")
+    params["n_val"] = n_val
+    vh = backend.row_hash(f"s.{RN}", "vseed")
+    inner = (
+        f"SELECT CASE WHEN row_number() OVER (ORDER BY {vh}, s.{RN}) <= :n_val THEN 1 ELSE 0"
+        f" END AS split, {columns} FROM {stage} AS s"
+    )
+    return inner, n_rows - n_val, n_val
 
 
 def _pack_in_process(

@@ -197,54 +197,13 @@ class Archiver:
         )
         state = bytes(rows[0][0])
         blocks = split_state(state, self.block_bytes)
-        bases: dict[str, tuple[bytes, bytes]] = {}
-        if parent is not None and self.deltas:
-            for label, base_hash, base_data in self.run(
-                "SELECT cb.label, b.hash AS base_hash, b.data AS base_data"
-                f" FROM {t.checkpoint_blocks} AS cb"
-                f" JOIN {t.blocks} AS b ON b.hash = (SELECT CASE WHEN x.encoding = 0 THEN"
-                f" x.hash ELSE x.base END FROM {t.blocks} AS x WHERE x.hash = cb.hash)"
-                " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3",
-                list(parent),
-            ):
-                bases[str(label)] = (bytes(base_hash), bytes(base_data))
-        known = (
-            {
-                bytes(r[0])
-                for r in self.run(
-                    f"SELECT hash FROM {t.blocks} WHERE hash IN "
-                    f"({', '.join(f'${i + 1}' for i in range(len(blocks)))})",
-                    [b.hash for b in blocks],
-                )
-            }
-            if blocks
-            else set()
-        )
+        bases = self._delta_bases(parent) if parent is not None and self.deltas else {}
+        known = self._known([b.hash for b in blocks])
         stored = 0
         for block in blocks:
             if block.hash not in known:
-                base = bases.get(block.label)
-                delta = None
-                if base is not None and base[0] != block.hash:
-                    delta = encode_delta(block.raw, base[1])
-                if delta is None:
-                    data = block.raw
-                    self.run(
-                        f"INSERT INTO {t.blocks} (hash, dtype, encoding, data, raw_size, refs)"
-                        " VALUES ($1, $2, 0, $3, $4, 0) ON CONFLICT DO NOTHING",
-                        [block.hash, block.dtype, data, len(block.raw)],
-                    )
-                else:
-                    assert base is not None
-                    data = delta
-                    self.run(
-                        f"INSERT INTO {t.blocks} (hash, dtype, encoding, base, data, raw_size,"
-                        " refs) VALUES ($1, $2, 1, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
-                        [block.hash, block.dtype, base[0], data, len(block.raw)],
-                    )
-                    self._ref(base[0], 1)
+                stored += self._store(block, bases.get(block.label))
                 known.add(block.hash)
-                stored += len(data)
             self.run(
                 f"INSERT INTO {t.checkpoint_blocks} (name, version, iteration, ord, label,"
                 " hash) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -257,6 +216,54 @@ class Archiver:
             [len(state), stored, name, version, iteration],
         )
         return {"logical_bytes": len(state), "new_bytes": stored, "blocks": len(blocks)}
+
+    def _delta_bases(self, parent: Sequence[Any]) -> dict[str, tuple[bytes, bytes]]:
+        """The raw blocks of checkpoint ``parent`` by label: ``(address, bytes)`` (a delta
+        block's own base stands in for it)."""
+        t = self.tables
+        return {
+            str(label): (bytes(base_hash), bytes(base_data))
+            for label, base_hash, base_data in self.run(
+                "SELECT cb.label, b.hash AS base_hash, b.data AS base_data"
+                f" FROM {t.checkpoint_blocks} AS cb"
+                f" JOIN {t.blocks} AS b ON b.hash = (SELECT CASE WHEN x.encoding = 0 THEN"
+                f" x.hash ELSE x.base END FROM {t.blocks} AS x WHERE x.hash = cb.hash)"
+                " WHERE cb.name = $1 AND cb.version = $2 AND cb.iteration = $3",
+                list(parent),
+            )
+        }
+
+    def _known(self, addresses: list[bytes]) -> set[bytes]:
+        """Which of ``addresses`` the store holds already."""
+        if not addresses:
+            return set()
+        marks = ", ".join(f"${i + 1}" for i in range(len(addresses)))
+        rows = self.run(f"SELECT hash FROM {self.tables.blocks} WHERE hash IN ({marks})",
+                        addresses)
+        return {bytes(r[0]) for r in rows}
+
+    def _store(self, block: Block, base: tuple[bytes, bytes] | None) -> int:
+        """Store a new block, as a delta against ``base`` (address, raw bytes) when that saves
+        enough; returns the bytes stored."""
+        blocks = self.tables.blocks
+        delta = None
+        if base is not None and base[0] != block.hash:
+            delta = encode_delta(block.raw, base[1])
+        if delta is None:
+            self.run(
+                f"INSERT INTO {blocks} (hash, dtype, encoding, data, raw_size, refs)"
+                " VALUES ($1, $2, 0, $3, $4, 0) ON CONFLICT DO NOTHING",
+                [block.hash, block.dtype, block.raw, len(block.raw)],
+            )
+            return len(block.raw)
+        assert base is not None
+        self.run(
+            f"INSERT INTO {blocks} (hash, dtype, encoding, base, data, raw_size,"
+            " refs) VALUES ($1, $2, 1, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
+            [block.hash, block.dtype, base[0], delta, len(block.raw)],
+        )
+        self._ref(base[0], 1)
+        return len(delta)
 
     def materialize(self, name: str, version: int, iteration: int) -> None:
         """Write a checkpoint's reassembled state back into ``checkpoints.state`` (hot copy)."""
