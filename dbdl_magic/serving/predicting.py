@@ -230,19 +230,8 @@ def predict(
 ) -> pd.DataFrame | int:
     """Score ``query`` with model ``name``; see :func:`dbdl_magic.api.predict`."""
     engine = backend.engine
-    with engine.connect() as conn:
-        row = registry.read_model(conn, backend, name, version, with_state=False)
-        if is_router(row):
-            fb_row = _fallback_row(conn, backend, fallback, row, proba) if fallback else None
-            grouped = True
-        elif fallback is not None:
-            raise InputError(
-                f"fallback= applies to per-group models (trained with group_by); model {name!r}"
-                f" version {row['version']} scores every row itself"
-            )
-        else:
-            grouped = False
-    if grouped:
+    row, fb_row = _model_rows(backend, name, version, fallback, proba)
+    if is_router(row):
         return _predict_grouped(backend, row, query, into=into, proba=proba, keys=keys,
                                 params=params, replace=replace, fallback=fb_row)
     if row["iteration"] is None:
@@ -290,6 +279,23 @@ def predict(
         with engine.begin() as conn:
             for table in (stage,) if into else (stage, result):
                 backend.drop_table(conn, table)
+
+
+def _model_rows(
+    backend: Backend, name: str, version: int | None, fallback: Any, proba: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Model ``name``'s row and, for a per-group model, its ``fallback`` model's row (None
+    without one); a fallback for a model that is not per-group is refused."""
+    with backend.engine.connect() as conn:
+        row = registry.read_model(conn, backend, name, version, with_state=False)
+        if is_router(row):
+            return row, _fallback_row(conn, backend, fallback, row, proba) if fallback else None
+    if fallback is not None:
+        raise InputError(
+            f"fallback= applies to per-group models (trained with group_by); model {name!r}"
+            f" version {row['version']} scores every row itself"
+        )
+    return row, None
 
 
 def _stage_source(
