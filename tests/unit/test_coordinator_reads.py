@@ -9,6 +9,7 @@ import json
 import pytest
 
 from dbdl_magic.kernel.blockstore import Archiver
+from dbdl_magic.kernel.catalog import POSTGRES
 from dbdl_magic.kernel.coordinator import (
     CoordinatorError,
     bind_literals,
@@ -66,9 +67,8 @@ def test_runner_wraps_the_statement_and_reports_the_coordinator_error():
                                              "data": "\\x02", "base_data": None}]}
     plpy = FakePlpy([{"success": True, "result": json.dumps(rows)}])
     run = coordinator_runner(plpy)
-    tables = {t: f"dbdl.{t}" for t in ("blocks", "checkpoint_blocks", "checkpoints")}
     with pytest.raises(ValueError, match="corrupt"):  # the blocks arrive, and are verified
-        Archiver(run, tables).load("m", 1, 3)
+        Archiver(run, POSTGRES).load("m", 1, 3)
     command = plpy.commands[0]
     assert command.startswith("SELECT json_build_object('bytea_output'")
     assert ("cb.name = CAST('m' AS text) AND cb.version = CAST(1 AS bigint)"
