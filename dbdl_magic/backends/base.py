@@ -43,6 +43,28 @@ class ColumnKind:
     is_float: bool = False
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """A bulk prediction for :meth:`Backend.predict_into`: create table ``result`` holding the
+    ``keys`` columns of ``source`` (a staged table, or on SQLite the query itself, with
+    ``params`` bound) plus ``outputs`` (``prediction``, then ``proba_<class>``), scored with
+    checkpoint ``key`` (its kernel ``config``, class labels ``classes``) from the raw values of
+    ``features``, about ``rows_per_buffer`` rows per kernel call; with ``with_rn`` also
+    ``__dbdl_rn``, increasing in the rows' order."""
+
+    source: str
+    result: str
+    features: list[dict[str, Any]]
+    params: dict[str, Any]
+    keys: list[str]
+    outputs: list[str]
+    classes: list[Any]
+    config: dict[str, Any]
+    key: dict[str, Any]
+    rows_per_buffer: int
+    with_rn: bool
+
+
 @dataclass
 class Member:
     """One model trained by an iteration query: its checkpoint key, group value and config."""
@@ -479,26 +501,9 @@ class Backend(ABC):
         """Whether the (quoted) table exists."""
 
     @abstractmethod
-    def predict_into(
-        self,
-        conn: Connection,
-        source: str,
-        result: str,
-        features: list[dict[str, Any]],
-        params: dict[str, Any],
-        keys: list[str],
-        outputs: list[str],
-        classes: list[Any],
-        config: dict[str, Any],
-        key: dict[str, Any],
-        rows_per_buffer: int,
-        with_rn: bool,
-    ) -> None:
-        """Create ``result``: the key columns of ``source`` (a staged table, or on SQLite the
-        query itself; ``params`` bound) plus ``outputs`` (``prediction``, then
-        ``proba_<class>``), scored inside the database with checkpoint ``key`` a buffer of
-        about ``rows_per_buffer`` rows at a time from the raw values of ``features``; with
-        ``with_rn`` also ``__dbdl_rn``, increasing in the rows' order."""
+    def predict_into(self, conn: Connection, job: Scoring) -> None:
+        """Create ``job.result`` from ``job.source``, scored inside the database (see
+        :class:`Scoring`)."""
 
     # -- block store -----------------------------------------------------------------------------
     @abstractmethod

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from dbdl_magic.backends import citus, postgres_predict
-from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession
+from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, RunSession, Scoring
 from dbdl_magic.backends.segments import PostgresSegments
 from dbdl_magic.errors import InstallError
 from dbdl_magic.kernel import KERNEL_VERSION
@@ -568,27 +568,10 @@ class PostgresBackend(Backend):
     def table_exists(self, conn: Connection, table: str) -> bool:
         return bool(conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar())
 
-    def predict_into(
-        self,
-        conn: Connection,
-        source: str,
-        result: str,
-        features: list[dict[str, Any]],
-        params: dict[str, Any],
-        keys: list[str],
-        outputs: list[str],
-        classes: list[Any],
-        config: dict[str, Any],
-        key: dict[str, Any],
-        rows_per_buffer: int,
-        with_rn: bool,
-    ) -> None:
-        """One statement scores ``source`` a range of heap pages at a time (see
+    def predict_into(self, conn: Connection, job: Scoring) -> None:
+        """One statement scores ``job.source`` a range of heap pages at a time (see
         :mod:`postgres_predict`)."""
-        postgres_predict.predict_into(
-            self, conn, source, result, features, params, keys, outputs, classes, config, key,
-            rows_per_buffer, with_rn,
-        )
+        postgres_predict.predict_into(self, conn, job)
 
     def server_major(self, conn: Connection) -> int:
         """The server's major version (14: TID range scans, ``enable_memoize``)."""

@@ -18,43 +18,31 @@ from sqlalchemy.engine import Connection
 from dbdl_magic.kernel.catalog import checkpoint_sql
 
 if TYPE_CHECKING:
+    from dbdl_magic.backends.base import Scoring
     from dbdl_magic.backends.postgres import PostgresBackend
 
 #: row numbers of the result: (first page of the range) * 2^24 + position in the range
 _RN_PAGE = 16777216
 
 
-def predict_into(
-    backend: PostgresBackend,
-    conn: Connection,
-    source: str,
-    result: str,
-    features: list[dict[str, Any]],
-    params: dict[str, Any],
-    keys: list[str],
-    outputs: list[str],
-    classes: list[Any],
-    config: dict[str, Any],
-    key: dict[str, Any],
-    rows_per_buffer: int,
-    with_rn: bool,
-) -> None:
-    """Create ``result`` from ``source`` (see :meth:`Backend.predict_into`) in one statement."""
+def predict_into(backend: PostgresBackend, conn: Connection, job: Scoring) -> None:
+    """Create ``job.result`` from ``job.source`` (see :class:`Scoring`) in one statement."""
     q = backend.q
+    source, keys, outputs = job.source, job.keys, job.outputs
     name = source.replace("\\:", ":")
-    pages, step = _page_ranges(conn, source, name, rows_per_buffer)
+    pages, step = _page_ranges(conn, source, name, job.rows_per_buffer)
     values: dict[str, Any] = {
-        **params, **key, "last_page": max(pages - 1, 0), "step": step,
-        "config": json.dumps({**config, "proba": len(outputs) > 1}),
+        **job.params, **job.key, "last_page": max(pages - 1, 0), "step": step,
+        "config": json.dumps({**job.config, "proba": len(outputs) > 1}),
     }
-    row_sql = raw_row_sql(backend, features, values)
+    row_sql = raw_row_sql(backend, job.features, values)
     by_tid = any(k in array_columns(conn, name) for k in keys)
     gathered = ["s.ctid"] if by_tid else [f"s.{q(k)}" for k in keys]
     aggs = [f"array_agg({g}) AS a{i}" for i, g in enumerate(gathered)]
-    outs, made, predicted = _outputs(config["task"], classes, outputs, values)
+    outs, made, predicted = _outputs(job.config["task"], job.classes, outputs, values)
     names = [f"a{i}" for i in range(len(gathered))] + [f"v{j}" for j in range(len(outs))]
     kept = [f"t.{q(k)}" for k in keys] if by_tid else [f"u.a{i}" for i in range(len(keys))]
-    selected = ([f"CAST(g.p AS bigint) * {_RN_PAGE} + u.i AS {q('__dbdl_rn')}"] if with_rn
+    selected = ([f"CAST(g.p AS bigint) * {_RN_PAGE} + u.i AS {q('__dbdl_rn')}"] if job.with_rn
                 else []) + [f"{k} AS {q(c)}" for k, c in zip(kept, keys, strict=True)]
     selected += [f"{e} AS {q(c)}" for e, c in zip(predicted, outputs, strict=True)]
     backend.kernel_settings(conn)
@@ -62,7 +50,7 @@ def predict_into(
     conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
     conn.execute(
         text(
-            f"CREATE TABLE {result} AS SELECT {', '.join(selected)}"
+            f"CREATE TABLE {job.result} AS SELECT {', '.join(selected)}"
             " FROM generate_series(0, CAST(:last_page AS integer), CAST(:step AS integer))"
             " AS g(p)"
             " CROSS JOIN LATERAL (SELECT "

@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
-from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink
+from dbdl_magic.backends.base import Backend, ColumnKind, ProgressSink, Scoring
 from dbdl_magic.errors import DbdlError, InputError, TrainingError
 from dbdl_magic.kernel import KERNEL_VERSION
 from dbdl_magic.kernel.averaging import outer_step
@@ -630,34 +630,24 @@ class SQLiteBackend(Backend):
         )
         return bool(found.scalar())
 
-    def predict_into(
-        self,
-        conn: Connection,
-        source: str,
-        result: str,
-        features: list[dict[str, Any]],
-        params: dict[str, Any],
-        keys: list[str],
-        outputs: list[str],
-        classes: list[Any],
-        config: dict[str, Any],
-        key: dict[str, Any],
-        rows_per_buffer: int,
-        with_rn: bool,
-    ) -> None:
+    def predict_into(self, conn: Connection, job: Scoring) -> None:
         """Embedded: the database runs in this process. One pass over ``source`` (the query
         itself, or a staged table) fetches the key columns and the raw feature values
         (categories as their index, computed by SQLite), a buffer of rows at a time; numpy
         encodes them (:func:`~dbdl_magic.kernel.predict.encode_raw`), the kernel scores the
         buffer and the keys with the predictions go into ``result`` with one executemany."""
         q = self.q
+        source, result, features, keys, outputs = (
+            job.source, job.result, job.features, job.keys, job.outputs
+        )
+        config, with_rn, rows_per_buffer = job.config, job.with_rn, job.rows_per_buffer
         rn = q("__dbdl_rn")
         kept = ([rn] if with_rn else []) + [q(k) for k in keys]
         columns = kept + [q(c) for c in outputs]
         conn.execute(text(f"CREATE TABLE {result} ({', '.join(columns)})"))
-        state = conn.execute(text(checkpoint_sql(self.store_tables())), key).scalar_one()
+        state = conn.execute(text(checkpoint_sql(self.store_tables())), job.key).scalar_one()
         evaluator = Evaluator(config, bytes(state))
-        values = dict(params)
+        values = dict(job.params)
         scalars = [f for f in features if f["kind"] != "array"]
         arrays = [f for f in features if f["kind"] == "array"]
         # scalar features first, then arrays, then keys: a row of numbers converts at once
@@ -669,7 +659,7 @@ class SQLiteBackend(Backend):
                             values).cursor
         target = result.replace("\\:", ":")  # the driver reads no :name placeholders
         insert = f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})"
-        labels = np.asarray(classes, dtype=object)
+        labels = np.asarray(job.classes, dtype=object)
         proba = len(outputs) > 1
         done, first_key = 0, len(scalars) + len(arrays)
         try:

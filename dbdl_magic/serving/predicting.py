@@ -31,7 +31,7 @@ import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbdl_magic.backends.base import Backend
+from dbdl_magic.backends.base import Backend, Scoring
 from dbdl_magic.data.encoding import ARRAY, CATEGORICAL, NUMERIC, Encoding
 from dbdl_magic.data.packing import (
     ONE_STATEMENT,
@@ -258,11 +258,11 @@ def predict(
             if into and backend.table_exists(conn, _driver_name(result)):
                 raise InputError(f"table {into!r} already exists; pass replace=True to overwrite")
             try:
-                backend.predict_into(
-                    conn, source, result, feature_specs(encoding), source_params, key_columns,
+                backend.predict_into(conn, Scoring(
+                    source, result, feature_specs(encoding), source_params, key_columns,
                     outputs, encoding.target.classes, kernel_config(row, encoding, backend), key,
                     ROWS_PER_BUFFER, with_rn=not into,
-                )
+                ))
             except (DBAPIError, DbdlError, ValueError) as exc:
                 failed = exc
                 raise
@@ -561,11 +561,11 @@ def _score_group(
             ),
             {"m": member},
         )
-        backend.predict_into(
-            conn, sub, res, feature_specs(enc), {}, [*routing.key_columns, ORIG],
+        backend.predict_into(conn, Scoring(
+            sub, res, feature_specs(enc), {}, [*routing.key_columns, ORIG],
             routing.outputs, enc.target.classes, kernel_config(stored, enc, backend), key,
             ROWS_PER_BUFFER, with_rn=False,
-        )
+        ))
         if step == 0:
             conn.execute(text(f"CREATE TABLE {union} AS SELECT * FROM {res}"))
         else:
