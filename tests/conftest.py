@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from pgserver import PostgresServer, require_postgres, server_pythonpath
+from pgserver import PostgresServer, throwaway_server
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +16,8 @@ def pg_server() -> Iterator[PostgresServer]:
     When no server can be started here, the test fails on CI (``CI`` set) and is skipped
     otherwise.
     """
-    require_postgres()
-    server = PostgresServer.start(server_pythonpath())
-    try:
+    with throwaway_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 _DB_COUNTER = iter(range(1, 1_000_000))

@@ -27,6 +27,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -186,6 +187,15 @@ def require_postgres() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL unavailable on CI: {reason}", pytrace=False)
         pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server with PL/Python for a fixture's scope (see :func:`require_postgres`
+    for when none can be started), stopped at the end."""
+    require_postgres()
+    with PostgresServer.start(server_pythonpath()) as server:
+        yield server
 
 
 def server_pythonpath() -> list[str]:

@@ -119,6 +119,7 @@ class Backend(ABC):
         self.engine = engine
         self._preparer = engine.dialect.identifier_preparer
         self._scratch_tables: set[str] = set()  # iteration scratch tables not yet dropped
+        self._store_tables: StoreTables | None = None  # see store_tables()
 
     # -- naming -------------------------------------------------------------------------------
     def q(self, identifier: str) -> str:
@@ -512,7 +513,9 @@ class Backend(ABC):
 
     def store_tables(self) -> StoreTables:
         """The model store's tables as this database names them (see :mod:`catalog`)."""
-        return StoreTables.named(self.table)
+        if self._store_tables is None:  # quoted once: statements on hot paths ask each time
+            self._store_tables = StoreTables.named(self.table)
+        return self._store_tables
 
     def archive(
         self,

@@ -20,7 +20,7 @@ Every parameter is cast to its exact type, as the kernels' calls are on PostgreS
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 #: the blocks a module needs (SQL condition on ``cb.label``): the tensor table and the
@@ -105,9 +105,8 @@ class StoreTables:
         """The tables named by ``name_of(table)`` (e.g. a backend's ``table``)."""
         return cls(*(name_of(t) for t in STORE_TABLES))
 
-    def __iter__(self):
-        return iter((self.meta, self.models, self.checkpoints, self.blocks,
-                     self.checkpoint_blocks))
+    def __iter__(self) -> Iterator[str]:
+        return (getattr(self, t) for t in STORE_TABLES)
 
 
 #: the names every role reads and writes on PostgreSQL: per-owner views in schema ``dbdl``
@@ -118,7 +117,6 @@ SQLITE = StoreTables.named(lambda t: f'"dbdl_{t}"')
 
 def sqlite_schema(t: StoreTables = SQLITE) -> list[str]:
     """The statements that create the store in an SQLite file (idempotent)."""
-    names = dict(zip(STORE_TABLES, t, strict=True))
     out = []
     for table in STORE_TABLES:
         parts = [f"{c} {SQLITE_TYPES[kind]} {rule}".rstrip() for c, kind, rule in COLUMNS[table]]
@@ -127,7 +125,7 @@ def sqlite_schema(t: StoreTables = SQLITE) -> list[str]:
         if table == "checkpoints":
             parts.append(f"FOREIGN KEY (name, version) REFERENCES {t.models} (name, version)"
                          " ON DELETE CASCADE")
-        out.append(f"CREATE TABLE IF NOT EXISTS {names[table]} ({', '.join(parts)})")
+        out.append(f"CREATE TABLE IF NOT EXISTS {getattr(t, table)} ({', '.join(parts)})")
     out.append(f"CREATE INDEX IF NOT EXISTS dbdl_checkpoint_blocks_hash ON {t.checkpoint_blocks}"
                " (hash)")
     return out

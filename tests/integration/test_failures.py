@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from pgserver import PostgresServer, require_postgres, server_pythonpath
+from pgserver import PostgresServer, throwaway_server
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -91,12 +91,8 @@ def url_of(db) -> str:
 # -- a PostgreSQL server of this module's own (it is stopped and restarted) --------------------
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
-    require_postgres()
-    server = PostgresServer.start(server_pythonpath())
-    try:
+    with throwaway_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
